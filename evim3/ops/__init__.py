@@ -1,0 +1,11 @@
+"""Kernels, each next to its plain reference with the same signature (mamba-ssm style)."""
+
+from evim3.ops.selective_scan import (
+    default_chunk,
+    fused_available,
+    selective_scan,
+    selective_scan_chunked,
+    selective_scan_ref,
+)
+
+__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_ref", "default_chunk", "fused_available"]

@@ -1,0 +1,1 @@
+"""evim3.export: torch -> ONNX -> TensorRT, and parity checks across backends."""

@@ -1,0 +1,70 @@
+"""The metadata every evim3 model file carries: checkpoint JSON, ONNX ``metadata_props`` and the engine header.
+
+One schema for all three, so a model file alone says how to preprocess its input and read its output.
+Pure Python (no numpy, no torch): the edge runtime reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+# Key under which the JSON document is stored in ONNX metadata_props / safetensors metadata.
+META_KEY = "evim3"
+# Engine files: MAGIC, then a little-endian uint32 byte length, then the JSON header, then the TensorRT plan.
+ENGINE_MAGIC = b"EVIM3TRT"
+# Graph I/O names shared by export and runtime.
+INPUT_NAME = "clip"  # (N, 1, frames, size, size) float32, already normalised
+OUTPUT_NAME = "output"  # (N, 1) EF in points for task "ef"; (N, K) logits for task "classification"
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How raw frames become model input; training and inference both read it from here."""
+
+    size: int = 112  # output frames are size x size
+    fps: float = 50.0  # frames are resampled to this rate before clip sampling
+    frames: int = 32  # clip length (frames fed to the model)
+    period: int = 2  # every period-th frame of the resampled video goes into a clip
+    mean: float = 0.0  # normalisation, in 0..255 pixel units
+    std: float = 1.0
+
+    @property
+    def clip_span(self) -> int:
+        """Frames of the resampled video one clip covers."""
+        return (self.frames - 1) * self.period + 1
+
+    @property
+    def clip_seconds(self) -> float:
+        return self.clip_span / self.fps
+
+
+@dataclass
+class ModelMeta:
+    preset: str
+    model: dict[str, Any]  # evim3.config.ModelConfig as a dict
+    preprocess: PreprocessSpec
+    task: str = "ef"  # "ef" | "classification"
+    ef_mean: float | None = None
+    class_names: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)  # training data summary
+    version: str = ""
+
+    def __post_init__(self) -> None:
+        if self.task not in ("ef", "classification"):
+            raise ValueError(f"unknown task {self.task!r} (expected 'ef' or 'classification')")
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["format"] = "evim3"
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelMeta":
+        d = json.loads(text)
+        if d.pop("format", None) != "evim3":
+            raise ValueError("not evim3 metadata (missing format='evim3')")
+        d["preprocess"] = PreprocessSpec(**d["preprocess"])
+        return cls(**d)
