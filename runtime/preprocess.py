@@ -1,122 +1,163 @@
-"""One preprocessing for training and for the edge: the same function makes the pixels both see.
+"""The one preprocessing of evim3: training datasets and edge inference both call ``preprocess_frames``.
 
     frames (T, H, W) uint8 at the source rate
-      -> resample to spec.fps (nearest frame by timestamp)
-      -> crop to the ultrasound region, pad to a square, resize to spec.size
-      -> (x - mean) / std, float32
+      -> crop to the ultrasound region (the DICOM region, else where pixels move; see ``ultrasound_region``)
+      -> pad the shorter side with black to a square, keeping the aspect ratio; resize to spec.size
+         (area averaging when shrinking, bicubic when enlarging; nothing to do for EchoNet's 112x112)
+      -> resample to spec.fps (the nearest frame in time)
+      -> (x - mean) / std as float32 (T', size, size)
 
-Clip sampling (which frames make a clip) is defined here too, once, for datasets and inference.
-numpy + Pillow only.
+Clip sampling, which frames of the preprocessed video make a model input, is defined here too, once.
+numpy and Pillow only.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from evim3.runtime.meta import PreprocessSpec
+from evim3.runtime.video import Region, Video
 from PIL import Image
 
-from evim3.runtime.meta import PreprocessSpec
-from evim3.runtime.video import Video
+# Motion crop (see ultrasound_region).
+MOTION_SAMPLE_FRAMES = 32  # frames, spread over the video, on which motion is measured
+MOTION_LEVEL = 12  # gray levels a pixel must vary by to move: above codec noise, below speckle change
+LINE_SHARE = 0.02  # a row/column is in the region when this share of it (and at least 2 pixels) moves
+MIN_LINE_PIXELS = 2
+GAP_SHARE = 0.02  # still rows/columns inside the region (dark chambers) bridged, as a share of the side
+EDGE_SNAP_SHARE = 0.04  # margins thinner than this share of the side are not cropped
+MIN_MOVING_SHARE = 0.01  # less motion than this share of the frame: a still picture, kept whole
 
-# Motion crop: a pixel "moves" when its range over the sampled frames exceeds this many gray levels; a
-# row/column belongs to the ultrasound region when at least this share of it moves (drops a blinking
-# cursor or a changing time stamp), and the region is the longest run of such rows (drops an ECG trace
-# drawn below the sector), allowing small gaps inside the sector.
-MOTION_LEVEL = 12
-MOTION_SHARE = 0.05
-MAX_GAP = 3
-MOTION_SAMPLE_FRAMES = 32
-FPS_TOLERANCE = 0.5  # rates closer than this to spec.fps are not resampled
+FPS_TOLERANCE = 0.5  # source rates this close to spec.fps are not resampled
 
 
-def ultrasound_region(video: Video) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1), end exclusive: the DICOM ultrasound region when the file has one, else the
-    bounding box of pixels that change over time (static text and overlays are left out)."""
+def ultrasound_region(video: Video) -> Region:
+    """(y0, y1, x0, x1), half-open: where the ultrasound picture is in `video`'s frames.
+
+    The region the DICOM file states when there is one (``video.meta["region"]``); otherwise found from motion
+    by ``motion_region``.
+    """
     region = video.meta.get("region")
-    return tuple(region) if region else motion_region(video.frames)  # type: ignore[return-value]
+    return tuple(region) if region else motion_region(video.frames)
 
 
-def motion_region(frames: np.ndarray) -> tuple[int, int, int, int]:
-    T, H, W = frames.shape
-    sample = frames[np.linspace(0, T - 1, min(T, MOTION_SAMPLE_FRAMES)).astype(int)]
-    moving = (sample.max(0).astype(np.int16) - sample.min(0)) > MOTION_LEVEL
-    rows = _longest_run(moving.mean(1) >= MOTION_SHARE)
-    if rows is None:
-        return (0, H, 0, W)  # nothing moves: keep the whole frame
-    cols = _longest_run(moving[rows[0]:rows[1]].mean(0) >= MOTION_SHARE)
-    if cols is None:
-        return (0, H, 0, W)
-    return (rows[0], rows[1], cols[0], cols[1])
+def motion_region(frames: np.ndarray) -> Region:
+    """The box around the pixels that change over time, without overlays.
+
+    Rule: a pixel moves when its range (max - min) over up to 32 frames spread over the video exceeds 12
+    gray levels. A row is active when at least 2 % of it (and 2 pixels) moves; active rows separated by gaps
+    of up to 2 % of the height form runs, and the run holding the most moving pixels gives y0..y1. Columns
+    are then found the same way within those rows. So static text and calipers never count, and moving
+    things apart from the picture (a blinking cursor, a changing clock or heart rate, an ECG trace below the
+    sector) form their own, smaller runs and are left out. Margins thinner than 4 % of a side are kept, so an
+    already-cropped video (EchoNet) stays whole. A video in which less than 1 % of the frame moves is taken
+    as still, and its whole frame returned.
+    """
+    num_frames, height, width = frames.shape
+    whole = (0, height, 0, width)
+    sample = frames[np.unique(np.linspace(0, num_frames - 1, MOTION_SAMPLE_FRAMES).round().astype(int))]
+    moving = sample.max(axis=0) - sample.min(axis=0) > MOTION_LEVEL
+    if moving.sum() < MIN_MOVING_SHARE * height * width:
+        return whole
+    y0, y1 = _main_run(moving)
+    x0, x1 = _main_run(moving[y0:y1].T)
+    if moving[y0:y1, x0:x1].sum() < MIN_MOVING_SHARE * height * width:  # only a cursor blinks
+        return whole
+    return (*_snap_to_edges(y0, y1, height), *_snap_to_edges(x0, x1, width))
 
 
-def _longest_run(flags: np.ndarray) -> tuple[int, int] | None:
-    """[start, end) of the longest run of True, bridging gaps of up to MAX_GAP False."""
-    idx = np.flatnonzero(flags)
-    if idx.size == 0:
-        return None
-    breaks = np.flatnonzero(np.diff(idx) > MAX_GAP + 1)
-    starts = np.concatenate([[0], breaks + 1])
-    ends = np.concatenate([breaks, [idx.size - 1]])
-    best = int(np.argmax(idx[ends] - idx[starts]))
-    return int(idx[starts[best]]), int(idx[ends[best]]) + 1
+def _main_run(moving: np.ndarray) -> tuple[int, int]:
+    """[start, stop) of the run of active rows of `moving` that holds the most moving pixels."""
+    length, line = moving.shape
+    counts = moving.sum(axis=1)
+    active = np.flatnonzero(counts >= max(MIN_LINE_PIXELS, LINE_SHARE * line))
+    if active.size == 0:
+        return 0, length
+    max_gap = max(1, round(GAP_SHARE * length))
+    breaks = np.flatnonzero(np.diff(active) > max_gap + 1)
+    starts = active[np.r_[0, breaks + 1]]
+    stops = active[np.r_[breaks, active.size - 1]] + 1
+    weights = [counts[start:stop].sum() for start, stop in zip(starts, stops)]
+    best = int(np.argmax(weights))
+    return int(starts[best]), int(stops[best])
+
+
+def _snap_to_edges(start: int, stop: int, side: int) -> tuple[int, int]:
+    margin = EDGE_SNAP_SHARE * side
+    return (0 if start < margin else start), (side if side - stop < margin else stop)
 
 
 def resample_indices(num_frames: int, fps: float, target_fps: float) -> np.ndarray:
-    """Source frame for each output frame at target_fps (nearest by timestamp)."""
+    """For each frame at `target_fps`, the index of the source frame nearest in time.
+
+    Frame i of a video at `fps` covers [i / fps, (i + 1) / fps); output frame j takes the source frame whose
+    span holds its centre (j + 0.5) / target_fps. The duration is kept: round(num_frames * target_fps / fps)
+    frames come out. Rates within 0.5 fps of each other are taken as equal (every frame, once).
+    """
+    if fps <= 0 or target_fps <= 0:
+        raise ValueError(f"frame rates must be positive, got {fps} and {target_fps}")
     if abs(fps - target_fps) < FPS_TOLERANCE:
         return np.arange(num_frames)
-    count = int(np.floor((num_frames - 1) * target_fps / fps + 1e-9)) + 1
-    return np.minimum(np.rint(np.arange(count) * fps / target_fps).astype(np.int64), num_frames - 1)
+    count = max(1, round(num_frames * target_fps / fps))
+    centres = (2 * np.arange(count) + 1) * fps / (2 * target_fps)  # in source frames
+    return np.minimum(np.floor(centres).astype(np.int64), num_frames - 1)
 
 
-def crop_square_resize(frames: np.ndarray, region: tuple[int, int, int, int] | None, size: int) -> np.ndarray:
-    """Crop to `region`, pad the shorter side symmetrically with black (aspect ratio kept), resize to
-    size x size: area averaging when shrinking, bicubic when enlarging. Frames already size x size are
-    taken as they are (EchoNet-Dynamic videos are stored cropped to the ultrasound region)."""
-    T, H, W = frames.shape
-    if H == W == size:
+def square_resize(frames: np.ndarray, size: int) -> np.ndarray:
+    """(T, H, W) uint8 -> (T, size, size) uint8: scale the longer side to `size`, centre, pad with black.
+
+    The same as padding to a square first and resizing, without resampling the padding. Black is what
+    surrounds an ultrasound sector anyway. Area averaging (Pillow BOX) when shrinking, bicubic when enlarging.
+    """
+    num_frames, height, width = frames.shape
+    longer = max(height, width)
+    new_height, new_width = max(1, round(height * size / longer)), max(1, round(width * size / longer))
+    if (new_height, new_width) != (height, width):
+        method = Image.Resampling.BOX if longer > size else Image.Resampling.BICUBIC
+        frames = np.stack([np.asarray(Image.fromarray(frame).resize((new_width, new_height), method))
+                           for frame in frames])
+    if new_height == new_width == size:
         return frames
-    if region is not None:
-        y0, y1, x0, x1 = region
-        frames = frames[:, y0:y1, x0:x1]
-        T, H, W = frames.shape
-    side = max(H, W)
-    if H != W:
-        padded = np.zeros((T, side, side), dtype=frames.dtype)
-        top, left = (side - H) // 2, (side - W) // 2
-        padded[:, top:top + H, left:left + W] = frames
-        frames = padded
-    if side == size:
-        return frames
-    method = Image.Resampling.BOX if side > size else Image.Resampling.BICUBIC
-    return np.stack([np.asarray(Image.fromarray(f).resize((size, size), method)) for f in frames])
+    squared = np.zeros((num_frames, size, size), np.uint8)
+    top, left = (size - new_height) // 2, (size - new_width) // 2
+    squared[:, top:top + new_height, left:left + new_width] = frames
+    return squared
 
 
-def preprocess_frames(
-    frames: np.ndarray, fps: float, spec: PreprocessSpec, region: tuple[int, int, int, int] | None = None
-) -> np.ndarray:
-    """uint8 (T, H, W) at `fps` -> float32 (T', size, size) at spec.fps, normalised. `region` None: the
-    frames are used whole (live streams pass the region found on their first frames)."""
-    frames = frames[resample_indices(len(frames), fps, spec.fps)]
-    frames = crop_square_resize(frames, region, spec.size)
-    out = frames.astype(np.float32)
+def preprocess_frames(frames: np.ndarray, fps: float, spec: PreprocessSpec,
+                      region: Region | None = None) -> np.ndarray:
+    """uint8 frames (T, H, W) at `fps` -> normalised float32 (T', spec.size, spec.size) at spec.fps.
+
+    `region` (y0, y1, x0, x1) is where the picture is; None finds it from the motion in `frames`
+    (``motion_region``), as ``preprocess`` does for a file without a DICOM region.
+    """
+    if frames.ndim != 3 or len(frames) == 0:
+        raise ValueError(f"expected frames of shape (T, H, W) with T >= 1, got {frames.shape}")
+    y0, y1, x0, x1 = region if region is not None else motion_region(frames)
+    # Resize each needed source frame once, even when upsampling in time repeats it.
+    needed, order = np.unique(resample_indices(len(frames), fps, spec.fps), return_inverse=True)
+    squared = square_resize(frames[needed, y0:y1, x0:x1], spec.size)
+    out = squared[order].astype(np.float32)
     out -= np.float32(spec.mean)
-    out *= np.float32(1.0 / spec.std)
+    out /= np.float32(spec.std)
     return out
 
 
 def preprocess(video: Video, spec: PreprocessSpec) -> np.ndarray:
-    """The one pixel path of training and inference: float32 (T', spec.size, spec.size)."""
+    """The pixel path of training and inference: float32 (T', spec.size, spec.size), normalised."""
     return preprocess_frames(video.frames, video.fps, spec, ultrasound_region(video))
 
 
-def sample_clip_indices(num_frames: int, spec: PreprocessSpec, start: int) -> np.ndarray:
-    """spec.frames indices start, start+period, ... into a (resampled) video; loops when it is too short."""
+def sample_clip_indices(num_frames: int, spec: PreprocessSpec, start: int = 0) -> np.ndarray:
+    """The spec.frames indices start, start + period, ... of a clip; they wrap around (loop the video) past
+    the last frame, so a video shorter than a clip still gives a whole clip."""
+    if num_frames < 1:
+        raise ValueError("a clip needs a video of at least one frame")
     return (start + spec.period * np.arange(spec.frames)) % num_frames
 
 
 def sliding_clip_starts(num_frames: int, spec: PreprocessSpec, stride: int) -> list[int]:
-    """Starts of clips every `stride` frames that fit the video; one clip (looped) when none fits."""
-    last = num_frames - spec.clip_span
-    if last < 0:
-        return [0]
-    return list(range(0, last + 1, max(1, stride)))
+    """Starts of the clips, every `stride` (preprocessed) frames, that fit in the video: always at least one
+    (a looped clip at 0 when the video is shorter than spec.clip_span)."""
+    if stride < 1:
+        raise ValueError(f"stride must be at least 1 frame, got {stride}")
+    return list(range(0, max(num_frames - spec.clip_span, 0) + 1, stride))

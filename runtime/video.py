@@ -1,17 +1,33 @@
-"""Reading echo videos: container files through PyAV, DICOM cine loops through pydicom. numpy only.
+"""Read echo videos and DICOM cines as grayscale uint8 frames: the first step of training and of inference.
 
-Every reader returns a ``Video``: grayscale uint8 frames (T, H, W), the frame rate, and metadata. Every
-failure is a specific ``EchoInputError`` whose one-line message names the file and the problem.
+``read_video`` chooses the reader by content. A file with the DICOM 'DICM' marker at byte 128, or named
+.dcm/.dicom, goes through pydicom (compressed transfer syntaxes through the pylibjpeg/pillow plugins; MPEG-2,
+H.264 and HEVC cines through PyAV). Every other file goes through PyAV (FFmpeg), which probes the content
+itself, so AVI, MP4, MKV, MOV and extension-less videos all work.
+
+A file that cannot be used raises one of the ``EchoInputError`` subclasses of ``evim3.runtime.errors``; its
+message is one line that names the file and the problem.
+
+Truncation rule. A cut file often still decodes: FFmpeg returns the frames before the cut, with or without an
+error. The file counts as truncated when the container declares how many frames it holds and more than
+``TRUNCATION_SLACK`` of them (or 1 %, if more) are missing, whether or not the decoder raised. The frame
+count comes from the stream header, or from the duration when the video is the container's only stream
+(Matroska stores no count). When nothing is declared, an error after some frames keeps the frames that
+decoded and records the error in ``meta["notes"]``.
 """
 
 from __future__ import annotations
 
+import io
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any
 
+import av
 import numpy as np
-
+import pydicom
+from av.video.reformatter import VideoReformatter
 from evim3.runtime.errors import (
     AbsurdSizeError,
     EmptyFileError,
@@ -23,187 +39,331 @@ from evim3.runtime.errors import (
     TruncatedVideoError,
     UnsupportedCodecError,
 )
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder, iter_pixels
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    MPEGTransferSyntaxes,
+)
 
-VIDEO_EXTENSIONS = {".avi", ".mp4", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv"}
-DICOM_EXTENSIONS = {".dcm", ".dicom", ".dic"}
-DEFAULT_DICOM_FPS = 30.0  # used (and noted in meta) when a cine loop carries no timing at all
+VIDEO_EXTENSIONS = frozenset({".avi", ".mp4", ".m4v", ".mkv", ".mov", ".webm", ".mpg", ".mpeg", ".wmv", ".ogv"})
+DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
+DICOM_MAGIC_OFFSET = 128
+DICOM_MAGIC = b"DICM"
 
-# Sanity limits: beyond these a file is not an echo clip we should try to hold in memory.
+# Sizes no echo produces: rejected before decoding, so a bad header cannot exhaust memory.
 MAX_SIDE = 4096
 MIN_SIDE = 16
 MAX_FRAMES = 20_000
-# A container that decodes to fewer than this share of the frames it declares was cut short.
-TRUNCATION_SHARE = 0.9
-# ITU-R BT.601 luma weights: RGB -> gray, as PyAV's 'gray' conversion does for YUV.
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+DEFAULT_FPS = 30.0  # used, with a note in meta, when a file states no frame rate
+TRUNCATION_SLACK = 2  # frames a declared count may overstate (encoder delay, rounded durations) in a whole file
+
+# ITU-R BT.601 luma: the weights of the Y in YCbCr, so gray from RGB matches gray from YBR.
+BT601_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+# Photometric interpretations whose first sample already is BT.601 luma (full range): no conversion needed.
+LUMA_FIRST_PHOTOMETRICS = frozenset({"YBR_FULL", "YBR_FULL_422"})
+# What pydicom needs to know to decode pixel data.
+PIXEL_DESCRIPTION = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation")
+REGION_SPATIAL_FORMAT_2D = 1  # SequenceOfUltrasoundRegions: 1 = 2D image; others are M-mode, spectral, ...
+
+Region = tuple[int, int, int, int]  # (y0, y1, x0, x1), half-open like a numpy slice
 
 
 @dataclass
 class Video:
-    frames: np.ndarray  # (T, H, W) uint8 grayscale
+    """A decoded video: frames (T, H, W) uint8 grayscale at `fps` frames per second.
+
+    meta holds at least ``original_size`` (H, W), ``num_frames``, ``region`` (the ultrasound region the file
+    states, as (y0, y1, x0, x1), or None) and ``notes`` (list of str: defaults assumed, damage tolerated).
+    """
+
+    frames: np.ndarray
     fps: float
     source: str
-    meta: dict = field(default_factory=dict)  # original_size, num_frames, region (y0, y1, x0, x1) | None, ...
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
-def is_dicom(path: str) -> bool:
-    """DICOM by extension, or by the 'DICM' magic at byte 128 (files from PACS often have no extension)."""
-    if os.path.splitext(path)[1].lower() in DICOM_EXTENSIONS:
-        return True
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
+def read_video(path: str | os.PathLike, decode_threads: int = 0) -> Video:
+    """Decode a video or DICOM cine file into grayscale frames.
 
-
-def read_video(path: str | os.PathLike) -> Video:
-    """Decode a video or DICOM cine file into grayscale frames."""
+    `decode_threads` is the FFmpeg decoder thread count (0: FFmpeg's choice); pydicom decodes on one thread.
+    Raises an ``EchoInputError`` subclass for a file that cannot be used.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise SourceNotFoundError(path, "file not found")
+        raise SourceNotFoundError(path, "no such file")
     if os.path.isdir(path):
         raise NotAVideoError(path, "is a folder, not a video file")
     if os.path.getsize(path) == 0:
         raise EmptyFileError(path, "file is empty (0 bytes)")
-    video = _read_dicom(path) if is_dicom(path) else _read_container(path)
-    _check_size(video)
+    is_dicom = _has_dicom_magic(path) or os.path.splitext(path)[1].lower() in DICOM_EXTENSIONS
+    video = _read_dicom(path) if is_dicom else _read_with_pyav(path, decode_threads)
+    num_frames, height, width = video.frames.shape  # at least one: the readers raise NoFramesError for none
+    if num_frames == 1:
+        raise SingleFrameError(path, "holds a single frame: a still image, not a cine")
+    _check_size(path, num_frames, height, width)
     return video
 
 
-def _check_size(video: Video) -> None:
-    T, H, W = video.frames.shape
-    if max(H, W) > MAX_SIDE or min(H, W) < MIN_SIDE:
-        raise AbsurdSizeError(video.source, f"frame size {W}x{H} is outside {MIN_SIDE}..{MAX_SIDE} pixels")
-    if T > MAX_FRAMES:
-        raise AbsurdSizeError(video.source, f"{T} frames is more than the {MAX_FRAMES} an echo clip can have")
+def iter_video_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """The video and DICOM files among `paths`: files as given, folders searched recursively.
+
+    In folders, a file counts when its extension is a known video/DICOM one, or when it has no extension
+    and carries the DICOM marker (PACS exports name files IM0001 and the like). Hidden files and folders
+    and DICOMDIR index files are skipped. Folder contents come sorted; duplicates are dropped.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    found: dict[str, None] = {}  # an ordered set
+    for path in map(os.fspath, paths):
+        if os.path.isfile(path):
+            found[path] = None
+        elif os.path.isdir(path):
+            found.update(dict.fromkeys(_videos_under(path)))
+        else:
+            raise SourceNotFoundError(path, "no such file or folder")
+    return list(found)
 
 
-# --- containers (AVI, MP4, MKV, MOV, ...) through PyAV ---
+def _videos_under(folder: str) -> list[str]:
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            path = os.path.join(root, name)
+            if not name.startswith(".") and _is_video_file_name(path):
+                files.append(path)
+    return sorted(files)
 
-def _read_container(path: str) -> Video:
-    import av
 
+def _is_video_file_name(path: str) -> bool:
+    extension = os.path.splitext(path)[1].lower()
+    if extension in VIDEO_EXTENSIONS or extension in DICOM_EXTENSIONS:
+        return True
+    return extension == "" and os.path.basename(path).upper() != "DICOMDIR" and _has_dicom_magic(path)
+
+
+def _has_dicom_magic(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(DICOM_MAGIC_OFFSET)
+        return f.read(len(DICOM_MAGIC)) == DICOM_MAGIC
+
+
+def _check_size(path: str, num_frames: int, height: int, width: int) -> None:
+    """Reject absurd sizes; 0 means the header does not say, and passes."""
+    if height > MAX_SIDE or width > MAX_SIDE:
+        raise AbsurdSizeError(path, f"frames of {height}x{width} pixels exceed {MAX_SIDE} pixels a side")
+    if 0 < height < MIN_SIDE or 0 < width < MIN_SIDE:
+        raise AbsurdSizeError(path, f"frames of {height}x{width} pixels are under {MIN_SIDE} pixels a side")
+    if num_frames > MAX_FRAMES:
+        raise AbsurdSizeError(path, f"{num_frames} frames exceed the limit of {MAX_FRAMES}")
+
+
+def _video_meta(frames: np.ndarray, region: Region | None, notes: list[str], **extra: Any) -> dict[str, Any]:
+    return {"original_size": tuple(frames.shape[1:]), "num_frames": len(frames), "region": region,
+            "notes": notes, **extra}
+
+
+# --- PyAV: video files, and MPEG cines inside DICOM ---
+
+def _read_with_pyav(path: str, decode_threads: int) -> Video:
+    with _open_container(path, path) as container:
+        stream = _video_stream(container, path)
+        _check_size(path, stream.frames, stream.codec_context.height, stream.codec_context.width)
+        notes = []
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        if rate and rate > 0:
+            fps = float(rate)
+        else:
+            fps = DEFAULT_FPS
+            notes.append(f"the container states no frame rate; assumed {DEFAULT_FPS:g} fps")
+        frames = _decode_gray(container, stream, path, _declared_frames(container, stream, fps),
+                              decode_threads, notes)
+        codec = stream.codec_context.name
+    return Video(frames, fps, path, _video_meta(frames, None, notes, codec=codec))
+
+
+def _open_container(path: str, source: str | io.BytesIO) -> av.container.InputContainer:
     try:
-        container = av.open(path)
-    except av.error.InvalidDataError:
-        raise NotAVideoError(path, "not a video file (no container format recognised)") from None
-    except av.error.FFmpegError as e:
-        raise NotAVideoError(path, f"cannot be opened as a video ({e.strerror or e})") from None
-    with container:
-        if not container.streams.video:
-            raise NotAVideoError(path, "contains no video stream")
-        stream = container.streams.video[0]
-        if stream.codec_context is None or not stream.codec_context.codec.name:
-            raise UnsupportedCodecError(path, "video codec is not supported by this FFmpeg build")
-        stream.thread_type = "AUTO"  # frame + slice threading in FFmpeg's decoder
-        declared = stream.frames
-        frames, error = [], None
-        try:
-            for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="gray"))
-        except av.error.FFmpegError as e:  # a cut or damaged stream: keep what decoded
-            error = e
-        fps = float(stream.average_rate or stream.guessed_rate or 0) or None
-        size = (stream.codec_context.height, stream.codec_context.width)
+        return av.open(source)
+    except av.FFmpegError as e:
+        raise NotAVideoError(path, f"not a video FFmpeg can read ({e.strerror})") from None
+
+
+def _video_stream(container: av.container.InputContainer, path: str) -> av.VideoStream:
+    if not container.streams.video:
+        raise NotAVideoError(path, "has no video stream")
+    stream = container.streams.video[0]
+    if stream.codec_context is None:  # the container names a codec this FFmpeg build has no decoder for
+        raise UnsupportedCodecError(path, "the video codec has no decoder in this FFmpeg build")
+    return stream
+
+
+def _declared_frames(container: av.container.InputContainer, stream: av.VideoStream, fps: float) -> int:
+    """How many frames the container says the stream holds; 0 when it does not say."""
+    if stream.frames > 0:
+        return stream.frames
+    # Only when the video is the sole stream: a longer audio track would otherwise look like missing frames.
+    if container.duration and len(container.streams) == 1:
+        return round(container.duration / av.time_base * fps)
+    return 0
+
+
+def _decode_gray(container: av.container.InputContainer, stream: av.VideoStream, path: str,
+                 declared_frames: int, decode_threads: int, notes: list[str]) -> np.ndarray:
+    """Decode every frame to gray (T, H, W) uint8, applying the module's truncation rule."""
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = decode_threads
+    # One reformatter for all frames: frame.to_ndarray(format="gray") builds a new one per frame (4x slower).
+    reformatter = VideoReformatter()
+    frames: list[np.ndarray] = []
+    size: dict[str, int] = {}
+    error = None
+    try:
+        for frame in container.decode(stream):
+            # Scale to the first frame's size so that a mid-stream resolution change cannot break the stack.
+            size = size or {"width": frame.width, "height": frame.height}
+            frames.append(reformatter.reformat(frame, format="gray", **size).to_ndarray())
+            if len(frames) > MAX_FRAMES:
+                raise AbsurdSizeError(path, f"more than {MAX_FRAMES} frames")
+    except av.FFmpegError as e:
+        error = e.strerror or str(e)
     if not frames:
-        reason = f" ({error})" if error else ""
-        raise NoFramesError(path, f"no decodable video frames{reason}")
-    if declared and len(frames) < TRUNCATION_SHARE * declared:
-        raise TruncatedVideoError(path, f"truncated: decoded {len(frames)} of {declared} declared frames")
-    if fps is None:
-        raise NotAVideoError(path, "video stream has no frame rate")
-    return Video(np.stack(frames), fps, path, {
-        "original_size": size, "num_frames": len(frames), "region": None,
-        "codec": stream.codec_context.name,
-    })
+        raise NoFramesError(path, "no frame could be decoded" + (f" ({error})" if error else ""))
+    missing = declared_frames - len(frames)
+    if missing > max(TRUNCATION_SLACK, declared_frames // 100):
+        stop = f"; the decoder stopped with: {error}" if error else ""
+        raise TruncatedVideoError(path, f"file is cut short: decoded {len(frames)} of the {declared_frames} "
+                                        f"frames the container declares{stop}")
+    if error:
+        notes.append(f"decoding stopped after {len(frames)} frames: {error}")
+    return np.stack(frames)
 
 
-# --- DICOM cine loops through pydicom ---
+# --- pydicom ---
 
 def _read_dicom(path: str) -> Video:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     try:
-        ds = pydicom.dcmread(path)
-    except (InvalidDicomError, EOFError, OSError, ValueError) as e:
+        # force: also read files named .dcm that lack the 128-byte preamble and 'DICM' marker
+        ds = pydicom.dcmread(path, force=True)
+    except (InvalidDicomError, EOFError, ValueError, OSError) as e:
         raise NotAVideoError(path, f"not a readable DICOM file ({e})") from None
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
-        raise NoPixelDataError(path, "DICOM file has no pixel data")
-    num_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if "SOPClassUID" not in ds and "PixelData" not in ds:  # what force=True makes of a non-DICOM file
+        raise NotAVideoError(path, "not a DICOM file (no DICOM marker and no DICOM elements)")
+    if "PixelData" not in ds:
+        raise NoPixelDataError(path, "DICOM file has no pixel data (a report or other non-image object)")
+    undescribed = [keyword for keyword in PIXEL_DESCRIPTION if keyword not in ds]
+    if undescribed:
+        raise NotAVideoError(path, f"DICOM pixel data lacks {', '.join(undescribed)}")
+    num_frames = int(ds.get("NumberOfFrames") or 1)
+    height, width = int(ds.Rows), int(ds.Columns)
+    _check_size(path, num_frames, height, width)
     if num_frames < 2:
-        raise SingleFrameError(path, "single-frame DICOM: a still image, not a cine loop")
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    if max(rows, cols) > MAX_SIDE or min(rows, cols) < MIN_SIDE or num_frames > MAX_FRAMES:
-        raise AbsurdSizeError(path, f"{num_frames} frames of {cols}x{rows} pixels is not an echo cine")
-    try:
-        pixels = ds.pixel_array  # pydicom 3 converts YBR_* to RGB by default
-    except NotImplementedError as e:
-        syntax = getattr(ds.file_meta, "TransferSyntaxUID", "unknown")
-        raise UnsupportedCodecError(path, f"no decoder for transfer syntax {syntax} ({e})") from None
-    except (ValueError, RuntimeError, EOFError) as e:
-        raise TruncatedVideoError(path, f"pixel data cannot be decoded ({str(e).splitlines()[0]})") from None
+        raise SingleFrameError(path, "single-frame DICOM: a still image, not a cine")
 
-    frames = _to_gray_uint8(pixels, ds)
-    meta = {"original_size": (rows, cols), "num_frames": len(frames), "region": _ultrasound_region(ds, rows, cols),
-            "photometric": str(ds.PhotometricInterpretation)}
-    fps = _dicom_fps(ds)
-    if fps is None:
-        fps, meta["fps_note"] = DEFAULT_DICOM_FPS, f"no FrameTime/CineRate in file; assumed {DEFAULT_DICOM_FPS} fps"
-    return Video(frames, fps, path, meta)
+    fps, notes = _dicom_fps(ds)
+    region = _dicom_region(ds, height, width, notes)
+    transfer_syntax = _transfer_syntax(ds)
+    if transfer_syntax in MPEGTransferSyntaxes:
+        frames = _decode_dicom_mpeg(ds, path, num_frames, notes)
+    else:
+        frames = _decode_dicom_frames(ds, path, transfer_syntax, (num_frames, height, width))
+    return Video(frames, fps, path, _video_meta(frames, region, notes, transfer_syntax=transfer_syntax.name))
 
 
-def _to_gray_uint8(pixels: np.ndarray, ds) -> np.ndarray:
-    if pixels.ndim == 4:  # (T, H, W, 3) RGB
-        pixels = pixels.astype(np.float32) @ _LUMA
-    pixels = pixels.astype(np.float32)
-    bits = int(getattr(ds, "BitsStored", 8) or 8)
-    if bits > 8:  # scale deeper data to 8 bits
-        pixels = pixels * (255.0 / (2**bits - 1))
-    if str(ds.PhotometricInterpretation) == "MONOCHROME1":  # 0 = white in MONOCHROME1
-        pixels = 255.0 - pixels
-    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+def _transfer_syntax(ds: pydicom.Dataset) -> UID:
+    """The file's transfer syntax. A bare dataset (no file meta) is native pixel data in the encoding pydicom
+    read it in; the decoders need that written into the file meta."""
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit_vr, little_endian = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit_vr else
+                                          ExplicitVRLittleEndian if little_endian else ExplicitVRBigEndian)
+    return ds.file_meta.TransferSyntaxUID
 
 
-def _dicom_fps(ds) -> float | None:
-    frame_time = getattr(ds, "FrameTime", None)  # milliseconds per frame
-    if frame_time and float(frame_time) > 0:
-        return 1000.0 / float(frame_time)
-    for tag in ("CineRate", "RecommendedDisplayFrameRate"):
-        value = getattr(ds, tag, None)
-        if value and float(value) > 0:
-            return float(value)
-    return None
+def _dicom_fps(ds: pydicom.Dataset) -> tuple[float, list[str]]:
+    """Frame rate from FrameTime (ms per frame), CineRate or RecommendedDisplayFrameRate, in that order."""
+    frame_time = float(ds.get("FrameTime") or 0)
+    if frame_time > 0:
+        return 1000.0 / frame_time, []
+    for keyword in ("CineRate", "RecommendedDisplayFrameRate"):
+        rate = float(ds.get(keyword) or 0)
+        if rate > 0:
+            return rate, []
+    return DEFAULT_FPS, [f"no FrameTime, CineRate or RecommendedDisplayFrameRate; assumed {DEFAULT_FPS:g} fps"]
 
 
-def _ultrasound_region(ds, rows: int, cols: int) -> tuple[int, int, int, int] | None:
-    """(y0, y1, x0, x1), end exclusive, of the first 2D ultrasound region -- or None when there is none or
-    it does not fit the image (some files keep the region of the unscaled acquisition)."""
-    for region in getattr(ds, "SequenceOfUltrasoundRegions", []) or []:
-        if int(getattr(region, "RegionSpatialFormat", 0)) != 1:  # 1 = 2D tissue or colour flow
+def _dicom_region(ds: pydicom.Dataset, height: int, width: int, notes: list[str]) -> Region | None:
+    """The first 2D region of SequenceOfUltrasoundRegions; None (with a note) when it does not fit the image.
+
+    DICOM region corners are inclusive pixel coordinates; the returned box is half-open.
+    """
+    for region in ds.get("SequenceOfUltrasoundRegions") or []:
+        if region.get("RegionSpatialFormat") != REGION_SPATIAL_FORMAT_2D:
             continue
-        y0, y1 = int(region.RegionLocationMinY0), int(region.RegionLocationMaxY1) + 1
-        x0, x1 = int(region.RegionLocationMinX0), int(region.RegionLocationMaxX1) + 1
-        if 0 <= y0 < y1 <= rows and 0 <= x0 < x1 <= cols:
+        corners = [region.get(k) for k in ("RegionLocationMinY0", "RegionLocationMaxY1",
+                                           "RegionLocationMinX0", "RegionLocationMaxX1")]
+        if None in corners:
+            continue
+        y0, y1, x0, x1 = int(corners[0]), int(corners[1]) + 1, int(corners[2]), int(corners[3]) + 1
+        if 0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width:
             return (y0, y1, x0, x1)
+        # Seen in files that were resized after the scanner wrote the region: the box no longer means anything.
+        notes.append(f"ultrasound region rows {y0}-{y1}, columns {x0}-{x1} lies outside the {height}x{width} "
+                     f"image; ignored")
         return None
     return None
 
 
-def iter_video_files(paths: Iterable[str | os.PathLike]) -> list[str]:
-    """Files as given, and every video/DICOM file under given folders (recursive, sorted)."""
-    found: list[str] = []
-    for p in map(os.fspath, paths):
-        if not os.path.isdir(p):
-            found.append(p)
-            continue
-        for root, dirs, files in os.walk(p):
-            dirs.sort()
-            for name in sorted(files):
-                full = os.path.join(root, name)
-                ext = os.path.splitext(name)[1].lower()
-                if ext in VIDEO_EXTENSIONS or ext in DICOM_EXTENSIONS or (not ext and is_dicom(full)):
-                    found.append(full)
-    return found
+def _decode_dicom_frames(ds: pydicom.Dataset, path: str, transfer_syntax: UID,
+                         shape: tuple[int, int, int]) -> np.ndarray:
+    try:
+        decoder = get_decoder(transfer_syntax)
+    except NotImplementedError:
+        raise UnsupportedCodecError(path, f"no decoder for transfer syntax {transfer_syntax.name}") from None
+    if not decoder.is_available:
+        needs = "; ".join(decoder.missing_dependencies)
+        raise UnsupportedCodecError(path, f"transfer syntax {transfer_syntax.name} needs a decoder plugin: {needs}")
+    photometric = ds.PhotometricInterpretation
+    if photometric == "PALETTE COLOR":
+        raise UnsupportedCodecError(path, "PALETTE COLOR photometric interpretation is not supported")
+    bits_stored = int(ds.get("BitsStored") or ds.BitsAllocated)
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    # Pillow's libjpeg-turbo decodes baseline JPEG, the usual echo cine, about 4x faster than pylibjpeg.
+    plugin = "pillow" if transfer_syntax == JPEGBaseline8Bit and "pillow" in decoder.available_plugins else ""
+    frames = np.empty(shape, np.uint8)
+    try:
+        # One frame at a time: a colour cine as (T, H, W, 3) at once would take three times the memory.
+        # YBR stays YBR (as_rgb=False) because its Y already is the luma we want.
+        as_rgb = photometric not in LUMA_FIRST_PHOTOMETRICS
+        for index, pixels in enumerate(iter_pixels(ds, as_rgb=as_rgb, decoding_plugin=plugin)):
+            frames[index] = _gray_uint8(pixels, photometric, bits_stored, signed)
+    except (ValueError, RuntimeError) as e:  # short pixel data, corrupt compressed frames
+        raise TruncatedVideoError(path, f"pixel data cannot be decoded (cut or corrupt): {e}") from None
+    return frames
+
+
+def _gray_uint8(pixels: np.ndarray, photometric: str, bits_stored: int, signed: bool) -> np.ndarray:
+    """One decoded DICOM frame as (H, W) uint8 gray, bright = echo-bright."""
+    if pixels.ndim == 3:
+        pixels = pixels[..., 0] if photometric in LUMA_FIRST_PHOTOMETRICS else pixels @ BT601_LUMA
+    if pixels.dtype != np.uint8:
+        levels = pixels.astype(np.float32)
+        if signed:
+            levels += 2 ** (bits_stored - 1)
+        scaled = levels * (255.0 / (2**bits_stored - 1))  # the stored range onto 0..255
+        pixels = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return 255 - pixels if photometric == "MONOCHROME1" else pixels  # MONOCHROME1: 0 is white
+
+
+def _decode_dicom_mpeg(ds: pydicom.Dataset, path: str, num_frames: int, notes: list[str]) -> np.ndarray:
+    """MPEG-2/H.264/HEVC cines: the fragments of the single encapsulated item are one bitstream for FFmpeg."""
+    bitstream = b"".join(pydicom.encaps.generate_fragments(ds.PixelData))
+    with _open_container(path, io.BytesIO(bitstream)) as container:
+        stream = _video_stream(container, path)
+        return _decode_gray(container, stream, path, num_frames, 0, notes)
