@@ -1,0 +1,11 @@
+"""evim3.data: datasets for training and evaluation.
+
+- ``evim3.data.synth``: the built-in synthetic echo dataset in the EchoNet-Dynamic layout (numpy and PyAV
+  only; ``evim3 data synth``).
+- ``evim3.data.echonet``: ``EchoNetDataset``, EF regression on EchoNet-Dynamic or the synthetic dataset.
+- ``evim3.data.classification``: ``VideoClassificationDataset``, videos listed in a CSV with class labels.
+- ``evim3.data.stats``: ``compute_mean_std``, normalisation constants from a sample of training videos.
+
+The datasets turn pixels into model input only through ``evim3.runtime.preprocess``, the same code the
+edge runtime runs. Import submodules directly: this package imports nothing, so ``synth`` stays torch-free.
+"""

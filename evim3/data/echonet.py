@@ -1,0 +1,194 @@
+"""EchoNet-Dynamic (or the synthetic dataset in its layout) as model input for EF regression.
+
+``ClipDataset`` is the pixel path every evim3 dataset shares: decode with ``evim3.runtime.video.read_video``,
+one ``evim3.runtime.preprocess.preprocess`` call (crop, resize, resample, normalise: the code the edge
+runtime runs), then clips cut with ``sample_clip_indices``. So a dataset item and the inference path agree
+exactly for the same file and clip start. ``EchoNetDataset`` adds the EchoNet files and the EF labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from evim3.data.synth import FILELIST_COLUMNS, FILELIST_NAME, TRACING_COLUMNS, TRACINGS_NAME, VIDEOS_DIR
+from evim3.runtime.errors import DatasetError
+from evim3.runtime.meta import PreprocessSpec
+from evim3.runtime.preprocess import preprocess, sample_clip_indices, sliding_clip_starts
+from evim3.runtime.video import read_video
+
+# "random": one clip at a random start; "first": one clip from frame 0; k: k clips, evenly spaced starts;
+# "all": the sliding clips the inference path runs (every `stride` resampled frames).
+Clips = Literal["random", "first", "all"] | int
+SPLIT_NAMES = ("TRAIN", "VAL", "TEST", "ALL")
+MISSING_SHOWN = 5  # missing files named in the error message
+
+
+def read_csv_table(path: str, required_columns: Sequence[str]) -> list[dict[str, str]]:
+    """Rows of a CSV file as dicts; a missing file or a header without `required_columns` is a DatasetError."""
+    if not os.path.isfile(path):
+        raise DatasetError(path, "not found")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [column for column in required_columns if column not in header]
+        if missing:
+            raise DatasetError(
+                path, f"header lacks {', '.join(missing)} (has {','.join(header)}; expected {','.join(required_columns)})"
+            )
+        return list(reader)
+
+
+def check_files_exist(paths: Sequence[str], listed_in: str) -> None:
+    """One DatasetError naming how many of `paths` are missing, and the first few."""
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        shown = ", ".join(os.path.basename(path) for path in missing[:MISSING_SHOWN])
+        more = ", ..." if len(missing) > MISSING_SHOWN else ""
+        raise DatasetError(listed_in, f"{len(missing)} of {len(paths)} listed videos are missing: {shown}{more}")
+
+
+def select_rows(
+    rows: list[dict[str, str]], split: str, split_column: str, keep_ratio: float, max_videos: int | None
+) -> list[dict[str, str]]:
+    """The rows of one split (any case; "ALL" keeps every row), then the first `keep_ratio` of them in file
+    order (the paper's reduced-label runs), then at most `max_videos`."""
+    if split.upper() not in SPLIT_NAMES:
+        raise ValueError(f"unknown split {split!r} (expected one of {', '.join(SPLIT_NAMES)}, any case)")
+    if not 0 < keep_ratio <= 1:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    if split.upper() != "ALL":
+        rows = [row for row in rows if row[split_column].upper() == split.upper()]
+    rows = rows[: max(1, round(len(rows) * keep_ratio))]
+    return rows if max_videos is None else rows[:max_videos]
+
+
+class ClipDataset(Dataset):
+    """Videos as model input clips; subclasses add labels to `load_clips`.
+
+    One clip ("random", "first") is x of shape (1, frames, size, size); several (k, "all") are
+    (clips, 1, frames, size, size), with "all" varying per video (use batch size 1). In the TRAIN split
+    each item is zero-padded by `pad` pixels on every side and randomly cropped back to size (the same
+    crop for all frames and clips); zero is the normalised mean pixel, as in EchoNet's training code.
+    """
+
+    def __init__(
+        self, paths: Sequence[str], spec: PreprocessSpec, *, split: str, clips: Clips, pad: int, stride: int | None
+    ):
+        if not (clips in ("random", "first", "all") or (type(clips) is int and clips >= 1)):
+            raise ValueError(f"clips must be 'random', 'first', 'all' or a positive number, got {clips!r}")
+        if pad < 0:
+            raise ValueError(f"pad must be >= 0, got {pad}")
+        self.paths = list(paths)
+        self.spec = spec
+        self.clips = clips
+        self.pad = pad if split.upper() == "TRAIN" else 0
+        # The inference pipeline's default stride, so "all" means the clips `evim3 infer` runs.
+        self.stride = stride or max(1, spec.clip_span // 2)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def clip_starts(self, num_frames: int) -> list[int]:
+        """Start frames (in the resampled video) of the clips one item holds."""
+        last_start = max(0, num_frames - self.spec.clip_span)
+        if self.clips == "first":
+            return [0]
+        if self.clips == "random":
+            return [int(torch.randint(last_start + 1, ()))]  # torch's RNG: seeded per DataLoader worker
+        if self.clips == "all":
+            return sliding_clip_starts(num_frames, self.spec, self.stride)
+        return np.linspace(0, last_start, self.clips).round().astype(int).tolist()
+
+    def load_clips(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The item's input x and its clip starts (resampled frames)."""
+        frames = preprocess(read_video(self.paths[index]), self.spec)
+        starts = self.clip_starts(len(frames))
+        clips = np.stack([frames[sample_clip_indices(len(frames), self.spec, start)] for start in starts])
+        x = torch.from_numpy(clips).unsqueeze(1)  # (clips, 1, frames, size, size)
+        if self.pad:
+            x = self._pad_and_crop(x)
+        return (x[0] if self.clips in ("random", "first") else x), torch.tensor(starts)
+
+    def _pad_and_crop(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.spec.size
+        padded = F.pad(x, (self.pad,) * 4)
+        top, left = torch.randint(2 * self.pad + 1, (2,)).tolist()
+        return padded[..., top : top + size, left : left + size].contiguous()
+
+
+class EchoNetDataset(ClipDataset):
+    """EF regression on an EchoNet-Dynamic-layout folder (FileList.csv, VolumeTracings.csv, Videos/).
+
+    `split` is TRAIN, VAL, TEST or ALL. Padding augmentation (`pad`, 0 for none) applies to TRAIN only.
+    `drop_untraced` drops videos with fewer than two traced frames in VolumeTracings.csv and `keep_ratio`
+    keeps the first share of the split's rows in file order, both as the paper; `max_videos` caps the
+    count. `ef_mean` is the mean EF of the TRAIN rows chosen by the same rules, whatever `split` is: the
+    constant a model's output is centred on. Items are dicts: x (see ClipDataset), ef, edv, esv (float
+    tensors), file (FileList name) and starts (clip starts, resampled frames).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        spec: PreprocessSpec,
+        *,
+        clips: Clips = "random",
+        pad: int = 12,
+        keep_ratio: float = 1.0,
+        drop_untraced: bool = True,
+        max_videos: int | None = None,
+        stride: int | None = None,
+    ):
+        root = os.fspath(root)
+        filelist = os.path.join(root, FILELIST_NAME)
+        if not os.path.isfile(filelist):
+            raise DatasetError(root, f"no {FILELIST_NAME}: not an EchoNet-Dynamic folder (`evim3 data synth` makes one)")
+        rows = read_csv_table(filelist, FILELIST_COLUMNS)
+        if drop_untraced:
+            traced = _traced_frame_counts(os.path.join(root, TRACINGS_NAME))
+            rows = [row for row in rows if traced.get(_video_name(row["FileName"]), 0) >= 2]
+
+        train_rows = select_rows(rows, "TRAIN", "Split", keep_ratio, max_videos)
+        self.ef_mean = float(np.mean([float(row["EF"]) for row in train_rows])) if train_rows else float("nan")
+        self.rows = select_rows(rows, split, "Split", keep_ratio, max_videos)
+        if not self.rows:
+            raise DatasetError(filelist, f"no {split.upper()} videos" + (" with tracings" if drop_untraced else ""))
+        paths = [os.path.join(root, VIDEOS_DIR, _video_name(row["FileName"])) for row in self.rows]
+        check_files_exist(paths, os.path.join(root, VIDEOS_DIR))
+        super().__init__(paths, spec, split=split, clips=clips, pad=pad, stride=stride)
+        self.files = [row["FileName"] for row in self.rows]
+        self.ef = np.array([float(row["EF"]) for row in self.rows], dtype=np.float32)
+
+    def __getitem__(self, index: int) -> dict:
+        x, starts = self.load_clips(index)
+        row = self.rows[index]
+        return {
+            "x": x,
+            "ef": torch.tensor(self.ef[index]),
+            "edv": torch.tensor(float(row["EDV"]), dtype=torch.float32),
+            "esv": torch.tensor(float(row["ESV"]), dtype=torch.float32),
+            "file": self.files[index],
+            "starts": starts,
+        }
+
+
+def _video_name(file_name: str) -> str:
+    """FileList names come with or without .avi, depending on the EchoNet release; the files have it."""
+    return file_name if os.path.splitext(file_name)[1] else file_name + ".avi"
+
+
+def _traced_frame_counts(path: str) -> dict[str, int]:
+    """{video file name: number of distinct traced frames} from VolumeTracings.csv."""
+    frames: dict[str, set[str]] = {}
+    for row in read_csv_table(path, TRACING_COLUMNS):
+        frames.setdefault(_video_name(row["FileName"]), set()).add(row["Frame"])
+    return {name: len(traced) for name, traced in frames.items()}
