@@ -82,7 +82,10 @@ def load_model(
     state, meta = load_checkpoint(path)
     if preset is not None and meta.preset != preset:
         raise CheckpointError(path, f"checkpoint is preset {meta.preset!r}, not {preset!r} as asked")
-    model = build_model(meta)
+    try:
+        model = build_model(meta)
+    except (ValueError, TypeError) as e:  # unknown keys, wrong types or geometry in the stored config
+        raise CheckpointError(path, f"model config in the evim3 metadata is invalid ({e})") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -126,8 +126,9 @@ class ResidualMamba(nn.Module):
         self.mixer = Mamba(d_model, **mamba_kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
-        residual = x.float()
-        return residual + self.mixer(self.norm(residual)).float()
+        # At least float32 (float64 stays float64, so float64 models can be checked against references).
+        residual = x.to(torch.promote_types(x.dtype, torch.float32))
+        return residual + self.mixer(self.norm(residual)).to(residual.dtype)
 
 
 def init_residual_stack(module: nn.Module, num_units: int) -> None:

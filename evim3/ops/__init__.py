@@ -2,10 +2,20 @@
 
 from evim3.ops.selective_scan import (
     default_chunk,
+    exportable_scan,
     fused_available,
     selective_scan,
     selective_scan_chunked,
+    selective_scan_exportable,
     selective_scan_ref,
 )
 
-__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_ref", "default_chunk", "fused_available"]
+__all__ = [
+    "default_chunk",
+    "exportable_scan",
+    "fused_available",
+    "selective_scan",
+    "selective_scan_chunked",
+    "selective_scan_exportable",
+    "selective_scan_ref",
+]

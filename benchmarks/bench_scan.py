@@ -1,0 +1,154 @@
+"""The chunked selective scan against the sequential float64 reference, forward only, on 2 CPU threads.
+
+Shapes of one Mamba unit of the paper's models: batch 1, d = 384 channels, n = 16 states, L tokens
+(33,635 = evim3-p4's padded volume). Inputs are drawn as the Mamba block produces them (softplus(dt +
+dt_bias) with mamba-ssm's dt init, A = -(1..16)). Targets at L = 33,635: chunked <= 1/4 of the
+reference's time and <= 0.4 GB extra peak memory.
+
+Each (implementation, L) runs in a fresh child process so that its peak memory is its own: the child
+builds the inputs, resets the kernel's peak-RSS counter (/proc/self/clear_refs), runs the scan once,
+and reports VmHWM minus the RSS it started from; then it times further runs. Both implementations get
+the same treatment in the same run. The parent also checks the outputs agree (relative L2 error).
+
+    python -m benchmarks.bench_scan           # print the table
+    python -m benchmarks scan                 # print and append to BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+THREADS = 2
+D_INNER, D_STATE = 384, 16
+LENGTHS = (2048, 8192, 33635)
+RUNS = 3  # timed runs per (implementation, L); the best is reported
+IMPLEMENTATIONS = ("chunked", "ref")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def proc_status_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE).group(1))
+
+
+def reset_peak_rss() -> bool:
+    """Linux >= 4.0: writing 5 to clear_refs resets VmHWM to the current RSS."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def scan_inputs(seqlen: int, seed: int = 0) -> dict:
+    """Arguments of one Mamba unit's scan call (selective_scan's keywords), batch 1."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.exp(torch.rand(D_INNER, generator=g) * (np.log(0.1) - np.log(0.001)) + np.log(0.001))
+    return {
+        "u": torch.randn(1, D_INNER, seqlen, generator=g),
+        "delta": 0.5 * torch.randn(1, D_INNER, seqlen, generator=g),
+        "A": -torch.arange(1, D_STATE + 1, dtype=torch.float32).repeat(D_INNER, 1),
+        "B": torch.randn(1, D_STATE, seqlen, generator=g),
+        "C": torch.randn(1, D_STATE, seqlen, generator=g),
+        "D": torch.ones(D_INNER),
+        "z": torch.randn(1, D_INNER, seqlen, generator=g),
+        "delta_bias": dt + torch.log(-torch.expm1(-dt)),  # inverse softplus, as mamba-ssm's dt_proj init
+        "delta_softplus": True,
+    }
+
+
+def measure(implementation: str, seqlen: int, runs: int, out_npy: str | None = None) -> dict[str, Any]:
+    """In this process: extra peak memory of the first call, best time over `runs` calls."""
+    import time
+
+    import torch
+
+    from evim3.ops.selective_scan import selective_scan_chunked, selective_scan_ref
+
+    torch.set_num_threads(THREADS)
+    scan = {"chunked": selective_scan_chunked, "ref": selective_scan_ref}[implementation]
+    with torch.no_grad():
+        scan(**scan_inputs(64))  # one-time costs (thread pool, lazy kernels) stay out of the numbers
+        inputs = scan_inputs(seqlen)
+        start_rss = proc_status_kib("VmRSS")
+        if not reset_peak_rss():
+            start_rss = proc_status_kib("VmHWM")  # fallback: growth of the process-lifetime peak
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            y = scan(**inputs)
+            times.append(time.perf_counter() - t0)
+            if len(times) == 1:
+                extra_peak = (proc_status_kib("VmHWM") - start_rss) * 1024
+    if out_npy:
+        np.save(out_npy, y.numpy())
+    return {"seconds": min(times), "seconds_all": times, "extra_peak_bytes": extra_peak}
+
+
+def measure_in_child(implementation: str, seqlen: int, runs: int, out_npy: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.bench_scan", "--child", implementation, str(seqlen),
+           "--runs", str(runs), "--out", out_npy]
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{implementation} L={seqlen} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(lengths: tuple[int, ...] = LENGTHS, runs: int = RUNS) -> dict[str, Any]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seqlen in lengths:
+            result, outputs = {}, {}
+            for implementation in IMPLEMENTATIONS:
+                outputs[implementation] = os.path.join(tmp, f"{implementation}-{seqlen}.npy")
+                result[implementation] = measure_in_child(implementation, seqlen, runs, outputs[implementation])
+            y, y_ref = (np.load(outputs[i]).astype(np.float64) for i in IMPLEMENTATIONS)
+            chunked, ref = result["chunked"], result["ref"]
+            rows.append({
+                "L": seqlen,
+                "chunked_s": chunked["seconds"],
+                "ref_s": ref["seconds"],
+                "time_ratio": chunked["seconds"] / ref["seconds"],
+                "chunked_extra_peak_GB": chunked["extra_peak_bytes"] / 1e9,
+                "ref_extra_peak_GB": ref["extra_peak_bytes"] / 1e9,
+                "rel_l2_err": float(np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref)),
+            })
+    target = next((r for r in rows if r["L"] == 33635), None)
+    summary: dict[str, Any] = {
+        "rows": rows,
+        "setup": f"batch 1, d={D_INNER}, n={D_STATE}, {THREADS} threads, forward, no grad; best of {runs} runs; "
+                 "extra peak = VmHWM growth over the first call in a fresh process",
+    }
+    if target:
+        summary["target_time_ratio_le_0.25"] = target["time_ratio"] <= 0.25
+        summary["target_chunked_extra_peak_le_0.4GB"] = target["chunked_extra_peak_GB"] <= 0.4
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=2, metavar=("IMPL", "L"), help=argparse.SUPPRESS)
+    parser.add_argument("--runs", type=int, default=RUNS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--lengths", type=int, nargs="*", default=list(LENGTHS))
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child[0], int(args.child[1]), args.runs, args.out)))
+        return
+    print(json.dumps(run(tuple(args.lengths), args.runs), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""`evim3 export`: a checkpoint -> an ONNX file, or a TensorRT engine built from one. torch is imported
+only when the command runs."""
+
+from __future__ import annotations
+
+import enum
+import os
+
+import typer
+from evim3.cli.common import EXIT_USAGE, cli_errors, fail
+
+
+class Format(str, enum.Enum):
+    onnx = "onnx"
+    engine = "engine"
+
+
+@cli_errors
+def export(
+    checkpoint: str = typer.Argument(..., help="evim3 checkpoint: X.safetensors, or a run folder."),
+    output: str | None = typer.Option(
+        None, "--output", "-o", help="File to write [default: beside the checkpoint, X.onnx / X.engine, "
+                                     "X.fp16.* with --fp16]."),
+    fmt: Format = typer.Option(Format.onnx, "--format", case_sensitive=False, help="onnx, or a TensorRT engine."),
+    opset: int = typer.Option(17, "--opset", min=17, help="ONNX opset."),
+    batch: int = typer.Option(
+        1, "--batch", min=1, help="Fixed batch size of the graph (with --dynamic-batch: the engine's optimal batch)."),
+    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="A symbolic batch dimension instead."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Engine with --dynamic-batch: largest batch."),
+    fp16: bool = typer.Option(False, "--fp16", help="float16 weights and compute; the scan stays float32."),
+    workspace: float = typer.Option(4.0, "--workspace", min=0.25, help="TensorRT builder workspace, GiB."),
+    preset: str | None = typer.Option(None, "--preset", help="Refuse a checkpoint of any other preset."),
+) -> None:
+    """Export a checkpoint to ONNX (any machine) or to a TensorRT engine (on the GPU that will run it)."""
+    if dynamic_batch and batch > max_batch:
+        fail(f"--batch {batch} is above --max-batch {max_batch}", EXIT_USAGE)
+    if fmt is Format.onnx and dynamic_batch and batch != 1:
+        fail("choose --batch N or --dynamic-batch, not both", EXIT_USAGE)
+
+    from evim3.checkpoint import checkpoint_file
+    from evim3.export.onnx import export_checkpoint
+
+    checkpoint = checkpoint_file(checkpoint)
+    suffix = (".fp16" if fp16 else "") + f".{fmt.value}"
+    output = output or os.path.splitext(checkpoint)[0] + suffix
+    onnx_options = dict(opset=opset, batch=batch, dynamic_batch=dynamic_batch, preset=preset)
+
+    if fmt is Format.onnx:
+        result = export_checkpoint(checkpoint, output, fp16=fp16, **onnx_options)
+        _report_onnx(result)
+        return
+
+    from evim3.export.tensorrt import build_engine, fp16_needs_fp16_onnx, import_tensorrt
+
+    trt = import_tensorrt()  # before the slow ONNX export: fail fast where TensorRT is missing
+    onnx_fp16 = fp16 and fp16_needs_fp16_onnx(trt)
+    onnx_path = os.path.splitext(output)[0] + ".onnx"
+    _report_onnx(export_checkpoint(checkpoint, onnx_path, fp16=onnx_fp16, **onnx_options))
+    built = build_engine(onnx_path, output, workspace_gib=workspace, fp16=fp16,
+                         batch=(1, batch, max_batch) if dynamic_batch else None)
+    h = built.header
+    typer.echo(f"wrote {built.path}: TensorRT {h.tensorrt}, {h.precision}"
+               f"{' (strongly typed)' if built.strongly_typed else ''}, batch {h.batch[0]}..{h.batch[2]} "
+               f"(opt {h.batch[1]}), for {h.gpu} (sm {h.compute_capability}), {built.seconds:.0f} s")
+
+
+def _report_onnx(result) -> None:
+    s = result.stats
+    batch = "dynamic batch" if result.batch is None else f"batch {result.batch}"
+    typer.echo(f"wrote {result.path}: opset {result.opset}, {result.precision}, {batch}, {s.nodes} nodes "
+               f"({s.scans} selective scans as ONNX Scan loops, {s.nodes_per_scan:.0f} nodes each), "
+               f"{result.seconds:.0f} s")

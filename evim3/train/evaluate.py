@@ -1,0 +1,190 @@
+"""`evim3 eval`: run a checkpoint over one split, then write per-video predictions, metrics with bootstrap
+95 % intervals, and plots.
+
+EF: one clip per video ("first") or several averaged (k evenly spaced, or "all" = the sliding clips
+`evim3 infer` runs); MAE, RMSE, R^2; predicted-vs-true scatter and Bland-Altman plots.
+Classification: logits averaged over the clips; AUC and accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from evim3.checkpoint import checkpoint_file, load_model
+from evim3.runtime.atomic import atomic_path, write_atomic
+from evim3.runtime.errors import CheckpointError, DatasetError
+from evim3.train.distributed import resolve_device
+from evim3.train.metrics import classification_report, regression_report
+from evim3.train.tasks import model_outputs
+
+PREDICTIONS_CSV = "predictions.csv"
+METRICS_JSON = "metrics.json"
+SCATTER_PNG = "scatter.png"
+BLAND_ALTMAN_PNG = "bland_altman.png"
+
+
+def parse_clips(text: str) -> str | int:
+    """'first', 'all' or a positive count k, as the --clips option takes them."""
+    if text in ("first", "all"):
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise ValueError(f"--clips must be first, all or a positive number, got {text!r}")
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> list[dict[str, Any]]:
+    """Per video: file, target, per-clip outputs (clips, K) and clip starts."""
+    rows = []
+    for batch in loader:
+        outputs = model_outputs(model, batch["x"], device).cpu()
+        if outputs.dim() == 2:  # one clip per video
+            outputs = outputs[:, None]
+        target = batch["ef"] if "ef" in batch else batch["label"]
+        for i in range(len(outputs)):
+            rows.append({"file": batch["file"][i], "target": target[i].item(), "clips": outputs[i].numpy(),
+                         "starts": batch["starts"][i].tolist()})
+    return rows
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    *,
+    data: str | None = None,
+    csv_path: str | None = None,
+    split: str = "TEST",
+    clips: str | int = "first",
+    out: str | None = None,
+    batch: int = 4,
+    workers: int = 2,
+    device: str = "auto",
+    resamples: int = 1000,
+    max_videos: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate `checkpoint` on `split` of an EchoNet-layout folder (EF) or a classification CSV; write
+    predictions.csv, metrics.json (and for EF scatter.png, bland_altman.png) into `out`. Returns the
+    metrics with the file paths."""
+    path = checkpoint_file(checkpoint)
+    torch_device = resolve_device(device)
+    model, meta = load_model_for_eval(path, torch_device)
+    out = out or os.path.join(os.path.dirname(os.path.abspath(path)), f"eval_{split.lower()}_{clips}")
+    if meta.task == "ef":
+        from evim3.data.echonet import EchoNetDataset
+
+        if not data:
+            raise DatasetError(None, "an EF checkpoint is evaluated on an EchoNet-layout folder: give --data")
+        if not os.path.isdir(data):
+            raise DatasetError(data, "not a folder (expected an EchoNet-Dynamic-layout dataset)")
+        dataset = EchoNetDataset(data, split, meta.preprocess, clips=clips, max_videos=max_videos)
+    else:
+        from evim3.data.classification import VideoClassificationDataset
+
+        if not csv_path:
+            raise DatasetError(None, "a classification checkpoint is evaluated on a CSV: give --csv")
+        dataset = VideoClassificationDataset(csv_path, split, meta.preprocess, clips=clips, max_videos=max_videos)
+        if dataset.class_names != meta.class_names:
+            raise DatasetError(csv_path, f"classes {dataset.class_names} differ from the checkpoint's {meta.class_names}")
+    # "all" gives each video its own clip count: one video per batch.
+    loader = DataLoader(dataset, batch_size=1 if clips == "all" else batch, num_workers=workers)
+    rows = predict(model, loader, torch_device)
+
+    os.makedirs(out, exist_ok=True)
+    if meta.task == "ef":
+        report = _ef_outputs(rows, out, resamples)
+    else:
+        report = _classification_outputs(rows, meta.class_names, out)
+    report.update({"checkpoint": os.path.abspath(path), "split": split.upper(), "clips": clips,
+                   "out": os.path.abspath(out)})
+    write_atomic(os.path.join(out, METRICS_JSON), json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def load_model_for_eval(path: str, device: torch.device):
+    from evim3.checkpoint import read_meta
+
+    if read_meta(path).data.get("stage") == "pretrain":
+        raise CheckpointError(path, "is a pre-training (masked autoencoder) checkpoint: fine-tune it first "
+                                    "(evim3 train finetune --init ...)")
+    return load_model(path, device=device)
+
+
+def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _ef_outputs(rows: list[dict[str, Any]], out: str, resamples: int) -> dict[str, Any]:
+    true = np.array([row["target"] for row in rows])
+    predicted = np.array([row["clips"][:, 0].mean() for row in rows])
+    table = [[row["file"], f"{row['target']:.4f}", f"{p:.4f}", len(row["clips"]),
+              " ".join(f"{v:.4f}" for v in row["clips"][:, 0]), " ".join(map(str, row["starts"]))]
+             for row, p in zip(rows, predicted)]
+    write_atomic(os.path.join(out, PREDICTIONS_CSV),
+                 _csv_text(["file", "true", "predicted", "clips", "clip_predictions", "clip_starts"], table))
+    report = regression_report(true, predicted, resamples=resamples)
+    report["mean_predictor_mae"] = float(np.mean(np.abs(true - true.mean())))
+    plot_scatter(true, predicted, report, os.path.join(out, SCATTER_PNG))
+    plot_bland_altman(true, predicted, os.path.join(out, BLAND_ALTMAN_PNG))
+    report["files"] = [PREDICTIONS_CSV, METRICS_JSON, SCATTER_PNG, BLAND_ALTMAN_PNG]
+    return report
+
+
+def _classification_outputs(rows: list[dict[str, Any]], class_names: list[str], out: str) -> dict[str, Any]:
+    labels = np.array([int(row["target"]) for row in rows])
+    logits = np.stack([row["clips"].mean(0) for row in rows])
+    report: dict[str, Any] = classification_report(labels, logits)
+    predicted = (logits[:, 0] > 0).astype(int) if logits.shape[1] == 1 else logits.argmax(1)
+    table = [[row["file"], class_names[label], class_names[p], len(row["clips"]),
+              " ".join(f"{v:.4f}" for v in logit)]
+             for row, label, p, logit in zip(rows, labels, predicted, logits)]
+    write_atomic(os.path.join(out, PREDICTIONS_CSV),
+                 _csv_text(["file", "true", "predicted", "clips", "mean_logits"], table))
+    report["files"] = [PREDICTIONS_CSV, METRICS_JSON]
+    return report
+
+
+def _save_figure(figure, path: str) -> None:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=120, bbox_inches="tight")
+
+
+def plot_scatter(true: np.ndarray, predicted: np.ndarray, report: dict[str, Any], path: str) -> None:
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
+
+    figure = Figure(figsize=(5, 5))
+    ax = figure.subplots()
+    low, high = min(true.min(), predicted.min()) - 2, max(true.max(), predicted.max()) + 2
+    ax.plot([low, high], [low, high], color="grey", linewidth=1, label="identity")
+    ax.scatter(true, predicted, s=12, alpha=0.7)
+    ax.set(xlim=(low, high), ylim=(low, high), xlabel="true EF (%)", ylabel="predicted EF (%)",
+           title=f"MAE {report['mae']:.2f}  RMSE {report['rmse']:.2f}  R² {report['r2']:.3f}  (n={len(true)})")
+    ax.legend(loc="upper left")
+    _save_figure(figure, path)
+
+
+def plot_bland_altman(true: np.ndarray, predicted: np.ndarray, path: str) -> None:
+    from matplotlib.figure import Figure
+
+    mean, difference = (true + predicted) / 2, predicted - true
+    bias, spread = difference.mean(), 1.96 * difference.std(ddof=1) if len(true) > 1 else 0.0
+    figure = Figure(figsize=(6, 4))
+    ax = figure.subplots()
+    ax.scatter(mean, difference, s=12, alpha=0.7)
+    ax.axhline(bias, color="black", linewidth=1, label=f"bias {bias:+.2f}")
+    for limit in (bias - spread, bias + spread):
+        ax.axhline(limit, color="grey", linestyle="--", linewidth=1)
+    ax.set(xlabel="mean of true and predicted EF (%)", ylabel="predicted - true EF (%)",
+           title=f"Bland-Altman: limits of agreement {bias - spread:+.2f} to {bias + spread:+.2f}")
+    ax.legend(loc="upper right")
+    _save_figure(figure, path)

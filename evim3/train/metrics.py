@@ -1,0 +1,92 @@
+"""Evaluation metrics on numpy arrays: EF regression (MAE, RMSE, R^2 with bootstrap 95 % intervals) and
+classification (ROC AUC, accuracy)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+Metric = Callable[[np.ndarray, np.ndarray], float]
+
+
+def mae(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    return float(np.mean(np.abs(np.asarray(y_pred, np.float64) - y_true)))
+
+
+def rmse(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(np.asarray(y_pred, np.float64) - y_true))))
+
+
+def r2(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Coefficient of determination, 1 - SS_res / SS_tot; nan when the truth is constant."""
+    y_true = np.asarray(y_true, np.float64)
+    total = np.sum(np.square(y_true - y_true.mean()))
+    if total == 0:
+        return float("nan")
+    return float(1 - np.sum(np.square(y_true - y_pred)) / total)
+
+
+REGRESSION_METRICS: dict[str, Metric] = {"mae": mae, "rmse": rmse, "r2": r2}
+
+
+def bootstrap_ci(metric: Metric, y_true: np.ndarray, y_pred: np.ndarray, *, resamples: int = 1000,
+                 level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of `metric`: videos resampled with replacement `resamples` times."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(y_true), size=(resamples, len(y_true)))
+    values = np.array([metric(y_true[d], y_pred[d]) for d in draws])
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def regression_report(y_true: np.ndarray, y_pred: np.ndarray, *, resamples: int = 1000,
+                      seed: int = 0) -> dict[str, float]:
+    """{mae, mae_lo, mae_hi, rmse, ..., r2, ..., n}: point values and 95 % bootstrap bounds."""
+    report: dict[str, float] = {"n": len(y_true)}
+    for name, metric in REGRESSION_METRICS.items():
+        report[name] = metric(y_true, y_pred)
+        if resamples:
+            report[f"{name}_lo"], report[f"{name}_hi"] = bootstrap_ci(
+                metric, y_true, y_pred, resamples=resamples, seed=seed)
+    return report
+
+
+def binary_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC = P(score of a random positive > score of a random negative), ties counting one half
+    (the Mann-Whitney statistic from average ranks); nan when one class is absent."""
+    labels = np.asarray(labels).astype(bool)
+    positives, negatives = int(labels.sum()), int((~labels).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = np.asarray(scores)[order]
+    ranks = np.empty(len(scores), np.float64)
+    # Average 1-based rank within each run of tied scores.
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], len(scores)]
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + end + 1) / 2
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def classification_report(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """Accuracy and AUC from logits: (N,) or (N, 1) for a binary model (one logit), (N, K) otherwise.
+
+    Several classes: macro one-vs-rest AUC over the classes present both ways."""
+    labels = np.asarray(labels)
+    logits = np.asarray(logits, np.float64)
+    if logits.ndim == 1 or logits.shape[1] == 1:
+        scores = logits.reshape(-1)
+        predicted = (scores > 0).astype(labels.dtype)
+        auc = binary_auc(labels == 1, scores)
+    else:
+        predicted = logits.argmax(1)
+        per_class = [binary_auc(labels == k, logits[:, k]) for k in range(logits.shape[1])]
+        auc = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
+    return {"accuracy": float(np.mean(predicted == labels)), "auc": auc, "n": len(labels)}

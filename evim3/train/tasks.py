@@ -1,0 +1,259 @@
+"""What differs between pre-training, EF regression and classification: the datasets, the model, the loss,
+the validation metrics and which of them picks the best checkpoint. The loop (evim3.train.loop) is shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from evim3.checkpoint import checkpoint_file, load_checkpoint
+from evim3.models.evim3 import EViM3
+from evim3.runtime.errors import CheckpointError, DatasetError
+from evim3.runtime.meta import ModelMeta, PreprocessSpec
+from evim3.train.distributed import DistContext, all_gather_rows
+from evim3.train.metrics import classification_report, regression_report
+from evim3.train.recipe import TrainConfig
+
+PRETRAIN_FILE = "pretrain.safetensors"
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (the paper's amp mode); float32 on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def model_outputs(model: nn.Module, x: Tensor, device: torch.device) -> Tensor:
+    """Float32 outputs for a batch of single clips (N, C, T, H, W) -> (N, K), or of several clips per
+    video (N, k, C, T, H, W) -> (N, k, K)."""
+    x = x.to(device, non_blocking=True)
+    with autocast(device):
+        if x.dim() == 6:
+            return model(x.flatten(0, 1)).float().unflatten(0, x.shape[:2])
+        return model(x).float()
+
+
+@dataclass
+class Datasets:
+    train: Any
+    val: Any
+    source: str  # the folder or CSV they come from
+
+
+class Task:
+    """Base of the three tasks. `monitor` is the validation metric that picks the best checkpoint."""
+
+    name: str
+    monitor: str
+    higher_is_better: bool
+    checkpoint_name = "best.safetensors"
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.info: dict[str, Any] = {}  # label facts the model and metadata need (ef_mean, class_names)
+
+    def datasets(self, spec: PreprocessSpec) -> Datasets:
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict, device: torch.device) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, loader: DataLoader, ctx: DistContext) -> dict[str, float]:
+        raise NotImplementedError
+
+    def meta(self, spec: PreprocessSpec, data: dict[str, Any]) -> ModelMeta:
+        return ModelMeta(
+            preset=self.cfg.preset, model=self.cfg.model_config().to_dict(), preprocess=spec,
+            task="classification" if self.name == "classification" else "ef",
+            ef_mean=self.info.get("ef_mean"), class_names=self.info.get("class_names", []),
+            data={"stage": self.cfg.stage, **data},
+        )
+
+    def improved(self, value: float, best: float | None) -> bool:
+        """Whether `value` beats `best`. An undefined metric (AUC of a one-class split) still gives the
+        run a first best checkpoint, which any defined value then replaces."""
+        if not np.isfinite(value):
+            return best is None
+        if best is None or not np.isfinite(best):
+            return True
+        return value > best if self.higher_is_better else value < best
+
+
+def _echonet_datasets(cfg: TrainConfig, spec: PreprocessSpec, drop_untraced: bool) -> Datasets:
+    from evim3.data.echonet import EchoNetDataset
+
+    if not cfg.data:
+        raise DatasetError(None, "no --data folder given (an EchoNet-Dynamic-layout folder)")
+    if not os.path.isdir(cfg.data):
+        raise DatasetError(cfg.data, "not a folder (expected an EchoNet-Dynamic-layout dataset)")
+    common = {"keep_ratio": cfg.keep_ratio, "drop_untraced": drop_untraced, "max_videos": cfg.max_videos}
+    train = EchoNetDataset(cfg.data, "TRAIN", spec, clips="random", pad=cfg.pad, **common)
+    val = EchoNetDataset(cfg.data, "VAL", spec, clips="first", **{**common, "keep_ratio": 1.0})
+    return Datasets(train, val, os.path.abspath(cfg.data))
+
+
+def _csv_datasets(cfg: TrainConfig, spec: PreprocessSpec) -> Datasets:
+    from evim3.data.classification import VideoClassificationDataset
+
+    common = {"max_videos": cfg.max_videos}
+    train = VideoClassificationDataset(cfg.csv, "TRAIN", spec, clips="random", pad=cfg.pad,
+                                       keep_ratio=cfg.keep_ratio, **common)
+    val = VideoClassificationDataset(cfg.csv, "VAL", spec, clips="first", **common)
+    return Datasets(train, val, os.path.abspath(cfg.csv))
+
+
+def _gather_validation(model: nn.Module, loader: DataLoader, ctx: DistContext, target_key: str
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, outputs (N, K)) over the whole validation split, on every rank: each rank predicts its
+    shard, rows are gathered and the padding DistributedSampler added (repeated indices) is dropped."""
+    rows = []
+    for batch in loader:
+        outputs = model_outputs(model, batch["x"], ctx.device)
+        rows.append(torch.cat([batch["index"][:, None].double(), batch[target_key][:, None].double(),
+                               outputs.double().cpu()], 1))
+    gathered = all_gather_rows(torch.cat(rows), ctx).numpy()
+    _, first = np.unique(gathered[:, 0], return_index=True)
+    gathered = gathered[first]
+    return gathered[:, 1], gathered[:, 2:]
+
+
+class EFTask(Task):
+    name = "ef"
+    monitor = "val_mae"
+    higher_is_better = False
+
+    def datasets(self, spec: PreprocessSpec) -> Datasets:
+        data = _echonet_datasets(self.cfg, spec, drop_untraced=True)
+        self.info["ef_mean"] = data.train.ef_mean
+        return data
+
+    def build_model(self) -> nn.Module:
+        return EViM3(self.cfg.model_config(), task="ef", ef_mean=self.info["ef_mean"])
+
+    def loss(self, model: nn.Module, batch: dict, device: torch.device) -> Tensor:
+        predicted = model_outputs(model, batch["x"], device)[:, 0]
+        return F.mse_loss(predicted, batch["ef"].to(device))
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, loader: DataLoader, ctx: DistContext) -> dict[str, float]:
+        true, outputs = _gather_validation(model, loader, ctx, "ef")
+        report = regression_report(true, outputs[:, 0], resamples=0)
+        return {"val_loss": float(np.mean((outputs[:, 0] - true) ** 2)), "val_mae": report["mae"],
+                "val_rmse": report["rmse"], "val_r2": report["r2"]}
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    monitor = "val_auc"
+    higher_is_better = True
+
+    def datasets(self, spec: PreprocessSpec) -> Datasets:
+        if not self.cfg.csv:
+            raise DatasetError(None, "classification needs --csv (a CSV with columns path,label,split)")
+        data = _csv_datasets(self.cfg, spec)
+        self.info["class_names"] = data.train.class_names
+        if len(data.train.class_names) < 2:
+            raise DatasetError(self.cfg.csv, f"needs at least 2 classes, has {data.train.class_names}")
+        return data
+
+    def build_model(self) -> nn.Module:
+        return EViM3(self.cfg.model_config(), task="classification", num_classes=len(self.info["class_names"]))
+
+    def loss(self, model: nn.Module, batch: dict, device: torch.device) -> Tensor:
+        logits = model_outputs(model, batch["x"], device)
+        labels = batch["label"].to(device)
+        if logits.shape[1] == 1:  # binary: one logit, as the paper's classification head
+            return F.binary_cross_entropy_with_logits(logits[:, 0], labels.float())
+        return F.cross_entropy(logits, labels)
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, loader: DataLoader, ctx: DistContext) -> dict[str, float]:
+        labels, logits = _gather_validation(model, loader, ctx, "label")
+        labels = labels.astype(np.int64)
+        if logits.shape[1] == 1:
+            loss = F.binary_cross_entropy_with_logits(torch.from_numpy(logits[:, 0]), torch.from_numpy(labels).double())
+        else:
+            loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels))
+        report = classification_report(labels, logits)
+        return {"val_loss": float(loss), "val_auc": report["auc"], "val_accuracy": report["accuracy"]}
+
+
+class PretrainTask(Task):
+    """Masked video modelling: the loss is the MSE of reconstructed masked patches."""
+
+    name = "pretrain"
+    monitor = "val_loss"
+    higher_is_better = False
+    checkpoint_name = PRETRAIN_FILE
+
+    def datasets(self, spec: PreprocessSpec) -> Datasets:
+        # Labels play no part: every video with a file counts, traced or not.
+        return _csv_datasets(self.cfg, spec) if self.cfg.csv else _echonet_datasets(self.cfg, spec, drop_untraced=False)
+
+    def build_model(self) -> nn.Module:
+        from evim3.models.pretrain import EViM3MAE
+
+        cfg = self.cfg
+        return EViM3MAE(cfg.model_config(), mask_ratio=cfg.mask_ratio, strategy=cfg.mask_strategy,
+                        time_chain=cfg.time_chain, chain=cfg.chain, shared_mask=cfg.shared_mask,
+                        norm_pix_loss=cfg.norm_pix_loss)
+
+    def loss(self, model: nn.Module, batch: dict, device: torch.device) -> Tensor:
+        with autocast(device):
+            return model(batch["x"].to(device, non_blocking=True))["loss"].float()
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, loader: DataLoader, ctx: DistContext) -> dict[str, float]:
+        """Mean loss over the validation clips under the same masks every time (a fixed seed, the
+        caller's random streams untouched), so epochs compare."""
+        devices = [ctx.device] if ctx.device.type == "cuda" else []
+        total = torch.zeros(2, dtype=torch.float64)
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.seed + ctx.rank)
+            for batch in loader:
+                total += torch.tensor([self.loss(model, batch, ctx.device).item() * len(batch["x"]), len(batch["x"])])
+        total = all_gather_rows(total[None], ctx).sum(0)
+        return {"val_loss": float(total[0] / total[1])}
+
+
+def make_task(cfg: TrainConfig) -> Task:
+    if cfg.stage == "pretrain":
+        return PretrainTask(cfg)
+    return ClassificationTask(cfg) if cfg.task == "classification" else EFTask(cfg)
+
+
+def init_checkpoint_file(path: str) -> str:
+    """A checkpoint file from `path`: a file, or a run folder (pre-training or fine-tuning)."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, PRETRAIN_FILE)):
+        return os.path.join(path, PRETRAIN_FILE)
+    return checkpoint_file(path)
+
+
+def load_encoder_weights(model: nn.Module, path: str) -> ModelMeta:
+    """Copy the `encoder.*` weights of checkpoint `path` (pre-trained MAE or fine-tuned) into
+    `model.encoder`; every encoder weight must be present with its shape. Returns the checkpoint's meta."""
+    path = init_checkpoint_file(path)
+    state, meta = load_checkpoint(path)
+    encoder_state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    if not encoder_state:
+        raise CheckpointError(path, "holds no encoder.* weights to initialise from")
+    try:
+        model.encoder.load_state_dict(encoder_state, strict=True)
+    except RuntimeError as e:
+        # The first line only names the module; the second names the first missing or misfit weight.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        problem = lines[min(1, len(lines) - 1)][:300]
+        raise CheckpointError(path, f"encoder weights do not fit this model (preset {meta.preset!r}): {problem}") from None
+    return meta

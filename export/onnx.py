@@ -1,0 +1,345 @@
+"""PyTorch -> ONNX for E-ViM3: one graph from a preprocessed clip to EF (or class logits).
+
+How the graph is made, and why:
+
+* The model is traced inside ``evim3.ops.exportable_scan()``: every selective scan becomes the two-level
+  blocked scan whose three loops are ``torch.ops.higher_order.scan``, and torch's dynamo exporter writes
+  each as one ONNX ``Scan`` with a three-to-seven-node body. The node count per scan is therefore fixed
+  (56, bodies included, whatever the sequence length), where unrolling the chunked scan's Python loops
+  costs ~1,650 nodes per Mamba unit at evim3-tiny and grows with sqrt(L); the Scan form also exports
+  faster and runs faster in ONNX Runtime (measured: benchmarks/bench_export.py --forms).
+* Direction permutations are Gathers of constant index tables (the model's buffers).
+* torch's exporter writes opset 18; opset 17 (the default, for older TensorRT/ONNX Runtime) is reached by
+  rewriting the few ops whose form changed in 18 (``downgrade_to_opset17``).
+* Every node of the selective scan is renamed with the prefix ``SCAN_TAG``: TensorRT (export/tensorrt.py)
+  keeps those layers in float32 when it builds an fp16 engine from the fp32 graph.
+* ``fp16=True`` exports the model with float16 weights and compute, but float32 for the scan (and its
+  exp), its parameters (A_log, D, dt bias) and the residual stream -- mamba's own mixed precision. Input
+  and output stay float32.
+* The file carries its ModelMeta JSON in ``metadata_props[META_KEY]`` plus a few flat keys for humans
+  (Netron shows them); it passes ``onnx.checker`` with ``full_check``; it is written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import onnx
+import torch
+from evim3.runtime.atomic import atomic_path
+from evim3.runtime.errors import ModelFileError
+from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, ModelMeta
+from evim3.runtime.parity_check import PRECISION_KEY
+from torch import Tensor, nn
+
+from evim3 import __version__
+from evim3.checkpoint import load_model
+from evim3.config import ModelConfig
+from evim3.models.evim3 import EViM3
+from evim3.modules.mamba import Mamba
+from evim3.ops import exportable_scan
+
+MIN_OPSET = 17  # LayerNormalization
+EXPORTER_OPSET = 18  # what torch's dynamo exporter writes natively
+SCAN_TAG = "evim3_scan/"  # node-name prefix of the selective scan's nodes (kept float32 by TensorRT)
+BATCH_DIM = "batch"
+_SCAN_FUNCTION = "in selective_scan_exportable"  # how the scan's frames read in a node's stack trace
+
+
+@dataclass(frozen=True)
+class GraphStats:
+    nodes: int  # every node, those inside Scan bodies included
+    scans: int  # selective scans (three ONNX Scan nodes each)
+    scan_nodes: int  # nodes belonging to the selective scans, bodies included
+    op_counts: dict[str, int]
+
+    @property
+    def nodes_per_scan(self) -> float:
+        return self.scan_nodes / self.scans if self.scans else 0.0
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    path: str
+    opset: int
+    precision: str  # "fp32" | "fp16"
+    batch: int | None  # None: dynamic batch
+    seconds: float
+    stats: GraphStats
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, path: str | os.PathLike, *, preset: str | None = None,
+                      **options) -> OnnxExport:
+    """Load an evim3 checkpoint (its preset must be `preset` when given) and export it; see export_onnx."""
+    model, meta = load_model(checkpoint, preset=preset)
+    return export_onnx(model, meta, path, **options)
+
+
+def export_onnx(model: EViM3, meta: ModelMeta, path: str | os.PathLike, *, opset: int = MIN_OPSET,
+                batch: int = 1, dynamic_batch: bool = False, fp16: bool = False) -> OnnxExport:
+    """Write `model` as an ONNX file taking `clip` (batch, 1, frames, size, size) float32 to `output`.
+
+    batch: the fixed batch size of the graph; dynamic_batch: a symbolic batch dimension instead.
+    """
+    if opset < MIN_OPSET or opset > onnx.defs.onnx_opset_version():
+        raise ValueError(f"opset {opset} is not supported: choose {MIN_OPSET}..{onnx.defs.onnx_opset_version()}")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    _check_meta_fits(model.cfg, meta)
+    t0 = time.perf_counter()
+    module: nn.Module = Float16Compute(model) if fp16 else model
+    proto = trace_to_onnx(module.eval(), model.cfg, batch=batch, dynamic_batch=dynamic_batch,
+                          opset=max(opset, EXPORTER_OPSET))
+    precision = "fp16" if fp16 else "fp32"
+    finish_graph(proto, meta, opset=opset, precision=precision, dynamic_batch=dynamic_batch)
+    onnx.checker.check_model(proto, full_check=True)
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, tmp)
+    return OnnxExport(os.fspath(path), opset, precision, None if dynamic_batch else batch,
+                      time.perf_counter() - t0, graph_stats(proto))
+
+
+def _check_meta_fits(cfg: ModelConfig, meta: ModelMeta) -> None:
+    spec = meta.preprocess
+    if (spec.frames, spec.size) != (cfg.frames, cfg.img_size):
+        raise ValueError(f"metadata preprocessing makes clips of {spec.frames}x{spec.size}^2 but the model "
+                         f"takes {cfg.frames}x{cfg.img_size}^2")
+
+
+class Float16Compute(nn.Module):
+    """A float16 copy of an EViM3 whose selective scans, scan parameters (A_log, D, dt bias) and residual
+    stream stay float32. Takes and returns float32.
+
+    The model already computes the residual stream (ResidualMamba) and the scan (evim3.ops) in float32
+    whatever its weights' dtype; the only missing pieces are casts into the modules that read that
+    float32 stream with float16 weights (LayerNorm, the patch Conv3d), added here as pre-hooks.
+    """
+
+    FLOAT32_PARAMETERS = ("A_log", "D", "dt_proj.bias")
+
+    def __init__(self, model: EViM3):
+        super().__init__()
+        self.model = copy.deepcopy(model)
+        keep = {f"{name}.{p}" for name, m in self.model.named_modules() if isinstance(m, Mamba)
+                for p in self.FLOAT32_PARAMETERS}
+        for name, param in self.model.named_parameters():
+            if name not in keep:
+                param.data = param.data.half()
+        for m in self.model.modules():
+            if isinstance(m, (nn.LayerNorm, nn.Conv3d)):
+                m.register_forward_pre_hook(_cast_inputs_to_weight_dtype)
+
+    def forward(self, clip: Tensor) -> Tensor:
+        return self.model(clip).float()
+
+
+def _cast_inputs_to_weight_dtype(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return tuple(a.to(module.weight.dtype) for a in args)
+
+
+def trace_to_onnx(module: nn.Module, cfg: ModelConfig, *, batch: int, dynamic_batch: bool,
+                  opset: int) -> onnx.ModelProto:
+    """torch.export with the exportable scan, then torch's ONNX translation and optimizer.
+
+    Strict (dynamo) tracing: its nodes keep their whole Python stack, which tag_scan_nodes reads; the
+    non-strict tracer cuts stacks at the first frame outside the module tree.
+    """
+    # A dynamic dimension must not be traced at size 1 (torch specialises 0/1), hence 2 for the example.
+    example = torch.randn(2 if dynamic_batch else batch, cfg.in_channels, cfg.frames, cfg.img_size,
+                          cfg.img_size)
+    dynamic_shapes = {"clip": {0: torch.export.Dim(BATCH_DIM, min=1)}} if dynamic_batch else None
+    with _quiet_exporter(), torch.no_grad(), exportable_scan():
+        program = torch.export.export(module, (example,), strict=True, dynamic_shapes=dynamic_shapes)
+        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+                                         output_names=[OUTPUT_NAME], optimize=True, verbose=False)
+    return onnx_program.model_proto
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter logs progress and harmless notes (no torchvision, ambiguous empty attributes) that
+    would bury the CLI's own output; real errors still raise."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def finish_graph(proto: onnx.ModelProto, meta: ModelMeta, *, opset: int, precision: str,
+                 dynamic_batch: bool) -> None:
+    """Everything after tracing: tag the scan, drop source locations, name the batch dimension, reach the
+    asked opset, set the IR version and write the metadata."""
+    tag_scan_nodes(proto.graph)
+    _strip_node_metadata(proto.graph)
+    if dynamic_batch:
+        _name_batch_dimension(proto.graph)
+    if opset < EXPORTER_OPSET:  # traced at max(opset, 18)
+        downgrade_to_opset17(proto)
+    proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+    proto.producer_name, proto.producer_version = "evim3", __version__
+    proto.doc_string = (f"E-ViM3 {meta.preset} ({meta.task}): {INPUT_NAME} (N, 1, {meta.preprocess.frames}, "
+                        f"{meta.preprocess.size}, {meta.preprocess.size}) normalised -> {OUTPUT_NAME}")
+    set_metadata(proto, meta, precision)
+
+
+def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_graphs(attr.g)
+
+
+def _stack_trace(node: onnx.NodeProto) -> str:
+    return next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.stack_trace"), "")
+
+
+def tag_scan_nodes(graph: onnx.GraphProto) -> None:
+    """Prefix SCAN_TAG to the name of every node traced inside the exportable scan (by its stack trace),
+    and to every ONNX Scan with its whole body."""
+    for node in graph.node:
+        if node.op_type == "Scan" or _SCAN_FUNCTION in _stack_trace(node):
+            _tag(node)
+
+
+def _tag(node: onnx.NodeProto) -> None:
+    if not node.name.startswith(SCAN_TAG):
+        node.name = SCAN_TAG + node.name
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            for inner in attr.g.node:
+                _tag(inner)
+
+
+def _strip_node_metadata(graph: onnx.GraphProto) -> None:
+    """Drop the exporter's per-node stack traces and module paths: they name files of the machine that
+    exported, weigh more than the graph, and would need a newer IR version."""
+    for g in _all_graphs(graph):
+        for node in g.node:
+            del node.metadata_props[:]
+        for value in (*g.input, *g.output, *g.value_info):
+            del value.metadata_props[:]
+
+
+def _name_batch_dimension(graph: onnx.GraphProto) -> None:
+    """The exporter names the symbolic batch after its internal symbol (e.g. 's53'); call it 'batch'."""
+    symbol = graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    for g in _all_graphs(graph):
+        for value in (*g.input, *g.output, *g.value_info):
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.dim_param == symbol:
+                    dim.dim_param = BATCH_DIM
+
+
+def downgrade_to_opset17(proto: onnx.ModelProto) -> None:
+    """Rewrite an opset-18 graph as opset 17 (onnx's version converter has no adapter for Split 18 -> 17).
+
+    Of the ops whose form changed in opset 18, the exporter emits Split with ``num_outputs`` (opset 17:
+    equal parts, one per output, when the axis divides evenly) and Pad without ``axes`` (same in 17).
+    Anything else is refused with a pointer to --opset 18 rather than guessed.
+    """
+    shapes = _static_shapes(proto)
+    for graph in _all_graphs(proto.graph):
+        for node in graph.node:
+            if node.domain not in ("", "ai.onnx") or onnx.defs.get_schema(node.op_type, 18).since_version < 18:
+                continue
+            if node.op_type == "Pad" and len(node.input) < 4:
+                continue
+            if node.op_type == "Split":
+                _split_to_opset13(node, shapes.get(node.input[0]))
+                continue
+            raise ValueError(f"cannot write opset 17: the graph uses {node.op_type} in its opset-18 form; "
+                             "export with --opset 18")
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = MIN_OPSET
+
+
+def _split_to_opset13(node: onnx.NodeProto, shape: list[int | None] | None) -> None:
+    """Split-18 differs from Split-13 only by ``num_outputs``; with a `split` input they are the same."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if "num_outputs" not in attrs:
+        return
+    parts, axis = attrs["num_outputs"], attrs.get("axis", 0)
+    length = shape[axis] if shape is not None else None
+    if parts != len(node.output) or length is None or length % parts:
+        raise ValueError(f"cannot write opset 17: Split {node.name!r} is not an even split of a known "
+                         "length; export with --opset 18")
+    kept = [a for a in node.attribute if a.name != "num_outputs"]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+
+
+def _static_shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Shapes of every value onnx's shape inference knows (symbolic dims as None)."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    shapes = {}
+    for graph in _all_graphs(inferred.graph):
+        for value in (*graph.input, *graph.output, *graph.value_info):
+            dims = value.type.tensor_type.shape.dim
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return shapes
+
+
+def set_metadata(proto: onnx.ModelProto, meta: ModelMeta, precision: str) -> None:
+    """The ModelMeta JSON under META_KEY, and flat copies of what a person looks for first."""
+    spec = meta.preprocess
+    batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    flat = {
+        META_KEY: meta.to_json(),
+        f"{META_KEY}.preset": meta.preset,
+        f"{META_KEY}.task": meta.task,
+        f"{META_KEY}.input": f"{INPUT_NAME} ({batch.dim_param or batch.dim_value}, 1, {spec.frames}, "
+                             f"{spec.size}, {spec.size}) float32, (pixel - {spec.mean:g}) / {spec.std:g}",
+        f"{META_KEY}.video": f"resampled to {spec.fps:g} fps, every {spec.period}th frame",
+        f"{META_KEY}.output": (f"{OUTPUT_NAME} (N, 1) EF in points" if meta.task == "ef"
+                               else f"{OUTPUT_NAME} (N, K) logits of {', '.join(meta.class_names)}"),
+        PRECISION_KEY: precision,
+        f"{META_KEY}.version": meta.version or __version__,
+    }
+    del proto.metadata_props[:]
+    for key, value in flat.items():
+        proto.metadata_props.add(key=key, value=value)
+
+
+def read_onnx_meta(path: str | os.PathLike) -> tuple[ModelMeta, dict[str, str]]:
+    """(ModelMeta, every metadata_props entry) of an evim3 ONNX file, without loading its weights."""
+    path = os.fspath(path)
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as e:  # noqa: BLE001 -- protobuf raises DecodeError, OSError, RuntimeError...
+        raise ModelFileError(path, f"not a readable ONNX file ({type(e).__name__})") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    if META_KEY not in props:
+        raise ModelFileError(path, "ONNX model carries no evim3 metadata (export it with `evim3 export`)")
+    try:
+        return ModelMeta.from_json(props[META_KEY]), props
+    except (ValueError, TypeError, KeyError) as e:
+        raise ModelFileError(path, f"evim3 metadata is invalid ({e})") from None
+
+
+def graph_stats(proto: onnx.ModelProto) -> GraphStats:
+    ops: Counter[str] = Counter()
+    scan_nodes = 0
+    for graph in _all_graphs(proto.graph):
+        for node in graph.node:
+            ops[node.op_type] += 1
+            scan_nodes += node.name.startswith(SCAN_TAG)
+    return GraphStats(nodes=sum(ops.values()), scans=ops["Scan"] // 3, scan_nodes=scan_nodes,
+                      op_counts=dict(ops.most_common()))
+

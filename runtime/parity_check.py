@@ -1,0 +1,208 @@
+"""Parity of exported models against PyTorch, without PyTorch: compare backends' outputs on the same clips
+with a reference (the "golden" file written where PyTorch runs), and judge them against tolerances stated
+per precision.
+
+    golden.npz  = clips (N, 1, T, S, S) float32, their names, PyTorch fp32 outputs (N, K), ModelMeta JSON
+
+A CPU machine with torch writes it (`evim3 check CKPT --save-golden g.npz`); a GPU machine without torch
+checks an engine against it (`evim3 check --load-golden g.npz --engine m.engine`). numpy and the runtime
+backends only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from evim3.runtime.atomic import atomic_path
+from evim3.runtime.backends import Backend, open_backend
+from evim3.runtime.engine_file import check_engine_compatible, current_gpu, read_engine_header
+from evim3.runtime.errors import BackendUnavailableError, ModelFileError
+from evim3.runtime.meta import META_KEY, ModelMeta, PreprocessSpec
+
+PRECISION_KEY = f"{META_KEY}.precision"  # ONNX metadata_props key: "fp32" | "fp16" (written by evim3.export.onnx)
+REAL_CLIP_NAME = "pydicom ybr_color echo"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass when the largest output difference (EF points, or logits) and the cosine similarity of all
+    outputs are within these bounds."""
+
+    max_abs: float
+    min_cosine: float
+
+
+TOLERANCES = {
+    # float32 everywhere: only summation order differs.
+    "fp32": Tolerance(max_abs=1e-4, min_cosine=0.99999),
+    # float16 weights and compute (scan in float32): a few hundredths of an EF point in practice; the
+    # bound is the one that matters clinically (EF is reported to the nearest point).
+    "fp16": Tolerance(max_abs=0.5, min_cosine=0.999),
+}
+
+
+@dataclass(frozen=True)
+class ParityRow:
+    backend: str
+    precision: str
+    max_abs: float  # EF points (task ef) or logits
+    max_rel: float  # max_abs / max |reference|
+    cosine: float
+    ef_diff: float  # mean |EF difference| in points (task ef); mean |probability difference| otherwise
+    passed: bool
+
+
+@dataclass(frozen=True)
+class Golden:
+    """The shared inputs and PyTorch's answers to them."""
+
+    clips: np.ndarray  # (N, 1, T, S, S) float32, normalised
+    names: list[str]  # one per clip: "random 0", ..., REAL_CLIP_NAME
+    reference: np.ndarray  # (N, K) float32 PyTorch fp32 outputs
+    meta: ModelMeta
+
+
+def random_clips(spec: PreprocessSpec, count: int, seed: int = 0) -> np.ndarray:
+    """(count, 1, frames, size, size) float32 at the scale of normalised echo input (mean 0, std 1)."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((count, 1, spec.frames, spec.size, spec.size), dtype=np.float32)
+
+
+def real_clip(spec: PreprocessSpec) -> np.ndarray:
+    """(1, frames, size, size): the first clip of pydicom's example echo cine (ybr_color), read and
+    preprocessed exactly as `evim3 infer` does."""
+    import pydicom.examples
+    from evim3.runtime.preprocess import preprocess, sample_clip_indices
+    from evim3.runtime.video import read_video
+
+    frames = preprocess(read_video(pydicom.examples.get_path("ybr_color")), spec)
+    return frames[sample_clip_indices(len(frames), spec, 0)][None].astype(np.float32)
+
+
+def parity_inputs(spec: PreprocessSpec, count: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """`count` seeded random clips followed by the real clip, and their names."""
+    clips = np.concatenate([random_clips(spec, count, seed), real_clip(spec)[None]])
+    return clips, [f"random {i}" for i in range(count)] + [REAL_CLIP_NAME]
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, task: str, backend: str,
+            precision: str) -> ParityRow:
+    """One row of the parity table: how far `candidate` is from `reference` (both (N, K))."""
+    ref = reference.astype(np.float64)
+    out = candidate.astype(np.float64)
+    if ref.shape != out.shape:
+        raise ValueError(f"{backend}: output shape {out.shape} differs from the reference {ref.shape}")
+    diff = np.abs(out - ref)
+    max_abs = float(diff.max())
+    max_rel = max_abs / max(float(np.abs(ref).max()), 1e-12)
+    norms = float(np.linalg.norm(ref) * np.linalg.norm(out))
+    cosine = float(np.sum(ref * out) / norms) if norms > 0 else float(max_abs == 0)
+    if task == "ef":
+        ef_diff = float(diff.mean())
+    else:
+        ef_diff = float(np.abs(_probabilities(out) - _probabilities(ref)).mean())
+    tol = TOLERANCES[precision]
+    passed = bool(np.isfinite(out).all()) and max_abs <= tol.max_abs and cosine >= tol.min_cosine
+    return ParityRow(backend, precision, max_abs, max_rel, cosine, ef_diff, passed)
+
+
+def _probabilities(logits: np.ndarray) -> np.ndarray:
+    """Sigmoid of a single logit (binary head), softmax of several."""
+    if logits.shape[1] == 1:
+        return 1.0 / (1.0 + np.exp(-logits))
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def save_golden(path: str | os.PathLike, golden: Golden) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, clips=golden.clips, names=np.array(golden.names), reference=golden.reference,
+                            meta=np.array(golden.meta.to_json()))
+
+
+def load_golden(path: str | os.PathLike) -> Golden:
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            clips, names, reference = data["clips"], data["names"].tolist(), data["reference"]
+            meta = ModelMeta.from_json(str(data["meta"]))
+    except FileNotFoundError:
+        raise ModelFileError(path, "golden file not found") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelFileError(path, f"not an evim3 golden file ({e})") from None
+    if clips.ndim != 5 or len(clips) != len(reference) or len(names) != len(clips):
+        raise ModelFileError(path, "golden file is inconsistent: clips, names and reference differ in length")
+    return Golden(clips.astype(np.float32), names, reference.astype(np.float32), meta)
+
+
+def check_meta_matches(path: str, meta: ModelMeta, reference: ModelMeta) -> None:
+    """The model file must be the model the reference came from (same preset, config and task)."""
+    for field in ("preset", "model", "task", "class_names"):
+        if getattr(meta, field) != getattr(reference, field):
+            raise ModelFileError(path, f"model file is {field} {getattr(meta, field)!r} but the reference "
+                                       f"(checkpoint or golden file) is {getattr(reference, field)!r}")
+
+
+def open_for_parity(path: str, provider: str | None = None) -> tuple[Backend, str]:
+    """(backend, precision) for an ONNX file (on `provider`) or an engine (after checking it was built
+    for this TensorRT and GPU)."""
+    if path.lower().endswith(".engine"):
+        header = read_engine_header(path)
+        _check_engine_here(path, header)
+        return open_backend(path), header.precision
+    backend = open_backend(path, provider=provider)
+    props = backend.session.get_modelmeta().custom_metadata_map
+    return backend, props.get(PRECISION_KEY, "fp32")
+
+
+def _check_engine_here(path: str, header) -> None:
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise BackendUnavailableError(None, "TensorRT is not installed (pip install 'evim3[gpu]' / JetPack): "
+                                            "cannot check an engine here") from None
+    gpu = current_gpu()
+    if gpu is None:
+        raise BackendUnavailableError(None, "no CUDA GPU visible through cuda-python (pip install cuda-python)")
+    check_engine_compatible(path, header, trt.__version__, *gpu)
+
+
+def onnx_providers() -> list[str]:
+    """ONNX Runtime providers parity runs: CPU always, CUDA when this onnxruntime has it."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendUnavailableError(None, "onnxruntime is not installed: pip install onnxruntime") from None
+    return ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in ort.get_available_providers() else [])
+
+
+def check_files(golden: Golden, onnx: str | None = None, engine: str | None = None) -> list[ParityRow]:
+    """Run the golden clips through every backend the given files allow; one row each."""
+    targets = [(onnx, p) for p in onnx_providers()] if onnx else []
+    if engine:
+        targets.append((engine, None))
+    rows = []
+    for path, provider in targets:
+        backend, precision = open_for_parity(path, provider)
+        with backend:
+            check_meta_matches(path, backend.meta, golden.meta)
+            outputs = backend.run(golden.clips)
+            rows.append(compare(golden.reference, outputs, golden.meta.task, backend.device, precision))
+    return rows
+
+
+def format_table(rows: list[ParityRow], task: str) -> str:
+    """The parity table as aligned text, with the tolerances it was judged against."""
+    unit = "EF pts" if task == "ef" else "logits"
+    diff_name = "mean |dEF|" if task == "ef" else "mean |dprob|"
+    header = ["backend", "precision", f"max abs ({unit})", "max rel", "cosine", diff_name, "result"]
+    body = [[r.backend, r.precision, f"{r.max_abs:.3g}", f"{r.max_rel:.3g}", f"{r.cosine:.8f}",
+             f"{r.ef_diff:.3g}", "pass" if r.passed else "FAIL"] for r in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in [header, *body]]
+    lines.append("tolerances: " + "; ".join(f"{p}: max abs <= {t.max_abs:g} {unit}, cosine >= {t.min_cosine:g}"
+                                              for p, t in TOLERANCES.items()))
+    return "\n".join(lines)
+

@@ -1,0 +1,197 @@
+"""What `evim3 infer` and `evim3 bench` show and write: a terminal table, the timing summary, JSON and CSV
+(one row per video, per-clip values included; written atomically) and the --plot PNG (matplotlib, optional).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from typing import Any
+
+import numpy as np
+from evim3.runtime.atomic import atomic_path, write_atomic
+from evim3.runtime.infer import STRIP_FRAMES, SourceResult, Timings
+from rich.table import Table
+
+PLOT_MAX_SOURCES = 12  # a figure with more rows is unreadable
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _short(source: str, width: int = 30) -> str:
+    """The end of a long path: the file name and its nearest folders are what tell videos apart."""
+    return source if len(source) <= width else "…" + source[-(width - 1):]
+
+
+def results_table(results: list[SourceResult], class_names: list[str]) -> Table:
+    """One row per source: EF (mean, min-max over clips) or class probabilities; 'failed' for a source
+    that could not be used (its reason is printed on its own line, see failure_lines)."""
+    table = Table(title="evim3 infer", title_justify="left")
+    table.add_column("source", no_wrap=True)
+    table.add_column("seconds", justify="right", min_width=7)
+    table.add_column("clips", justify="right", min_width=5)
+    value_names = ["prediction", *(f"p({n})" for n in class_names)] if class_names else ["EF %", "clip range"]
+    for name in value_names:
+        table.add_column(name, justify="left" if name == "prediction" else "right", min_width=len(name))
+    for r in results:
+        mean = r.mean_values()
+        if not r.ok:
+            values = ["[red]failed[/red]"] + [""] * (len(value_names) - 1)
+        elif mean is None:
+            values = ["-"] * len(value_names)
+        elif class_names:
+            values = [class_names[int(np.argmax(mean))], *(_fmt(p, 3) for p in mean)]
+        else:
+            efs = [c.values[0] for c in r.clips]
+            values = [_fmt(mean[0]), f"{_fmt(min(efs))}-{_fmt(max(efs))}"]
+        table.add_row(_short(r.source), _fmt(r.duration_s) if r.ok else "-", str(len(r.clips)), *values)
+    return table
+
+
+def stream_notes(results: list[SourceResult]) -> list[str]:
+    """What happened to live sources beyond their numbers: frames dropped by --realtime, Ctrl-C."""
+    lines = []
+    for r in results:
+        notes = [f"dropped {r.dropped_frames} frames to keep up (--realtime)"] if r.dropped_frames else []
+        notes += ["stopped by Ctrl-C"] if r.interrupted else []
+        notes += ["no complete clip"] if r.ok and not r.clips else []
+        if notes:
+            lines.append(f"{r.source}: {', '.join(notes)}")
+    return lines
+
+
+def timing_lines(timings: Timings, device: str) -> list[str]:
+    """The summary every run prints: per-stage p50/p95 and the real-time factor."""
+    lines = [f"timing ({device}):"]
+    for key, stage in timings.stages.items():
+        pct = stage.to_dict()
+        lines.append(f"  {key:<24} p50 {_fmt(pct['p50_ms'])} ms  p95 {_fmt(pct['p95_ms'])} ms  "
+                     f"total {stage.total_s:.2f} s ({len(stage.seconds)}x)")
+    lines.append(f"  {timings.video_s:.1f} s of video in {timings.wall_s:.2f} s: real-time factor "
+                 f"{_fmt(timings.realtime_factor, 2)}x, decode+preprocess {_fmt(100 * timings.input_share)} % "
+                 f"of wall time, {timings.clips} clips")
+    if "decode per frame" in timings.stages:
+        lines.append("  (live sources decode on a reader thread, alongside inference)")
+    return lines
+
+
+def clip_line(source: str, clip: Any, class_names: list[str]) -> str:
+    """One live update: the clip's time span and its EF (or most likely class)."""
+    span = f"{clip.start_s:8.2f}-{clip.end_s:.2f} s"
+    if class_names:
+        best = int(np.argmax(clip.values))
+        return f"{source}  {span}  {class_names[best]} ({clip.values[best]:.3f})"
+    return f"{source}  {span}  EF {clip.values[0]:.1f} %"
+
+
+def run_document(results: list[SourceResult], timings: Timings, info: dict[str, Any],
+                 class_names: list[str]) -> dict[str, Any]:
+    """The JSON document: run info (model, device, stride...), every source with its clips, timings."""
+    return {**info, "sources": [r.to_dict(class_names) for r in results],
+            "failed": sum(not r.ok for r in results), "timings": timings.to_dict()}
+
+
+def write_json(path: str, document: dict[str, Any]) -> None:
+    write_atomic(path, json.dumps(_json_safe(document), indent=2, allow_nan=False) + "\n")
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (a stage with no samples, a run with no video) becomes null: strict JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_csv(path: str, results: list[SourceResult], class_names: list[str]) -> None:
+    """One row per source; per-clip start times and values as ';'-separated lists in their own columns."""
+    value_columns = ["prediction", *(f"p_{n}" for n in class_names)] if class_names else ["ef"]
+    clip_columns = ["clip_prediction"] if class_names else ["clip_ef"]
+    header = ["source", "status", "error", "duration_s", "num_clips", *value_columns, "clip_start_s", *clip_columns]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for r in results:
+        mean = r.mean_values()
+        if mean is None:
+            values = [""] * len(value_columns)
+        elif class_names:
+            values = [class_names[int(np.argmax(mean))], *(f"{p:.6f}" for p in mean)]
+        else:
+            values = [f"{mean[0]:.4f}"]
+        if class_names:
+            per_clip = ";".join(class_names[int(np.argmax(c.values))] for c in r.clips)
+        else:
+            per_clip = ";".join(f"{c.values[0]:.4f}" for c in r.clips)
+        writer.writerow([r.source, "ok" if r.ok else "failed", r.error or "", f"{r.duration_s:.3f}", len(r.clips),
+                         *values, ";".join(f"{c.start_s:.3f}" for c in r.clips), per_clip])
+    write_atomic(path, buffer.getvalue())
+
+
+def check_plot_available() -> None:
+    """Raise ModuleNotFoundError (one line in the CLI) before any work when --plot cannot be honoured."""
+    import matplotlib  # noqa: F401
+
+
+def write_plot(path: str, results: list[SourceResult], class_names: list[str]) -> int:
+    """EF (or class probabilities) per clip over time, above a strip of the source's frames; one row per
+    source with clips, up to PLOT_MAX_SOURCES. Returns how many sources were drawn."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    shown = [r for r in results if r.clips][:PLOT_MAX_SOURCES]
+    fig = Figure(figsize=(10, 3.2 * max(1, len(shown))), layout="constrained")
+    rows = fig.subfigures(max(1, len(shown)), 1, squeeze=False)[:, 0]
+    for sub, r in zip(rows, shown):
+        curve, strip = sub.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+        times = [(c.start_s + c.end_s) / 2 for c in r.clips]
+        if class_names:
+            for k, name in enumerate(class_names):
+                curve.plot(times, [c.values[k] for c in r.clips], marker="o", label=name)
+            curve.set_ylabel("probability")
+            curve.legend(loc="upper right", fontsize="small")
+        else:
+            efs = [c.values[0] for c in r.clips]
+            curve.plot(times, efs, marker="o")
+            curve.axhline(r.mean_values()[0], linestyle="--", color="gray", label="video mean")
+            # At least +-3 points: clip-to-clip noise of a tenth of a point should look like noise.
+            middle, half = (max(efs) + min(efs)) / 2, max(3.0, 0.6 * (max(efs) - min(efs)))
+            curve.set_ylim(middle - half, middle + half)
+            curve.ticklabel_format(axis="y", useOffset=False)
+            curve.set_ylabel("EF %")
+            curve.legend(loc="upper right", fontsize="small")
+        curve.set_title(r.source, fontsize="small", loc="left")
+        _draw_strip(strip, r, end=max(r.clips[-1].end_s, r.duration_s))
+        strip.set_xlabel("time (s)")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return len(shown)
+
+
+def _draw_strip(ax: Any, result: SourceResult, end: float) -> None:
+    """The kept frames side by side, spread over the time axis."""
+    ax.set_yticks([])
+    if not result.strip:
+        return
+    picks = np.linspace(0, len(result.strip) - 1, min(STRIP_FRAMES, len(result.strip))).round().astype(int)
+    frames = [result.strip[i][1] for i in picks]
+    ax.imshow(np.concatenate(frames, axis=1), cmap="gray", aspect="auto", extent=(0, end, 0, 1))
+
+
+def bench_table(result: dict[str, Any]) -> Table:
+    table = Table(title=f"evim3 bench: {result['model']} ({result['device']})", title_justify="left")
+    for name in ("batch", "p50 ms", "p90 ms", "p99 ms", "clips/s", "real-time factor"):
+        table.add_column(name, justify="right")
+    lat = result["latency_ms"]
+    table.add_row(str(result["batch"]), _fmt(lat["p50"], 2), _fmt(lat["p90"], 2), _fmt(lat["p99"], 2),
+                  _fmt(result["clips_per_s"], 2), _fmt(result["realtime_factor"], 2))
+    table.caption = (f"clip {'x'.join(map(str, result['clip']))} at {result['fps']:g} fps, period "
+                     f"{result['period']}, stride {result['stride']} frames; {result['runs']} runs after "
+                     f"{result['warmup']} warm-up")
+    return table

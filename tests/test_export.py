@@ -1,0 +1,301 @@
+"""evim3-tiny -> ONNX -> ONNX Runtime, through the `evim3 export` and `evim3 check` commands.
+
+The model is exported twice per module (fp32 opset 17 fixed batch; fp16 opset 18 dynamic batch), each
+through the CLI, and every test below reads those files. The model is a random init made input-sensitive
+(larger out_proj and head weights, random global tokens) so that EF moves by whole points between clips:
+a parity bound of 1e-4 then means something.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from evim3.cli.main import app
+from evim3.export.onnx import SCAN_TAG, downgrade_to_opset17, graph_stats, read_onnx_meta
+from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, ModelMeta, PreprocessSpec
+from evim3.runtime.parity_check import PRECISION_KEY, TOLERANCES, random_clips, real_clip
+from typer.testing import CliRunner
+
+from evim3.checkpoint import load_model, save_checkpoint
+from evim3.config import get_preset
+from evim3.models.evim3 import EViM3
+from evim3.ops import exportable_scan, selective_scan, selective_scan_exportable, selective_scan_ref
+
+PRESET = "evim3-tiny"
+FP32_TOL = TOLERANCES["fp32"].max_abs  # 1e-4 EF points
+FP16_TOL = TOLERANCES["fp16"].max_abs  # 0.5 EF points
+
+runner = CliRunner()
+
+
+# ------------------------------------------------------------------ the exportable scan itself
+
+@pytest.mark.parametrize("seqlen, chunk", [(50, 0), (49, 0), (37, 5), (1, 0), (2, 0)])
+def test_exportable_scan_matches_reference(seqlen: int, chunk: int) -> None:
+    """Same outputs and last state as the float64 reference, padding (L not a multiple of the chunk)
+    included. Tolerance: float32 accumulation over <= 50 steps, 1e-5 relative to the output scale."""
+    g = torch.Generator().manual_seed(seqlen)
+    b, d, n = 2, 6, 4
+    u, delta, z = (torch.randn(b, d, seqlen, generator=g) for _ in range(3))
+    B, C = (torch.randn(b, n, seqlen, generator=g) for _ in range(2))
+    A = -torch.rand(d, n, generator=g) * 4
+    D, bias = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    args = (u, delta, A, B, C, D, z, bias, True, True)
+    y, last = selective_scan_exportable(*args, chunk=chunk)
+    y_ref, last_ref = selective_scan_ref(*args)
+    assert y.dtype == torch.float32 and y.shape == y_ref.shape and last.shape == last_ref.shape
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-5 * float(y_ref.abs().max()))
+    torch.testing.assert_close(last, last_ref, rtol=0, atol=1e-5 * float(last_ref.abs().max()))
+    with exportable_scan():  # the dispatcher honours the switch, and only inside the block
+        torch.testing.assert_close(selective_scan(*args[:-1]), y)
+    assert not importlib.import_module("evim3.ops.selective_scan")._exportable_active
+
+
+def split_model(length: int, parts: int) -> onnx.ModelProto:
+    """An opset-18 graph with one Split in its opset-18 form (num_outputs), as torch's exporter writes it."""
+    h = onnx.helper
+    outputs = [f"y{i}" for i in range(parts)]
+    graph = h.make_graph(
+        [h.make_node("Split", ["x"], outputs, axis=1, num_outputs=parts)], "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, length])],
+        [h.make_tensor_value_info(o, onnx.TensorProto.FLOAT, [2, None]) for o in outputs])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 18)])
+
+
+def test_opset17_rewrite_of_split() -> None:
+    """An even Split becomes Split-13 (same result in ONNX Runtime); an uneven one is refused."""
+    proto = split_model(6, 2)
+    downgrade_to_opset17(proto)
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.opset_import[0].version == 17 and not proto.graph.node[0].attribute[1:]
+    x = np.arange(12, dtype=np.float32).reshape(2, 6)
+    y0, y1 = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
+    np.testing.assert_array_equal(np.concatenate([y0, y1], axis=1), x)
+    with pytest.raises(ValueError, match="--opset 18"):
+        downgrade_to_opset17(split_model(7, 2))
+
+
+# ------------------------------------------------------------------ fixtures: one checkpoint, two exports
+
+def input_sensitive_model(cfg) -> EViM3:
+    torch.manual_seed(0)
+    model = EViM3(cfg, ef_mean=55.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("out_proj.weight"):
+                p.mul_(4)
+        model.head.mlp[-1].weight.mul_(300)
+        for name in ("faces", "edges", "corners", "reg"):
+            getattr(model.encoder, f"global_{name}_token").normal_(0, 0.02)
+    return model.eval()
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    folder = tmp_path_factory.mktemp("export")
+    cfg = get_preset(PRESET)
+    spec = PreprocessSpec(size=cfg.img_size, fps=50.0, frames=cfg.frames, period=2, mean=32.5, std=48.0)
+    meta = ModelMeta(PRESET, cfg.to_dict(), spec, task="ef", ef_mean=55.0)
+    checkpoint = folder / "tiny.safetensors"
+    save_checkpoint(checkpoint, input_sensitive_model(cfg).state_dict(), meta)
+    code, output = run_cli("export", checkpoint, "--preset", PRESET)
+    assert code == 0, output
+    model, _ = load_model(checkpoint)
+    return {"folder": folder, "checkpoint": checkpoint, "onnx": folder / "tiny.onnx", "model": model,
+            "meta": meta, "export_output": output}
+
+
+@pytest.fixture(scope="module")
+def tiny_fp16(tiny: dict) -> Path:
+    path = tiny["folder"] / "tiny-fp16.onnx"
+    code, output = run_cli("export", tiny["checkpoint"], "--fp16", "--dynamic-batch", "--opset", "18", "-o", path)
+    assert code == 0, output
+    return path
+
+
+def ort_outputs(path: Path, clips: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: clip[None]})[0] for clip in clips])
+
+
+def torch_outputs(model: EViM3, clips: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(clips)).numpy()
+
+
+# ------------------------------------------------------------------ the fp32 graph
+
+def test_export_command_reports_the_graph(tiny: dict) -> None:
+    assert f"wrote {tiny['onnx']}: opset 17, fp32, batch 1" in tiny["export_output"]
+    assert tiny["onnx"].is_file() and not list(tiny["folder"].glob("*.tmp-*"))
+
+
+def test_graph_is_valid_and_bounded(tiny: dict) -> None:
+    """checker (full), opset 17, clip -> output, and the scan as Scan loops: a fixed, small number of nodes
+    per scan, not an unrolled loop (unrolled, evim3-tiny has ~20,000 nodes)."""
+    proto = onnx.load(str(tiny["onnx"]))
+    onnx.checker.check_model(proto, full_check=True)
+    assert {o.domain: o.version for o in proto.opset_import}[""] == 17
+    shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert proto.graph.input[0].name == INPUT_NAME and shape == [1, 1, 32, 112, 112]
+    assert [o.name for o in proto.graph.output] == [OUTPUT_NAME]
+    stats = graph_stats(proto)
+    cfg = get_preset(PRESET)
+    assert stats.scans == 6 * cfg.depth and stats.op_counts["Scan"] == 3 * stats.scans
+    assert 20 <= stats.nodes_per_scan <= 60, stats
+    assert stats.nodes < 1500, stats.nodes
+    # no source locations of the exporting machine leak into the file
+    assert not any(n.metadata_props for n in proto.graph.node)
+    assert all(n.name.startswith(SCAN_TAG) for n in proto.graph.node if n.op_type == "Scan")
+
+
+def test_metadata_round_trips(tiny: dict) -> None:
+    meta, props = read_onnx_meta(tiny["onnx"])
+    assert meta.to_json() == tiny["meta"].to_json()
+    assert meta.preprocess.mean == 32.5 and meta.preprocess.std == 48.0 and meta.ef_mean == 55.0
+    assert props[PRECISION_KEY] == "fp32" and props[f"{META_KEY}.preset"] == PRESET
+
+
+def test_onnxruntime_matches_pytorch_on_random_clips(tiny: dict) -> None:
+    """Fresh seeded clips at the scale of normalised echo input; fp32 bound 1e-4 EF points."""
+    clips = random_clips(tiny["meta"].preprocess, 3, seed=123)
+    expected = torch_outputs(tiny["model"], clips)
+    assert expected.std() > 0.3, "model output does not depend on its input: the test would prove nothing"
+    np.testing.assert_allclose(ort_outputs(tiny["onnx"], clips), expected, rtol=0, atol=FP32_TOL)
+
+
+def test_onnxruntime_matches_pytorch_on_a_real_echo(tiny: dict) -> None:
+    clip = real_clip(tiny["meta"].preprocess)[None]
+    assert clip.shape == (1, 1, 32, 112, 112) and np.isfinite(clip).all() and clip.std() > 0.1
+    np.testing.assert_allclose(ort_outputs(tiny["onnx"], clip), torch_outputs(tiny["model"], clip),
+                               rtol=0, atol=FP32_TOL)
+
+
+# ------------------------------------------------------------------ fp16, dynamic batch, opset 18
+
+def test_fp16_keeps_the_scan_in_float32(tiny_fp16: Path) -> None:
+    proto = onnx.load(str(tiny_fp16))
+    onnx.checker.check_model(proto, full_check=True)
+    assert {o.domain: o.version for o in proto.opset_import}[""] == 18
+    weights = [i for i in proto.graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    half = [i for i in weights if i.data_type == onnx.TensorProto.FLOAT16]
+    assert sum(onnx.numpy_helper.to_array(i).size for i in half) > 0.9 * sum(
+        onnx.numpy_helper.to_array(i).size for i in weights)
+    for node in (n for n in proto.graph.node if n.op_type == "Scan"):
+        body = node.attribute[0].g
+        assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in (*body.input, *body.output))
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert read_onnx_meta(tiny_fp16)[1][PRECISION_KEY] == "fp16"
+
+
+def test_fp16_matches_pytorch_within_its_tolerance(tiny: dict, tiny_fp16: Path) -> None:
+    """A batch of 3 through the dynamic batch; fp16 bound 0.5 EF points against the fp32 model."""
+    clips = random_clips(tiny["meta"].preprocess, 3, seed=7)
+    session = ort.InferenceSession(str(tiny_fp16), providers=["CPUExecutionProvider"])
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: clips})[0]
+    assert got.shape == (3, 1) and got.dtype == np.float32
+    np.testing.assert_allclose(got, torch_outputs(tiny["model"], clips), rtol=0, atol=FP16_TOL)
+
+
+# ------------------------------------------------------------------ `evim3 check` end to end
+
+def test_check_passes_and_writes_a_golden_file(tiny: dict) -> None:
+    golden = tiny["folder"] / "golden.npz"
+    code, output = run_cli("check", tiny["checkpoint"], "--onnx", tiny["onnx"], "--clips", "2",
+                           "--save-golden", golden)
+    assert code == 0, output
+    assert "onnxruntime CPUExecutionProvider" in output and "parity: pass" in output and "FAIL" not in output
+    assert "pydicom ybr_color echo" in output and golden.is_file()
+
+
+def test_check_from_a_golden_file_needs_no_torch(tiny: dict) -> None:
+    """The GPU-box path: a golden file and a model file, in a process where importing torch fails."""
+    golden = tiny["folder"] / "golden-notorch.npz"
+    code, output = run_cli("check", tiny["checkpoint"], "--clips", "1", "--save-golden", golden)
+    assert code == 0, output
+    script = ("import sys; sys.modules['torch'] = None\n"
+              "from evim3.cli.main import app\n"
+              f"app(['check', '--load-golden', {str(golden)!r}, '--onnx', {str(tiny['onnx'])!r}])\n")
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "parity: pass" in done.stdout and "golden file" in done.stdout
+
+
+def test_check_fails_when_outputs_differ(tiny: dict) -> None:
+    """A golden file whose reference is off by 0.01 EF points -> FAIL and exit 1."""
+    golden = tiny["folder"] / "golden-shifted.npz"
+    code, output = run_cli("check", tiny["checkpoint"], "--clips", "1", "--save-golden", golden)
+    assert code == 0, output
+    with np.load(golden) as data:
+        arrays = dict(data)
+    arrays["reference"] = arrays["reference"] + 0.01
+    np.savez(golden, **arrays)
+    code, output = run_cli("check", "--load-golden", golden, "--onnx", tiny["onnx"])
+    assert code == 1 and "FAIL" in output and "parity FAILED" in output
+
+
+# ------------------------------------------------------------------ errors: one line, non-zero exit
+
+def one_line_error(code: int, output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), output
+    return lines[0]
+
+
+def test_corrupt_checkpoint_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    assert "broken.safetensors" in one_line_error(*run_cli("export", bad))
+    assert "checkpoint not found" in one_line_error(*run_cli("export", tmp_path / "missing.safetensors"))
+    assert "broken.safetensors" in one_line_error(*run_cli("check", bad, "--onnx", bad))
+
+
+def test_preset_mismatch_is_one_line(tiny: dict) -> None:
+    line = one_line_error(*run_cli("export", tiny["checkpoint"], "--preset", "evim3", "-o",
+                                   tiny["folder"] / "never.onnx"))
+    assert "'evim3-tiny', not 'evim3'" in line and not (tiny["folder"] / "never.onnx").exists()
+
+
+def test_onnx_whose_input_contradicts_its_metadata_is_one_line(tiny: dict) -> None:
+    proto = onnx.load(str(tiny["onnx"]))
+    meta = ModelMeta.from_json(next(p.value for p in proto.metadata_props if p.key == META_KEY))
+    meta.preprocess = PreprocessSpec(size=112, frames=16)
+    next(p for p in proto.metadata_props if p.key == META_KEY).value = meta.to_json()
+    lying = tiny["folder"] / "lying.onnx"
+    onnx.save(proto, str(lying))
+    golden = tiny["folder"] / "golden.npz"
+    if not golden.exists():
+        assert run_cli("check", tiny["checkpoint"], "--clips", "1", "--save-golden", golden)[0] == 0
+    line = one_line_error(*run_cli("check", "--load-golden", golden, "--onnx", lying))
+    assert "lying.onnx" in line and "metadata" in line
+
+
+def test_usage_errors(tiny: dict) -> None:
+    code, output = run_cli("check", tiny["checkpoint"])
+    assert code == 2 and "nothing to check" in output
+    code, output = run_cli("check", "--onnx", tiny["onnx"])
+    assert code == 2 and "exactly one" in output
+    code, output = run_cli("export", tiny["checkpoint"], "--opset", "16")
+    assert code == 2
+
+
+def test_torch_is_not_imported_by_the_cli_until_a_command_needs_it() -> None:
+    script = "import sys, evim3.cli.main; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.stdout.strip() == "False", done.stderr

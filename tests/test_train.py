@@ -1,0 +1,220 @@
+"""`evim3 train`: the recipe (schedule, optimizer groups, EMA) and real fine-tuning / pre-training runs of
+a shrunk evim3-tiny on the synthetic dataset, through the CLI."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from evim3.cli.main import app
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from evim3.checkpoint import load_model, read_meta
+from evim3.data.echonet import EchoNetDataset
+from evim3.data.stats import compute_mean_std
+from evim3.models.evim3 import EViM3
+from evim3.train.recipe import TrainConfig, build_ema, build_optimizer, build_scheduler, ema_decay, lr_factor
+from evim3.train.tasks import load_encoder_weights
+
+# evim3-tiny shrunk to tens of milliseconds a step: 8 frames of 32 x 32, width 16, one Mamba-3D block.
+TINY_ARGS = ["--preset", "evim3-tiny", "--frames", "8", "--model-set", "img_size=32", "--model-set", "dim=16",
+             "--model-set", "depth=1", "--model-set", "d_state=4", "--model-set", "final_dim=32", "--model-set", "decoder_depth=1"]
+# 8 TRAIN videos, batch 2 x accum 2: 2 optimizer steps per epoch. EMA from step 2, so best != raw weights.
+FAST_ARGS = ["--batch", "2", "--accum", "2", "--workers", "0", "--ema-start", "2", "--device", "cpu", "--log-every", "1"]
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def finetune(data: Path, out: Path, *extra: str):
+    return run_cli("train", "finetune", "--data", data, "--out", out, *TINY_ARGS, *FAST_ARGS, *extra)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --- recipe ---------------------------------------------------------------------------------------
+
+def test_schedule_warms_up_from_one_percent_then_cosine_to_one_percent() -> None:
+    warmup, total = 10, 110
+    factors = [lr_factor(step, warmup, total, 0.01) for step in range(total + 1)]
+    assert factors[0] == pytest.approx(0.01) and factors[warmup] == pytest.approx(1.0)
+    assert factors[total] == pytest.approx(0.01)
+    assert factors[warmup + 50] == pytest.approx(0.01 + 0.99 * 0.5)  # half-way down the cosine
+    assert all(a < b for a, b in itertools.pairwise(factors[: warmup + 1]))
+    assert all(a > b for a, b in itertools.pairwise(factors[warmup:]))
+
+    model = torch.nn.Linear(3, 3)
+    optimizer = build_optimizer(model, lr=2e-3, cfg=TrainConfig(stage="finetune", out="unused"))
+    scheduler = build_scheduler(optimizer, warmup, total, 0.01)
+    for _ in range(warmup + 50):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 * factors[warmup + 50])
+
+
+def test_paper_defaults_and_lr_scaling() -> None:
+    finetune_cfg = TrainConfig(stage="finetune", out="unused")
+    pretrain_cfg = TrainConfig(stage="pretrain", out="unused")
+    assert (finetune_cfg.lr, finetune_cfg.clip_grad, finetune_cfg.epochs, finetune_cfg.warmup_epochs) == (1e-4, 1.0, 50, 1)
+    assert (pretrain_cfg.lr, pretrain_cfg.clip_grad, pretrain_cfg.epochs, pretrain_cfg.warmup_epochs) == (1e-3, 0.1, 100, 5)
+    assert finetune_cfg.model_config().frames == 64 and finetune_cfg.preprocess_spec().period == 2
+    # 4 clips x 4 accumulated x 2 processes = 32 -> the configured lr; 1 process -> half.
+    assert finetune_cfg.scaled_lr(2) == pytest.approx(1e-4) and finetune_cfg.scaled_lr(1) == pytest.approx(5e-5)
+    with pytest.raises(ValueError, match="unknown preset"):
+        TrainConfig(stage="finetune", out="unused", preset="nope")
+
+
+def test_optimizer_skips_decay_for_norms_biases_tokens_and_ssm_parameters() -> None:
+    cfg = TrainConfig(stage="finetune", out="unused", preset="evim3-tiny", model_overrides={"depth": 1})
+    model = EViM3(cfg.model_config())
+    optimizer = build_optimizer(model, 1e-4, cfg)
+    decayed, undecayed = optimizer.param_groups
+    names = {id(p): name for name, p in model.named_parameters()}
+    undecayed_names = {names[id(p)] for p in undecayed["params"]}
+    assert decayed["weight_decay"] == 0.1 and undecayed["weight_decay"] == 0.0 and optimizer.defaults["eps"] == 1e-15
+    assert all(p.dim() >= 2 for p in decayed["params"])
+    assert any(name.endswith("A_log") for name in undecayed_names) and any("pos_embed" in n for n in undecayed_names)
+    assert any("global_faces_token" in n for n in undecayed_names)
+    assert len(decayed["params"]) + len(undecayed["params"]) == len(list(model.parameters()))
+
+
+def test_ema_copies_then_follows_the_warmed_up_decay() -> None:
+    cfg = TrainConfig(stage="finetune", out="unused", ema_every=5)
+    model = torch.nn.Linear(4, 2)
+    ema = build_ema(model, cfg)
+    ema.update_parameters(model)  # first update: a copy
+    assert torch.equal(ema.module.weight, model.weight)
+    before = ema.module.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update_parameters(model)
+    decay = ema_decay(1, cfg.ema_beta, cfg.ema_power, cfg.ema_every)
+    assert decay == pytest.approx(1 - 5**-0.75)
+    # Tolerance: float32 lerp vs the same formula in float32.
+    torch.testing.assert_close(ema.module.weight, decay * before + (1 - decay) * model.weight, rtol=0, atol=1e-6)
+    assert ema_decay(10**9, 0.9999, 0.75, 5) == 0.9999
+    assert ema_decay(3, 0.9, 0.0, 5) == 0.9
+
+
+# --- real runs --------------------------------------------------------------------------------------
+
+def test_finetune_ef_writes_checkpoints_logs_and_metadata(synth_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = finetune(synth_dataset, out, "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert "finished" in result.output
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["step"] == summary["total_steps"] == 4
+    assert summary["steps_per_epoch"] == 2 and summary["world_size"] == 1
+
+    meta = read_meta(out / "best.safetensors")
+    train_set = EchoNetDataset(synth_dataset, "TRAIN", meta.preprocess)
+    assert meta.preset == "evim3-tiny" and meta.task == "ef"
+    assert meta.model["frames"] == 8 and meta.model["dim"] == 16 and meta.preprocess.frames == 8
+    assert (meta.preprocess.fps, meta.preprocess.period, meta.preprocess.size) == (50.0, 2, 32)
+    assert meta.ef_mean == pytest.approx(train_set.ef_mean)
+    # Normalisation measured on the training videos it lists.
+    mean, std = compute_mean_std(train_set.paths, meta.preprocess)
+    assert (meta.preprocess.mean, meta.preprocess.std) == pytest.approx((mean, std))
+    assert meta.data["stage"] == "finetune" and meta.data["weights"] == "ema" and meta.data["train_videos"] == 8
+
+    # best.safetensors holds the EMA weights that scored the recorded validation MAE: recompute it.
+    model, _ = load_model(out / "best.safetensors")
+    val_set = EchoNetDataset(synth_dataset, "VAL", meta.preprocess, clips="first")
+    with torch.no_grad():
+        errors = [abs(model(item["x"][None])[0, 0].item() - item["ef"].item()) for item in val_set]
+    assert sum(errors) / len(errors) == pytest.approx(meta.data["validation"]["val_mae"], abs=1e-4)
+    assert summary["best"]["val_mae"] == pytest.approx(meta.data["validation"]["val_mae"])
+
+    last, _ = load_model(out / "last.safetensors")
+    differs = any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), last.state_dict().values()))
+    assert differs, "EMA weights (best) should differ from the raw weights (last) once the EMA has started"
+
+    steps = read_rows(out / "steps.csv")
+    epochs = read_rows(out / "epochs.csv")
+    assert [int(r["step"]) for r in steps] == [1, 2, 3, 4] and all(math.isfinite(float(r["loss"])) for r in steps)
+    assert float(steps[0]["lr"]) == pytest.approx(summary["lr"] * 0.01)  # warm-up starts at 1 % of lr
+    assert [int(r["epoch"]) for r in epochs] == [1, 2] and {"val_mae", "val_rmse", "val_r2"} <= set(epochs[0])
+
+
+def test_pretrain_then_finetune_from_its_encoder(synth_dataset: Path, tmp_path: Path) -> None:
+    pre = tmp_path / "pre"
+    result = run_cli("train", "pretrain", "--data", synth_dataset, "--out", pre, "--max-steps", "2",
+                     *TINY_ARGS, *FAST_ARGS)
+    assert result.exit_code == 0, result.output
+    weights = load_file(pre / "pretrain.safetensors")
+    meta = read_meta(pre / "pretrain.safetensors")
+    assert meta.data["stage"] == "pretrain" and any(k.startswith("decoder") for k in weights)
+
+    # Its encoder.* weights fit the fine-tuning model exactly.
+    cfg = TrainConfig(stage="finetune", out="unused", **_tiny_config())
+    model = EViM3(cfg.model_config())
+    load_encoder_weights(model, str(pre))
+    for name, tensor in model.encoder.state_dict().items():
+        assert torch.equal(tensor, weights[f"encoder.{name}"]), name
+
+    fine = tmp_path / "fine"
+    result = finetune(synth_dataset, fine, "--max-steps", "1", "--init", pre)
+    assert result.exit_code == 0, result.output
+    fine_meta = read_meta(fine / "last.safetensors")
+    assert fine_meta.data["init"] == str(pre)
+    # The encoder learnt under the pre-training normalisation: the fine-tuned model keeps it.
+    assert (fine_meta.preprocess.mean, fine_meta.preprocess.std) == (meta.preprocess.mean, meta.preprocess.std)
+
+
+def _tiny_config() -> dict:
+    overrides = {"img_size": 32, "dim": 16, "depth": 1, "d_state": 4, "final_dim": 32, "decoder_depth": 1}
+    return {"preset": "evim3-tiny", "frames": 8, "model_overrides": overrides}
+
+
+def test_classification_finetune(synth_dataset: Path, tmp_path: Path) -> None:
+    rows = read_rows(synth_dataset / "FileList.csv")
+    table = tmp_path / "labels.csv"
+    with open(table, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "split"])
+        for row in rows:  # the two VAL videos get one label each, so AUC is defined
+            label = "reduced" if float(row["EF"]) < 55 else "normal"
+            writer.writerow([str(synth_dataset / "Videos" / f"{row['FileName']}.avi"), label, row["Split"]])
+    out = tmp_path / "cls"
+    result = run_cli("train", "finetune", "--task", "classification", "--csv", table, "--out", out, "--epochs", "1",
+                     *TINY_ARGS, *FAST_ARGS)
+    assert result.exit_code == 0, result.output
+    meta = read_meta(out / "last.safetensors")
+    assert meta.task == "classification" and meta.class_names == ["normal", "reduced"]
+    epoch = read_rows(out / "epochs.csv")[0]
+    assert 0.0 <= float(epoch["val_accuracy"]) <= 1.0 and "val_auc" in epoch
+
+
+def test_bad_inputs_fail_in_one_line(synth_dataset: Path, tmp_path: Path) -> None:
+    missing = finetune(tmp_path / "nowhere", tmp_path / "a", "--max-steps", "1")
+    assert missing.exit_code == 1 and "nowhere: not a folder" in missing.output
+    assert "Traceback" not in missing.output and len(missing.output.strip().splitlines()) == 1
+
+    not_echonet = tmp_path / "empty"
+    not_echonet.mkdir()
+    wrong = finetune(not_echonet, tmp_path / "b", "--max-steps", "1")
+    assert wrong.exit_code == 1 and "FileList.csv" in wrong.output and len(wrong.output.strip().splitlines()) == 1
+
+    bad_init = finetune(synth_dataset, tmp_path / "c", "--max-steps", "1", "--init", tmp_path / "missing.safetensors")
+    assert bad_init.exit_code == 1 and "checkpoint not found" in bad_init.output
+
+
+def test_existing_run_needs_resume(synth_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert finetune(synth_dataset, out, "--max-steps", "1").exit_code == 0
+    again = finetune(synth_dataset, out, "--max-steps", "1")
+    assert again.exit_code == 1 and "--resume" in again.output
+    changed = finetune(synth_dataset, out, "--max-steps", "1", "--resume", "--lr", "0.5")
+    assert changed.exit_code == 1 and "cannot resume with another lr" in changed.output
