@@ -38,9 +38,9 @@ def _run(title: str, args: list[str], log: list[dict]) -> float:
 @cli_errors
 def demo(
     out: Path = typer.Option(Path("evim3-demo"), "--out", help="Folder for every artefact (data, runs, models, reports)."),
-    videos: int = typer.Option(80, "--videos", min=12, help="Synthetic videos to generate."),
-    pretrain_steps: int = typer.Option(20, "--pretrain-steps", min=1, help="Pre-training optimizer steps."),
-    finetune_steps: int = typer.Option(80, "--finetune-steps", min=1, help="Fine-tuning optimizer steps."),
+    videos: int = typer.Option(48, "--videos", min=12, help="Synthetic videos to generate."),
+    pretrain_steps: int = typer.Option(8, "--pretrain-steps", min=1, help="Pre-training optimizer steps."),
+    finetune_steps: int = typer.Option(30, "--finetune-steps", min=1, help="Fine-tuning optimizer steps."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data and the training runs."),
 ) -> None:
     """Synthesise data, pre-train and fine-tune evim3-tiny, evaluate, export ONNX, check parity, and run
@@ -63,7 +63,7 @@ def demo(
     _run("3/7 fine-tune for EF from the pre-trained encoder",
          ["train", "finetune", "--data", str(data), "--out", str(runs / "finetune"), *common,
           "--init", str(runs / "pretrain"), "--max-steps", str(finetune_steps), "--ema-start", "0",
-          "--ema-beta", "0.9", "--lr", "1e-3", "--warmup-epochs", "0", "--eval-every", "1"], log)
+          "--ema-beta", "0.9", "--lr", "4e-3", "--warmup-epochs", "0"], log)
     _run("4/7 evaluate on the TEST split", ["eval", str(runs / "finetune"), "--data", str(data), "--split", "test",
                                            "--clips", "all", "--out", str(out / "eval"), "--workers", "1"], log)
     onnx_path = models / "evim3-tiny.onnx"
@@ -96,9 +96,11 @@ def _summary(out: Path, log: list[dict], seconds: float) -> None:
     table.add_column("result / where")
     for row in log:
         table.add_row(row["step"], f"{row['seconds']} s")
-    if metrics:
-        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        table.add_row("TEST metrics", ", ".join(f"{k}={v:.3g}" for k, v in list(shown.items())[:8]) or "see eval/")
+    shown = [k for k in ("mae", "rmse", "r2") if isinstance(metrics.get(k), (int, float))]
+    if shown:
+        table.add_row(f"TEST metrics ({metrics.get('n', '?')} videos, 95 % CI)", ", ".join(
+            f"{k.upper()} {metrics[k]:.3g} [{metrics.get(k + '_lo', float('nan')):.3g}, "
+            f"{metrics.get(k + '_hi', float('nan')):.3g}]" for k in shown))
     for label, path in [("dataset", out / "data"), ("pre-training run", out / "runs" / "pretrain"),
                         ("fine-tuning run (best.safetensors)", out / "runs" / "finetune"),
                         ("evaluation (CSV, plots)", out / "eval"), ("ONNX model", out / "models" / "evim3-tiny.onnx"),
