@@ -5,10 +5,10 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import typer
-
 from evim3.runtime.errors import Evim3Error
 
 F = TypeVar("F", bound=Callable)

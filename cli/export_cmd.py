@@ -37,13 +37,14 @@ def export(
     if fmt is Format.onnx and dynamic_batch and batch != 1:
         fail("choose --batch N or --dynamic-batch, not both", EXIT_USAGE)
 
-    from evim3.checkpoint import checkpoint_file
     from evim3.export.onnx import export_checkpoint
+
+    from evim3.checkpoint import checkpoint_file
 
     checkpoint = checkpoint_file(checkpoint)
     suffix = (".fp16" if fp16 else "") + f".{fmt.value}"
     output = output or os.path.splitext(checkpoint)[0] + suffix
-    onnx_options = dict(opset=opset, batch=batch, dynamic_batch=dynamic_batch, preset=preset)
+    onnx_options = {"opset": opset, "batch": batch, "dynamic_batch": dynamic_batch, "preset": preset}
 
     if fmt is Format.onnx:
         result = export_checkpoint(checkpoint, output, fp16=fp16, **onnx_options)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 
 import typer
+from evim3.cli import bench, check, convert, data, demo, evaluate, export_cmd, infer, info, train
 
 from evim3 import __version__
-from evim3.cli import bench, check, convert, data, demo, evaluate, export_cmd, infer, info, train
 
 app = typer.Typer(
     name="evim3",

@@ -10,10 +10,10 @@ import os
 
 import numpy as np
 import torch
+from evim3.runtime.parity_check import Golden, parity_inputs
 
 from evim3.checkpoint import load_model
 from evim3.models.evim3 import EViM3
-from evim3.runtime.parity_check import Golden, parity_inputs
 
 
 def torch_outputs(model: EViM3, clips: np.ndarray) -> np.ndarray:

@@ -62,7 +62,7 @@ class ModelMeta:
         return json.dumps(d, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelMeta":
+    def from_json(cls, text: str) -> ModelMeta:
         d = json.loads(text)
         if d.pop("format", None) != "evim3":
             raise ValueError("not evim3 metadata (missing format='evim3')")

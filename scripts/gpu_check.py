@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -64,7 +64,7 @@ def _timed(fn: Callable, repeats: int = 5) -> float:
 def scan_parity() -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     b, d, n, L = 2, 64, 16, 4099
-    kw = dict(device="cuda", generator=g)
+    kw = {"device": "cuda", "generator": g}
     u, z = torch.randn(b, d, L, **kw), torch.randn(b, d, L, **kw)
     delta = torch.randn(b, d, L, **kw).exp() * 0.3  # heavy-tailed dt
     A = -torch.rand(d, n, **kw) * 8 - 0.1
@@ -185,12 +185,15 @@ _EXPORTED: dict = {}
 
 def _export_tiny():
     if not _EXPORTED:
-        from evim3.export.onnx import export_model_onnx
+        from evim3.export.onnx import export_onnx
+        from evim3.runtime.meta import ModelMeta, PreprocessSpec
 
         cfg = PRESETS["evim3-tiny"]
         model = EViM3(cfg).eval()
+        meta = ModelMeta(preset="evim3-tiny", model=cfg.to_dict(), ef_mean=55.0,
+                         preprocess=PreprocessSpec(frames=cfg.frames, mean=30.0, std=45.0))
         path = os.path.join(tempfile.mkdtemp(), "tiny.onnx")
-        export_model_onnx(model, path, preset="evim3-tiny")
+        export_onnx(model, meta, path)
         _EXPORTED.update(path=path, model=model, cfg=cfg)
     return _EXPORTED["path"], _EXPORTED["model"], _EXPORTED["cfg"]
 

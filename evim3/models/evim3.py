@@ -17,6 +17,8 @@ parameter names are evim3's own (``evim3 convert`` maps the official names onto 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 
@@ -50,7 +52,7 @@ class Mamba3DBlock(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        kw = dict(d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand)
+        kw = {"d_state": cfg.d_state, "d_conv": cfg.d_conv, "expand": cfg.expand}
         for name in BLOCK_ORDER:
             self.add_module(name, ResidualMamba(cfg.dim, **kw))
             self.add_module(f"{name}_r", ResidualMamba(cfg.dim, **kw))
@@ -142,7 +144,7 @@ class GlobalTokenHead(nn.Module):
         self.proj = nn.Sequential(nn.Linear(num_global * cfg.dim, cfg.final_dim), nn.SiLU())
         widths = [cfg.final_dim] * cfg.head_layers + [num_outputs]
         layers: list[nn.Module] = []
-        for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+        for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
             layers.append(nn.Linear(fan_in, fan_out))
             if i < cfg.head_layers - 1:
                 layers.append(nn.SiLU())

@@ -24,7 +24,7 @@ DIRECTIONS = {"hwl": (1, 2, 0), "lwh": (0, 2, 1), "lhw": (0, 1, 2)}
 BLOCK_ORDER = ("hwl", "lwh", "lhw")  # the order a Mamba-3D block visits them
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def enclosure_layout(cfg: ModelConfig) -> np.ndarray:
     """For every position of the padded volume (LHW-flattened), where its token comes from.
 
@@ -69,21 +69,21 @@ def enclosure_layout(cfg: ModelConfig) -> np.ndarray:
     return source
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def real_positions(cfg: ModelConfig) -> np.ndarray:
     """Flat LHW positions of the real tokens, in patch order."""
     return np.flatnonzero(enclosure_layout(cfg) < cfg.num_real_tokens)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def intersection_positions(cfg: ModelConfig) -> np.ndarray:
     """Flat positions of the (2+reg)^3 tokens where global planes of all three axes cross (L-major, H, W)."""
-    Lp, Hp, Wp = cfg.padded_grid
+    _, Hp, Wp = cfg.padded_grid
     gl, gh, gw = (np.asarray(p) for p in cfg.global_planes)
     return (gl[:, None, None] * Hp * Wp + gh[None, :, None] * Wp + gw[None, None, :]).reshape(-1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def direction_order(shape: tuple[int, int, int], direction: str) -> np.ndarray:
     """Flat LHW positions listed in `direction`'s scan order (= permute + flatten of the volume)."""
     return np.arange(int(np.prod(shape))).reshape(shape).transpose(DIRECTIONS[direction]).reshape(-1)

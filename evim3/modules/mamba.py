@@ -21,7 +21,7 @@ def _fused_inner():
     try:
         from causal_conv1d import causal_conv1d_fn  # noqa: F401  (mamba_inner_fn needs it)
         from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
-    except Exception:
+    except Exception:  # noqa: BLE001 -- ImportError, or a CUDA build that fails to load: fall back
         return None
     return mamba_inner_fn
 
@@ -92,7 +92,7 @@ class Mamba(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         """(batch, L, d_model) -> (batch, L, d_model)."""
-        batch, seqlen, _ = hidden_states.shape
+        seqlen = hidden_states.shape[1]
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, L)
         A = -torch.exp(self.A_log.float())
 

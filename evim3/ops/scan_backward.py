@@ -39,7 +39,7 @@ class ChunkedScanFn(torch.autograd.Function):
     def backward(ctx, grad_y: Tensor | None, grad_last: Tensor | None):
         u, delta, A, B, C, entering = ctx.saved_tensors
         T = ctx.T
-        batch, d, seqlen = u.shape
+        batch, _, seqlen = u.shape
         du, delta_k, B_k, C_k = chunk_views(u, delta, B, C, T)
         u_k = F.pad(u, (0, du.shape[2] * T - seqlen)).view_as(du)
         K = du.shape[2]

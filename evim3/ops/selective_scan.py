@@ -309,7 +309,7 @@ def _fused_scan():
     """mamba-ssm's CUDA kernel, or None when the [cuda] extra is not installed."""
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception:  # ImportError, or a broken CUDA build raising at import
+    except Exception:  # noqa: BLE001 -- ImportError, or a broken CUDA build raising at import
         return None
     return selective_scan_fn
 
