@@ -7,12 +7,13 @@ and the 20% visible patches only. Each step is forward + backward of the encoder
 squared outputs); the mask's scan orders are built inside the timed step, as in training. Both variants
 alternate in the same process, median of the repeats. Target: token-skipping <= 0.5x the full volume.
 
-    python -m benchmarks.bench_pretrain      # print
+    python -m benchmarks.bench_pretrain      # print (--threads N, --repeats N)
     python -m benchmarks pretrain            # print and append to BENCHMARKS.md
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -30,13 +31,13 @@ def _seconds(step: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
-def run(repeats: int = REPEATS) -> dict:
+def run(repeats: int = REPEATS, threads: int = THREADS) -> dict:
     import torch
 
     from evim3.config import PRESETS
     from evim3.models.pretrain import EViM3MAE
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = PRESETS["evim3-p4"].replace(**WIDTH)
     model = EViM3MAE(cfg, mask_ratio=MASK_RATIO)  # STC, the paper's chains for evim3-p4
@@ -72,7 +73,7 @@ def run(repeats: int = REPEATS) -> dict:
     ]
     return {
         "rows": rows,
-        "config": {"preset": "evim3-p4", **WIDTH, "batch": 1, "threads": THREADS, "mask_ratio": MASK_RATIO,
+        "config": {"preset": "evim3-p4", **WIDTH, "batch": 1, "threads": threads, "mask_ratio": MASK_RATIO,
                    "strategy": "stc", "time_chain": model.time_chain, "chain": model.chain, "repeats": repeats},
         "skipping_over_full": median["token-skipping encoder"] / median["full-volume encoder"],
         "target_skipping_over_full": 0.5,
@@ -80,4 +81,8 @@ def run(repeats: int = REPEATS) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(), indent=2))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--threads", type=int, default=THREADS, help="torch threads (a shared machine: try 1)")
+    args = parser.parse_args()
+    print(json.dumps(run(args.repeats, args.threads), indent=2))
