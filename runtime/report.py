@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from evim3.runtime.atomic import atomic_path, write_atomic
-from evim3.runtime.infer import STRIP_FRAMES, SourceResult, Timings
+from evim3.runtime.infer import STRIP_FRAMES, ClipResult, SourceResult, Timings
 from rich.table import Table
 
 PLOT_MAX_SOURCES = 12  # a figure with more rows is unreadable
@@ -79,7 +79,7 @@ def timing_lines(timings: Timings, device: str) -> list[str]:
     return lines
 
 
-def clip_line(source: str, clip: Any, class_names: list[str]) -> str:
+def clip_line(source: str, clip: ClipResult, class_names: list[str]) -> str:
     """One live update: the clip's time span and its EF (or most likely class)."""
     span = f"{clip.start_s:8.2f}-{clip.end_s:.2f} s"
     if class_names:

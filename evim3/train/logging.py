@@ -77,8 +77,12 @@ class RunLogger:
             self.bar.write(line)
 
     def message(self, text: str) -> None:
-        if self.enabled:
-            (print if self.bar is None or self.bar.disable else self.bar.write)(text)
+        if not self.enabled:
+            return
+        if self.bar is None or self.bar.disable:
+            print(text, flush=True)  # a log file or pipe sees each message as it happens
+        else:
+            self.bar.write(text)
 
     def close(self) -> None:
         if self.bar is not None:
