@@ -162,7 +162,10 @@ def test_plain_autograd_through_the_chunked_ops() -> None:
         assert (got - ref).abs().max().item() <= 1e-9 * max(1.0, ref.abs().max().item()), name
 
 
-def test_dispatcher_on_cpu_runs_the_chunked_scan() -> None:
+def test_dispatcher_on_cpu_without_the_fused_kernel_runs_the_chunked_scan(monkeypatch) -> None:
+    import evim3.ops.selective_scan_cpu as scan_cpu
+
+    monkeypatch.setattr(scan_cpu, "cpu_kernel", lambda: None)  # as where no C++ compiler is found
     args = scan_args(seqlen=64)
     y, h = selective_scan(**args, return_last_state=True)
     y_chunked, h_chunked = selective_scan_chunked(**args, return_last_state=True)

@@ -113,11 +113,16 @@ def selective_scan_chunked(
     return (out, last_state.to(u.dtype)) if return_last_state else out
 
 
+def _tracing() -> bool:
+    """Inside a tracer, exporter or compiler, which must see plain tensor ops, not custom kernels."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 def _wants_custom_backward(*tensors: Tensor) -> bool:
     """Use the autograd Function only in eager training; tracing/export sees the plain ops."""
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
         return False
-    return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
+    return not _tracing()
 
 
 def chunk_views(
@@ -330,10 +335,16 @@ def selective_scan(
     delta_softplus: bool = False,
     return_last_state: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """mamba-ssm's fused kernel for CUDA tensors when it is installed, else the chunked scan; inside
-    ``exportable_scan()`` always the exportable form."""
+    """mamba-ssm's fused kernel for CUDA tensors when it is installed, evim3's fused C++ kernel for CPU
+    tensors when it builds, else the chunked scan; inside ``exportable_scan()`` always the exportable form."""
     if _exportable_active:
         return selective_scan_exportable(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    fused = _fused_scan() if u.is_cuda else None
-    scan = fused if fused is not None else selective_scan_chunked
+    if u.is_cuda:
+        scan = _fused_scan() or selective_scan_chunked
+    elif u.device.type == "cpu" and not _tracing():
+        from evim3.ops.selective_scan_cpu import cpu_kernel, selective_scan_cpu
+
+        scan = selective_scan_cpu if cpu_kernel() is not None else selective_scan_chunked
+    else:
+        scan = selective_scan_chunked
     return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
