@@ -52,7 +52,7 @@ def official_config(cfg: ModelConfig) -> SimpleNamespace:
             new_scan=True, time_patch_size=cfg.time_patch, patch_size=cfg.patch, embed_dim=cfg.dim,
             l_reg_num=cfg.reg, h_reg_num=cfg.reg, w_reg_num=cfg.reg, n_mamba_per_block=1,
             mamba_block_type="mamba", macro_block_num=cfg.depth, mamba_3d_forward_type="serial",
-            extra_blocks_on_global=0, final_aggregate_mode="all_concat", final_dim=cfg.final_dim,
+            extra_blocks_on_global=0, final_aggregate_mode=cfg.aggregate, final_dim=cfg.final_dim,
             head_layers=cfg.head_layers, decoder_additional_blocks=cfg.decoder_depth, mask_prob=0.8,
         ),
     )

@@ -13,16 +13,17 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from evim3.config import PRESETS, ModelConfig, get_preset
+from evim3.config import AGGREGATES, PRESETS, ModelConfig, get_preset
 from evim3.models.evim3 import (
     EViM3,
     EViM3Encoder,
+    GlobalTokenHead,
     Mamba3DBlock,
     count_parameters,
     model_flops,
     no_weight_decay_names,
 )
-from evim3.models.layout import real_positions
+from evim3.models.layout import intersection_positions, real_positions
 from evim3.modules.mamba import Mamba, ResidualMamba, init_residual_stack
 
 # A few hundred tokens, L != H so that an axis mix-up shows: grid (4, 3, 3), padded (7, 6, 6).
@@ -220,3 +221,25 @@ def test_info_command_prints_every_preset() -> None:
     assert f"{count_parameters(EViM3(PRESETS['evim3-tiny'])):,}" in one.output
     bad = runner.invoke(app, ["--preset", "evim4"])
     assert bad.exit_code == 1 and "unknown preset 'evim4'" in bad.output and "Traceback" not in bad.output
+
+
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+def test_head_aggregates_read_the_global_tokens(aggregate: str) -> None:
+    """all_concat: the crossing tokens, normalised and concatenated; all_enclosure_mean: every global token
+    normalised, then averaged. Checked against the definition on a random encoded volume."""
+    cfg = SMALL.replace(aggregate=aggregate)
+    head = GlobalTokenHead(cfg).eval()
+    tokens = torch.randn(2, cfg.num_tokens, cfg.dim)
+    is_global = torch.ones(cfg.num_tokens, dtype=torch.bool)
+    is_global[torch.as_tensor(real_positions(cfg))] = False
+    if aggregate == "all_concat":
+        features = head.norm(tokens[:, torch.as_tensor(intersection_positions(cfg))]).flatten(1)
+    else:
+        features = head.norm(tokens[:, is_global]).mean(1)
+    with torch.no_grad():
+        torch.testing.assert_close(head(tokens), head.mlp(head.proj(features)))
+
+
+def test_unknown_aggregate_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown aggregate 'cls'"):
+        SMALL.replace(aggregate="cls")

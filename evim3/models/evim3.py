@@ -29,6 +29,7 @@ from evim3.models.layout import (
     NUM_EDGES,
     NUM_FACES,
     enclosure_layout,
+    global_positions,
     intersection_positions,
     permute_tokens,
     scan_orders,
@@ -135,13 +136,16 @@ class EViM3Encoder(nn.Module):
 
 
 class GlobalTokenHead(nn.Module):
-    """The paper's 'all_concat' aggregation and its MLP head: EF regression or class logits."""
+    """The paper's final aggregation (cfg.aggregate: 'all_concat' or 'all_enclosure_mean') and its MLP head:
+    EF regression or class logits."""
 
     def __init__(self, cfg: ModelConfig, num_outputs: int = 1, output_bias: float | None = None):
         super().__init__()
-        num_global = (2 + cfg.reg) ** 3
+        self.concat = cfg.aggregate == "all_concat"
+        positions = intersection_positions(cfg) if self.concat else global_positions(cfg)
         self.norm = nn.LayerNorm(cfg.dim)
-        self.proj = nn.Sequential(nn.Linear(num_global * cfg.dim, cfg.final_dim), nn.SiLU())
+        in_features = len(positions) * cfg.dim if self.concat else cfg.dim
+        self.proj = nn.Sequential(nn.Linear(in_features, cfg.final_dim), nn.SiLU())
         widths = [cfg.final_dim] * cfg.head_layers + [num_outputs]
         layers: list[nn.Module] = []
         for i, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
@@ -149,7 +153,7 @@ class GlobalTokenHead(nn.Module):
             if i < cfg.head_layers - 1:
                 layers.append(nn.SiLU())
         self.mlp = nn.Sequential(*layers)
-        self.register_buffer("positions", torch.as_tensor(intersection_positions(cfg)), persistent=False)
+        self.register_buffer("positions", torch.as_tensor(positions), persistent=False)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
@@ -159,7 +163,7 @@ class GlobalTokenHead(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         """(N, S, D) encoded volume -> (N, num_outputs)."""
         x = self.norm(tokens.index_select(1, self.positions).float())
-        return self.mlp(self.proj(x.flatten(1)))
+        return self.mlp(self.proj(x.flatten(1) if self.concat else x.mean(1)))
 
 
 class EViM3(nn.Module):
@@ -209,6 +213,7 @@ def model_flops(cfg: ModelConfig, num_tokens: int | None = None) -> int:
         + 2 * Di * cfg.dim  # out_proj
     )
     patch = 2 * cfg.num_real_tokens * cfg.dim * cfg.in_channels * cfg.time_patch * cfg.patch**2
-    head = 2 * ((2 + cfg.reg) ** 3 * cfg.dim * cfg.final_dim + cfg.head_layers * cfg.final_dim**2)
+    head_inputs = (2 + cfg.reg) ** 3 * cfg.dim if cfg.aggregate == "all_concat" else cfg.dim
+    head = 2 * (head_inputs * cfg.final_dim + cfg.head_layers * cfg.final_dim**2)
     return int(6 * cfg.depth * per_unit + patch + head)
 

@@ -76,6 +76,12 @@ def real_positions(cfg: ModelConfig) -> np.ndarray:
 
 
 @functools.cache
+def global_positions(cfg: ModelConfig) -> np.ndarray:
+    """Flat LHW positions of every global token (faces, edges, corners, register planes)."""
+    return np.flatnonzero(enclosure_layout(cfg) >= cfg.num_real_tokens)
+
+
+@functools.cache
 def intersection_positions(cfg: ModelConfig) -> np.ndarray:
     """Flat positions of the (2+reg)^3 tokens where global planes of all three axes cross (L-major, H, W)."""
     _, Hp, Wp = cfg.padded_grid
