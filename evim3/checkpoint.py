@@ -72,7 +72,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], M
 
 def build_model(meta: ModelMeta) -> EViM3:
     cfg = ModelConfig.from_dict(meta.model)
-    return EViM3(cfg, task=meta.task, num_classes=len(meta.class_names), ef_mean=meta.ef_mean or 0.0)
+    return EViM3(cfg, task=meta.task, num_classes=len(meta.class_names), ef_mean=meta.ef_mean or 0.0,
+                 ef_std=meta.ef_std)
 
 
 def load_model(

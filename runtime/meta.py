@@ -48,6 +48,9 @@ class ModelMeta:
     preprocess: PreprocessSpec
     task: str = "ef"  # "ef" | "classification"
     ef_mean: float | None = None
+    # EF = ef_std * (network output): the network regresses EF in units of the training set's spread, so
+    # fine-tuning from scratch is not stuck predicting the mean. 1.0 for the paper's checkpoints (raw EF).
+    ef_std: float = 1.0
     class_names: list[str] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)  # training data summary
     version: str = ""

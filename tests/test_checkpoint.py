@@ -23,14 +23,14 @@ CFG = ModelConfig(frames=8, time_patch=2, img_size=48, patch=16, dim=16, depth=1
 
 def make_meta(preset: str = "evim3-test", **changes) -> ModelMeta:
     fields = {"preset": preset, "model": CFG.to_dict(), "preprocess": PreprocessSpec(size=48, frames=8, mean=30.0, std=40.0),
-                  "ef_mean": 56.5, "data": {"videos": 12}}
+                  "ef_mean": 56.5, "ef_std": 11.0, "data": {"videos": 12}}
     return ModelMeta(**{**fields, **changes})
 
 
 @pytest.fixture(scope="module")
 def model() -> EViM3:
     torch.manual_seed(0)
-    m = EViM3(CFG, ef_mean=56.5)
+    m = EViM3(CFG, ef_mean=56.5, ef_std=11.0)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))

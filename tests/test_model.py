@@ -243,3 +243,17 @@ def test_head_aggregates_read_the_global_tokens(aggregate: str) -> None:
 def test_unknown_aggregate_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown aggregate 'cls'"):
         SMALL.replace(aggregate="cls")
+
+
+def test_ef_output_is_in_units_of_the_training_spread() -> None:
+    """EF = ef_std * network output, starting at ef_mean: the network itself regresses standardised EF."""
+    torch.manual_seed(3)
+    model = EViM3(SMALL, ef_mean=57.25, ef_std=12.5).eval()
+    assert model.head.mlp[-1].bias.item() == pytest.approx(57.25 / 12.5)
+    clip = torch.randn(2, 1, SMALL.frames, SMALL.img_size, SMALL.img_size)
+    with torch.no_grad():
+        ef = model(clip)
+        tokens = model.encoder(clip)
+        unscaled = model.head.mlp(model.head.proj(model.head.norm(tokens[:, model.head.positions]).flatten(1)))
+    torch.testing.assert_close(ef, 12.5 * unscaled)
+    assert (ef - 57.25).abs().max().item() < 1.0  # near the mean at initialisation

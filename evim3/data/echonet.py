@@ -131,7 +131,7 @@ class EchoNetDataset(ClipDataset):
     `drop_untraced` drops videos with fewer than two traced frames in VolumeTracings.csv and `keep_ratio`
     keeps the first share of the split's rows in file order, both as the paper; `max_videos` caps the
     count. `ef_mean` is the mean EF of the TRAIN rows chosen by the same rules, whatever `split` is: the
-    constant a model's output is centred on. Items are dicts: x (see ClipDataset), ef, edv, esv (float
+    constant a model's output is centred on; `ef_std` (their spread; 1.0 for fewer than two) its unit. Items are dicts: x (see ClipDataset), ef, edv, esv (float
     tensors), file (FileList name) and starts (clip starts, resampled frames).
     """
 
@@ -158,7 +158,9 @@ class EchoNetDataset(ClipDataset):
             rows = [row for row in rows if traced.get(_video_name(row["FileName"]), 0) >= 2]
 
         train_rows = select_rows(rows, "TRAIN", "Split", keep_ratio, max_videos)
-        self.ef_mean = float(np.mean([float(row["EF"]) for row in train_rows])) if train_rows else float("nan")
+        train_ef = np.array([float(row["EF"]) for row in train_rows])
+        self.ef_mean = float(train_ef.mean()) if len(train_ef) else float("nan")
+        self.ef_std = float(train_ef.std()) if len(train_ef) > 1 and train_ef.std() > 0 else 1.0
         self.rows = select_rows(rows, split, "Split", keep_ratio, max_videos)
         if not self.rows:
             raise DatasetError(filelist, f"no {split.upper()} videos" + (" with tracings" if drop_untraced else ""))

@@ -139,7 +139,9 @@ class GlobalTokenHead(nn.Module):
     """The paper's final aggregation (cfg.aggregate: 'all_concat' or 'all_enclosure_mean') and its MLP head:
     EF regression or class logits."""
 
-    def __init__(self, cfg: ModelConfig, num_outputs: int = 1, output_bias: float | None = None):
+    def __init__(
+        self, cfg: ModelConfig, num_outputs: int = 1, output_bias: float | None = None, output_scale: float = 1.0
+    ):
         super().__init__()
         self.concat = cfg.aggregate == "all_concat"
         positions = intersection_positions(cfg) if self.concat else global_positions(cfg)
@@ -158,18 +160,23 @@ class GlobalTokenHead(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
         if output_bias is not None:
-            nn.init.constant_(self.mlp[-1].bias, output_bias)
+            nn.init.constant_(self.mlp[-1].bias, output_bias / output_scale)
+        self.output_scale = output_scale  # a constant, not a weight: the checkpoint's metadata carries it
 
     def forward(self, tokens: Tensor) -> Tensor:
         """(N, S, D) encoded volume -> (N, num_outputs)."""
         x = self.norm(tokens.index_select(1, self.positions).float())
-        return self.mlp(self.proj(x.flatten(1) if self.concat else x.mean(1)))
+        out = self.mlp(self.proj(x.flatten(1) if self.concat else x.mean(1)))
+        return out if self.output_scale == 1.0 else out * self.output_scale
 
 
 class EViM3(nn.Module):
     """The fine-tuned model: clip -> EF (task 'ef') or class logits (task 'classification')."""
 
-    def __init__(self, cfg: ModelConfig, task: str = "ef", num_classes: int = 0, ef_mean: float = 55.0):
+    def __init__(
+        self, cfg: ModelConfig, task: str = "ef", num_classes: int = 0, ef_mean: float = 55.0, ef_std: float = 1.0
+    ):
+        """ef_mean starts the EF output there; EF = ef_std * network output (see ModelMeta.ef_std)."""
         super().__init__()
         if task not in ("ef", "classification"):
             raise ValueError(f"unknown task {task!r}: expected 'ef' or 'classification'")
@@ -180,7 +187,10 @@ class EViM3(nn.Module):
         self.encoder = EViM3Encoder(cfg)
         # Binary classification uses one logit (BCE), as the paper's classification head.
         num_outputs = 1 if task == "ef" or num_classes == 2 else num_classes
-        self.head = GlobalTokenHead(cfg, num_outputs, output_bias=ef_mean if task == "ef" else None)
+        if task == "ef":
+            self.head = GlobalTokenHead(cfg, num_outputs, output_bias=ef_mean, output_scale=ef_std)
+        else:
+            self.head = GlobalTokenHead(cfg, num_outputs)
 
     def forward(self, clip: Tensor) -> Tensor:
         return self.head(self.encoder(clip))

@@ -77,7 +77,8 @@ class Task:
         return ModelMeta(
             preset=self.cfg.preset, model=self.cfg.model_config().to_dict(), preprocess=spec,
             task="classification" if self.name == "classification" else "ef",
-            ef_mean=self.info.get("ef_mean"), class_names=self.info.get("class_names", []),
+            ef_mean=self.info.get("ef_mean"), ef_std=self.info.get("ef_std", 1.0),
+            class_names=self.info.get("class_names", []),
             data={"stage": self.cfg.stage, **data},
         )
 
@@ -136,11 +137,11 @@ class EFTask(Task):
 
     def datasets(self, spec: PreprocessSpec) -> Datasets:
         data = _echonet_datasets(self.cfg, spec, drop_untraced=True)
-        self.info["ef_mean"] = data.train.ef_mean
+        self.info["ef_mean"], self.info["ef_std"] = data.train.ef_mean, data.train.ef_std
         return data
 
     def build_model(self) -> nn.Module:
-        return EViM3(self.cfg.model_config(), task="ef", ef_mean=self.info["ef_mean"])
+        return EViM3(self.cfg.model_config(), task="ef", ef_mean=self.info["ef_mean"], ef_std=self.info["ef_std"])
 
     def loss(self, model: nn.Module, batch: dict, device: torch.device) -> Tensor:
         predicted = model_outputs(model, batch["x"], device)[:, 0]
