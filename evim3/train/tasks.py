@@ -144,14 +144,17 @@ class EFTask(Task):
         return EViM3(self.cfg.model_config(), task="ef", ef_mean=self.info["ef_mean"], ef_std=self.info["ef_std"])
 
     def loss(self, model: nn.Module, batch: dict, device: torch.device) -> Tensor:
+        # MSE in the network's output unit (standardised EF): with gradient clipping at 1.0, a loss in raw
+        # EF^2 (~ef_std^2 larger) had every step clipped, and tiny models from scratch stayed at the mean.
         predicted = model_outputs(model, batch["x"], device)[:, 0]
-        return F.mse_loss(predicted, batch["ef"].to(device))
+        return F.mse_loss(predicted, batch["ef"].to(device)) / self.info["ef_std"] ** 2
 
     @torch.no_grad()
     def validate(self, model: nn.Module, loader: DataLoader, ctx: DistContext) -> dict[str, float]:
         true, outputs = _gather_validation(model, loader, ctx, "ef")
         report = regression_report(true, outputs[:, 0], resamples=0)
-        return {"val_loss": float(np.mean((outputs[:, 0] - true) ** 2)), "val_mae": report["mae"],
+        val_loss = float(np.mean((outputs[:, 0] - true) ** 2)) / self.info["ef_std"] ** 2  # as `loss`
+        return {"val_loss": val_loss, "val_mae": report["mae"],
                 "val_rmse": report["rmse"], "val_r2": report["r2"]}
 
 
