@@ -166,7 +166,10 @@ class GlobalTokenHead(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         """(N, S, D) encoded volume -> (N, num_outputs)."""
         x = self.norm(tokens.index_select(1, self.positions).float())
-        out = self.mlp(self.proj(x.flatten(1) if self.concat else x.mean(1)))
+        # The enclosure mean as a sum times 1/count: ReduceSum has one form from opset 13 on, while ReduceMean
+        # changed at opset 18, and the opset-17 export (TensorRT 10.3) cannot downgrade it.
+        pooled = x.flatten(1) if self.concat else x.sum(1) * (1.0 / x.shape[1])
+        out = self.mlp(self.proj(pooled))
         return out if self.output_scale == 1.0 else out * self.output_scale
 
 
