@@ -8,6 +8,7 @@ with the reason, a failure as "FAIL" with the error, and the script goes on.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from evim3.models import EViM3
 from evim3.ops import fused_available, selective_scan_chunked, selective_scan_ref
 
 RESULTS: list[dict] = []
+TRAIN_DEVICE = "cuda"  # the real-loop check; a CPU dry run of this script sets "cpu"
 
 
 def check(name: str) -> Callable:
@@ -120,6 +122,54 @@ def train_p4() -> dict:
     return _train_step("evim3-p4", batch=2)
 
 
+@check("evim3-p4 MAE pre-training step (bf16, STC 0.8, token-skipping encoder)")
+def pretrain_p4() -> dict:
+    from evim3.models.pretrain import EViM3MAE
+
+    cfg = PRESETS["evim3-p4"]
+    model = EViM3MAE(cfg, mask_ratio=0.8).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batch = 4
+    clip = torch.randn(batch, 1, cfg.frames, cfg.img_size, cfg.img_size, device="cuda")
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(clip)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    torch.cuda.reset_peak_memory_stats()
+    seconds = _timed(step, repeats=3)
+    return {"batch": batch, "step_s": round(seconds, 4), "clips_per_s": round(batch / seconds, 2),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
+@check("evim3 train on CUDA: the real loop (synthetic data, fine-tune, resume, pre-train)")
+def train_loop_cuda() -> dict:
+    try:
+        from evim3.data.synth import generate_dataset
+    except ImportError as e:
+        raise SkipCheck(f"video I/O not installed ({e})") from None
+    from evim3.train.loop import train
+    from evim3.train.recipe import TrainConfig
+
+    tmp = tempfile.mkdtemp()
+    generate_dataset(os.path.join(tmp, "data"), 24, seed=0, workers=4)
+    base = TrainConfig(stage="finetune", data=os.path.join(tmp, "data"), out=os.path.join(tmp, "ft"),
+                       preset="evim3-tiny", frames=16, period=4, batch=4, accum=1, epochs=2, lr=4e-3, pad=4,
+                       device=TRAIN_DEVICE, workers=2, stats_videos=8, log_every=1)
+    first = train(base, stop_after=3)  # as if stopped after step 3, then resumed to the end
+    resumed = train(base.replace(resume=True))
+    pre = train(base.replace(stage="pretrain", out=os.path.join(tmp, "pre"), epochs=1))
+    row = {"stopped_at_step": first["step"], "resumed_to_step": resumed["step"], "val_mae": resumed["final"].get("val_mae"),
+           "pretrain_loss": pre["final"].get("val_loss"), "resumed_wall_s": round(resumed["wall_s"], 1)}
+    finite = [v for v in (row["val_mae"], row["pretrain_loss"]) if v is not None]
+    if first["step"] != 3 or resumed["step"] != 2 * resumed["steps_per_epoch"] or not all(map(math.isfinite, finite)):
+        row["status"] = "FAIL"
+    return row
+
+
 @check("mamba-ssm Mamba state_dict loads into evim3 Mamba (strict) with equal output")
 def mamba_ssm_compat() -> dict:
     try:
@@ -204,7 +254,7 @@ def main() -> int:
         return 2
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  CUDA {torch.version.cuda}  "
           f"mamba-ssm fused: {fused_available()}", flush=True)
-    for fn in (scan_parity, train_evim3, train_p4, mamba_ssm_compat, ort_cuda, tensorrt_engine):
+    for fn in (scan_parity, train_evim3, train_p4, pretrain_p4, train_loop_cuda, mamba_ssm_compat, ort_cuda, tensorrt_engine):
         fn()
     print("\n| check | status | seconds | details |\n|---|---|---|---|")
     for r in RESULTS:
