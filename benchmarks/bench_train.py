@@ -42,7 +42,7 @@ CALIBRATION_STEPS = 6
 # crop: with pad 12, from scratch, the model was still at the mean predictor after 518 steps (train loss
 # 0.93 of the EF variance); without it, on cached clips, it left the mean by step ~250.
 FINETUNE = {"preset": "evim3-tiny", "frames": 16, "period": 4, "batch": 8, "accum": 1, "lr": 4e-3, "pad": 0,
-            "warmup_epochs": 1.0, "ema_start": 50, "ema_every": 1, "workers": 2, "device": "cpu", "log_every": 5,
+            "warmup_epochs": 1.0, "ema_start": 50, "ema_every": 1, "workers": 1, "cache_videos": True, "device": "cpu", "log_every": 5,
             "stats_videos": 32}
 PRETRAIN = {**FINETUNE, "lr": 4e-3, "mask_ratio": 0.8}
 

@@ -123,9 +123,10 @@ def square_resize(frames: np.ndarray, size: int) -> np.ndarray:
     return squared
 
 
-def preprocess_frames(frames: np.ndarray, fps: float, spec: PreprocessSpec,
-                      region: Region | None = None) -> np.ndarray:
-    """uint8 frames (T, H, W) at `fps` -> normalised float32 (T', spec.size, spec.size) at spec.fps.
+def prepare_frames(frames: np.ndarray, fps: float, spec: PreprocessSpec,
+                   region: Region | None = None) -> np.ndarray:
+    """uint8 frames (T, H, W) at `fps` -> uint8 (T', spec.size, spec.size) at spec.fps: every step of
+    ``preprocess_frames`` but the normalisation (what a dataset keeps in memory: a quarter of float32's).
 
     `region` (y0, y1, x0, x1) is where the picture is; None finds it from the motion in `frames`
     (``motion_region``), as ``preprocess`` does for a file without a DICOM region.
@@ -135,16 +136,32 @@ def preprocess_frames(frames: np.ndarray, fps: float, spec: PreprocessSpec,
     y0, y1, x0, x1 = region if region is not None else motion_region(frames)
     # Resize each needed source frame once, even when upsampling in time repeats it.
     needed, order = np.unique(resample_indices(len(frames), fps, spec.fps), return_inverse=True)
-    squared = square_resize(frames[needed, y0:y1, x0:x1], spec.size)
-    out = squared[order].astype(np.float32)
+    return square_resize(frames[needed, y0:y1, x0:x1], spec.size)[order]
+
+
+def normalise(frames: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 -> (x - mean) / std as float32; elementwise, so normalising a clip's frames equals taking
+    them from the normalised video."""
+    out = frames.astype(np.float32)
     out -= np.float32(spec.mean)
     out /= np.float32(spec.std)
     return out
 
 
+def preprocess_frames(frames: np.ndarray, fps: float, spec: PreprocessSpec,
+                      region: Region | None = None) -> np.ndarray:
+    """uint8 frames (T, H, W) at `fps` -> normalised float32 (T', spec.size, spec.size) at spec.fps."""
+    return normalise(prepare_frames(frames, fps, spec, region), spec)
+
+
+def prepare(video: Video, spec: PreprocessSpec) -> np.ndarray:
+    """``preprocess`` without the normalisation: uint8 (T', spec.size, spec.size)."""
+    return prepare_frames(video.frames, video.fps, spec, ultrasound_region(video))
+
+
 def preprocess(video: Video, spec: PreprocessSpec) -> np.ndarray:
     """The pixel path of training and inference: float32 (T', spec.size, spec.size), normalised."""
-    return preprocess_frames(video.frames, video.fps, spec, ultrasound_region(video))
+    return normalise(prepare(video, spec), spec)
 
 
 def sample_clip_indices(num_frames: int, spec: PreprocessSpec, start: int = 0) -> np.ndarray:

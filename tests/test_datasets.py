@@ -95,6 +95,29 @@ def test_dataset_item_equals_inference_path(synth_dataset: Path) -> None:
         np.testing.assert_array_equal(dataset[index]["x"][0].numpy(), reference_clip(dataset.paths[index], 0))
 
 
+def test_cached_items_equal_decoded_items_without_the_files(synth_dataset: Path, tmp_path: Path) -> None:
+    """cache=True: preload decodes every video once; items (padding crop and random starts included, same
+    seeds) are exactly those of the uncached dataset, and no longer need the files."""
+    copy = tmp_path / "data"
+    shutil.copytree(synth_dataset, copy)
+    plain = EchoNetDataset(copy, "TRAIN", SPEC, clips="random", pad=4)
+    cached = EchoNetDataset(copy, "TRAIN", SPEC, clips="random", pad=4, cache=True)
+    size = cached.preload()
+    assert len(cached.cache) == len(cached) and size == sum(v.nbytes for v in cached.cache.values())
+    assert all(v.dtype == np.uint8 and v.shape[1:] == (SPEC.size, SPEC.size) for v in cached.cache.values())
+    expected = []
+    for index in range(len(plain)):
+        torch.manual_seed(index)
+        expected.append(plain[index])
+    shutil.rmtree(copy / "Videos")
+    for index, want in enumerate(expected):
+        torch.manual_seed(index)
+        got = cached[index]
+        assert torch.equal(got["x"], want["x"]) and torch.equal(got["starts"], want["starts"])
+    with pytest.raises(RuntimeError, match="cache=True"):
+        plain.preload()
+
+
 def test_first_is_fixed_random_varies(synth_dataset: Path) -> None:
     first = EchoNetDataset(synth_dataset, "VAL", SPEC, clips="first")
     assert first[1]["starts"].tolist() == [0]

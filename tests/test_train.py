@@ -178,6 +178,17 @@ def _tiny_config() -> dict:
     return {"preset": "evim3-tiny", "frames": 8, "model_overrides": overrides}
 
 
+def test_cached_videos_train_the_same_weights(synth_dataset: Path, tmp_path: Path) -> None:
+    """--cache-videos with 2 forked loader workers: the same batches, so the same weights, as decoding."""
+    plain = finetune(synth_dataset, tmp_path / "plain", "--epochs", "1", "--workers", "2")
+    cached = finetune(synth_dataset, tmp_path / "cached", "--epochs", "1", "--workers", "2", "--cache-videos")
+    assert plain.exit_code == 0 and cached.exit_code == 0, plain.output + cached.output
+    assert "cached 10 videos in memory" in cached.output
+    a, _ = load_model(tmp_path / "plain" / "last.safetensors")
+    b, _ = load_model(tmp_path / "cached" / "last.safetensors")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def test_classification_finetune(synth_dataset: Path, tmp_path: Path) -> None:
     rows = read_rows(synth_dataset / "FileList.csv")
     table = tmp_path / "labels.csv"

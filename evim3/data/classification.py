@@ -22,7 +22,7 @@ class VideoClassificationDataset(ClipDataset):
 
     Class names are the sorted distinct labels over every split, so the indices agree between the TRAIN,
     VAL and TEST datasets of one CSV. `split` (any case, or ALL), `clips`, `pad` (TRAIN only), `keep_ratio`,
-    `max_videos` and `stride` are as for EchoNetDataset. Items are dicts: x, label (int64 class index),
+    `max_videos`, `stride` and `cache` are as for EchoNetDataset. Items are dicts: x, label (int64 class index),
     file (the CSV's path) and starts.
     """
 
@@ -37,6 +37,7 @@ class VideoClassificationDataset(ClipDataset):
         keep_ratio: float = 1.0,
         max_videos: int | None = None,
         stride: int | None = None,
+        cache: bool = False,
     ):
         csv_path = os.fspath(csv_path)
         rows = read_csv_table(csv_path, CLASSIFICATION_COLUMNS)
@@ -47,7 +48,7 @@ class VideoClassificationDataset(ClipDataset):
         folder = os.path.dirname(os.path.abspath(csv_path))
         paths = [os.path.join(folder, row["path"]) for row in self.rows]
         check_files_exist(paths, csv_path)
-        super().__init__(paths, spec, split=split, clips=clips, pad=pad, stride=stride)
+        super().__init__(paths, spec, split=split, clips=clips, pad=pad, stride=stride, cache=cache)
         self.files = [row["path"] for row in self.rows]
         class_index = {name: index for index, name in enumerate(self.class_names)}
         self.labels = np.array([class_index[row["label"]] for row in self.rows], dtype=np.int64)

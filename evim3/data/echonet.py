@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from evim3.data.synth import FILELIST_COLUMNS, FILELIST_NAME, TRACING_COLUMNS, TRACINGS_NAME, VIDEOS_DIR
 from evim3.runtime.errors import DatasetError
 from evim3.runtime.meta import PreprocessSpec
-from evim3.runtime.preprocess import preprocess, sample_clip_indices, sliding_clip_starts
+from evim3.runtime.preprocess import normalise, prepare, sample_clip_indices, sliding_clip_starts
 from evim3.runtime.video import read_video
 
 # "random": one clip at a random start; "first": one clip from frame 0; k: k clips, evenly spaced starts;
@@ -77,10 +77,15 @@ class ClipDataset(Dataset):
     (clips, 1, frames, size, size), with "all" varying per video (use batch size 1). In the TRAIN split
     each item is zero-padded by `pad` pixels on every side and randomly cropped back to size (the same
     crop for all frames and clips); zero is the normalised mean pixel, as in EchoNet's training code.
+
+    `cache` keeps each video, once decoded and preprocessed, in memory as uint8 (T x size x size bytes: 2.2 MB
+    for a 175-frame 112x112 video) so later epochs skip decoding; ``preload`` fills it before DataLoader
+    workers fork, which then share it.
     """
 
     def __init__(
-        self, paths: Sequence[str], spec: PreprocessSpec, *, split: str, clips: Clips, pad: int, stride: int | None
+        self, paths: Sequence[str], spec: PreprocessSpec, *, split: str, clips: Clips, pad: int, stride: int | None,
+        cache: bool = False,
     ):
         if not (clips in ("random", "first", "all") or (type(clips) is int and clips >= 1)):
             raise ValueError(f"clips must be 'random', 'first', 'all' or a positive number, got {clips!r}")
@@ -92,6 +97,7 @@ class ClipDataset(Dataset):
         self.pad = pad if split.upper() == "TRAIN" else 0
         # The inference pipeline's default stride, so "all" means the clips `evim3 infer` runs.
         self.stride = stride or max(1, spec.clip_span // 2)
+        self.cache: dict[int, np.ndarray] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -107,11 +113,29 @@ class ClipDataset(Dataset):
             return sliding_clip_starts(num_frames, self.spec, self.stride)
         return np.linspace(0, last_start, self.clips).round().astype(int).tolist()
 
+    def video(self, index: int) -> np.ndarray:
+        """The item's video preprocessed up to the normalisation: uint8 (T', size, size)."""
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        frames = prepare(read_video(self.paths[index]), self.spec)
+        if self.cache is not None:
+            self.cache[index] = frames
+        return frames
+
+    def preload(self) -> int:
+        """Decode every video into the cache (which must be on) now; returns the cache's size in bytes."""
+        if self.cache is None:
+            raise RuntimeError("this dataset was made without cache=True")
+        for index in range(len(self)):
+            self.video(index)
+        return sum(frames.nbytes for frames in self.cache.values())
+
     def load_clips(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The item's input x and its clip starts (resampled frames)."""
-        frames = preprocess(read_video(self.paths[index]), self.spec)
+        frames = self.video(index)
         starts = self.clip_starts(len(frames))
-        clips = np.stack([frames[sample_clip_indices(len(frames), self.spec, start)] for start in starts])
+        clips = normalise(np.stack([frames[sample_clip_indices(len(frames), self.spec, start)] for start in starts]),
+                          self.spec)
         x = torch.from_numpy(clips).unsqueeze(1)  # (clips, 1, frames, size, size)
         if self.pad:
             x = self._pad_and_crop(x)
@@ -130,8 +154,9 @@ class EchoNetDataset(ClipDataset):
     `split` is TRAIN, VAL, TEST or ALL. Padding augmentation (`pad`, 0 for none) applies to TRAIN only.
     `drop_untraced` drops videos with fewer than two traced frames in VolumeTracings.csv and `keep_ratio`
     keeps the first share of the split's rows in file order, both as the paper; `max_videos` caps the
-    count. `ef_mean` is the mean EF of the TRAIN rows chosen by the same rules, whatever `split` is: the
-    constant a model's output is centred on; `ef_std` (their spread; 1.0 for fewer than two) its unit. Items are dicts: x (see ClipDataset), ef, edv, esv (float
+    count; `cache` is ClipDataset's. `ef_mean` is the mean EF of the TRAIN rows chosen by the same rules,
+    whatever `split` is: the constant a model's output is centred on; `ef_std` (their spread; 1.0 for fewer
+    than two) its unit. Items are dicts: x (see ClipDataset), ef, edv, esv (float
     tensors), file (FileList name) and starts (clip starts, resampled frames).
     """
 
@@ -147,6 +172,7 @@ class EchoNetDataset(ClipDataset):
         drop_untraced: bool = True,
         max_videos: int | None = None,
         stride: int | None = None,
+        cache: bool = False,
     ):
         root = os.fspath(root)
         filelist = os.path.join(root, FILELIST_NAME)
@@ -166,7 +192,7 @@ class EchoNetDataset(ClipDataset):
             raise DatasetError(filelist, f"no {split.upper()} videos" + (" with tracings" if drop_untraced else ""))
         paths = [os.path.join(root, VIDEOS_DIR, _video_name(row["FileName"])) for row in self.rows]
         check_files_exist(paths, os.path.join(root, VIDEOS_DIR))
-        super().__init__(paths, spec, split=split, clips=clips, pad=pad, stride=stride)
+        super().__init__(paths, spec, split=split, clips=clips, pad=pad, stride=stride, cache=cache)
         self.files = [row["FileName"] for row in self.rows]
         self.ef = np.array([float(row["EF"]) for row in self.rows], dtype=np.float32)
 

@@ -55,6 +55,7 @@ class TrainConfig:
     keep_ratio: float = 1.0  # share of the TRAIN split used (reduced-label runs)
     max_videos: int | None = None  # cap per split (quick runs)
     stats_videos: int = 128  # videos sampled for the normalisation mean/std
+    cache_videos: bool = False  # decode each video once and keep it in memory (uint8, T x size^2 bytes)
 
     epochs: int | None = None
     max_steps: int | None = None  # optimizer steps; ends the run early and sets the schedule's length

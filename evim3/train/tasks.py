@@ -99,7 +99,8 @@ def _echonet_datasets(cfg: TrainConfig, spec: PreprocessSpec, drop_untraced: boo
         raise DatasetError(None, "no --data folder given (an EchoNet-Dynamic-layout folder)")
     if not os.path.isdir(cfg.data):
         raise DatasetError(cfg.data, "not a folder (expected an EchoNet-Dynamic-layout dataset)")
-    common = {"keep_ratio": cfg.keep_ratio, "drop_untraced": drop_untraced, "max_videos": cfg.max_videos}
+    common = {"keep_ratio": cfg.keep_ratio, "drop_untraced": drop_untraced, "max_videos": cfg.max_videos,
+              "cache": cfg.cache_videos}
     train = EchoNetDataset(cfg.data, "TRAIN", spec, clips="random", pad=cfg.pad, **common)
     val = EchoNetDataset(cfg.data, "VAL", spec, clips="first", **{**common, "keep_ratio": 1.0})
     return Datasets(train, val, os.path.abspath(cfg.data))
@@ -108,7 +109,7 @@ def _echonet_datasets(cfg: TrainConfig, spec: PreprocessSpec, drop_untraced: boo
 def _csv_datasets(cfg: TrainConfig, spec: PreprocessSpec) -> Datasets:
     from evim3.data.classification import VideoClassificationDataset
 
-    common = {"max_videos": cfg.max_videos}
+    common = {"max_videos": cfg.max_videos, "cache": cfg.cache_videos}
     train = VideoClassificationDataset(cfg.csv, "TRAIN", spec, clips="random", pad=cfg.pad,
                                        keep_ratio=cfg.keep_ratio, **common)
     val = VideoClassificationDataset(cfg.csv, "VAL", spec, clips="first", **common)
