@@ -20,7 +20,6 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from evim3.ops.selective_scan import _discretize, _finish
 
 SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
 CHUNK = 64  # tokens between saved states: the backward recomputes at most this many per row
@@ -67,23 +66,28 @@ def cpu_kernel() -> ModuleType | None:
 
 
 class CpuScanFn(torch.autograd.Function):
-    """y, h_L = scan(u, delta, A, B, C) for discretised, contiguous inputs; B, C token-major (b, L, n)."""
+    """out, h_L = (scan(u, softplus(delta + delta_bias), A, B, C) + D u) * silu(z) for contiguous inputs of
+    one dtype; B, C token-major (b, L, n); D, z, delta_bias may be None."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor):
+    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool):
         kernel = cpu_kernel()
         needs_grad = any(ctx.needs_input_grad)
-        y, last, checkpoints = kernel.forward(u, delta, A, B, C, CHUNK, needs_grad)
+        out, last, checkpoints = kernel.forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, CHUNK, needs_grad)
         if needs_grad:
-            ctx.save_for_backward(u, delta, A, B, C, checkpoints)
-        return y, last
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, checkpoints)
+            ctx.delta_softplus = delta_softplus
+        return out, last
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor | None, grad_last: Tensor | None):
-        u, delta, A, B, C, checkpoints = ctx.saved_tensors
-        grad_y = torch.zeros_like(u) if grad_y is None else grad_y.contiguous()
-        du, ddelta, dA, dB, dC = cpu_kernel().backward(u, delta, A, B, C, checkpoints, grad_y, grad_last, CHUNK)
-        return du, ddelta, dA, dB, dC
+    def backward(ctx, grad_out: Tensor | None, grad_last: Tensor | None):
+        u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
+        grad_out = torch.zeros_like(u) if grad_out is None else grad_out.contiguous()
+        du, ddelta, dA, dB, dC, dD, dbias, dz = cpu_kernel().backward(
+            u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, checkpoints, grad_out, grad_last, CHUNK)
+        return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
+                dbias if delta_bias is not None else None, None)
 
 
 def selective_scan_cpu(
@@ -102,9 +106,12 @@ def selective_scan_cpu(
     if cpu_kernel() is None:
         raise RuntimeError("the fused CPU scan is not available (see the warning above); use selective_scan")
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-    u_c, delta = _discretize(u, delta, delta_bias, delta_softplus, dtype)
-    A = A.to(dtype).contiguous()
+
+    def prepared(x: Tensor | None) -> Tensor | None:
+        return None if x is None else x.to(dtype).contiguous()
+
     B_t, C_t = (x.to(dtype).transpose(1, 2).contiguous() for x in (B, C))  # (b, L, n): a token's n together
-    y, last_state = CpuScanFn.apply(u_c.contiguous(), delta.contiguous(), A, B_t, C_t)
-    out = _finish(y, u_c, D, z, u.dtype)
+    out, last_state = CpuScanFn.apply(prepared(u), prepared(delta), prepared(A), B_t, C_t, prepared(D), prepared(z),
+                                      prepared(delta_bias), delta_softplus)
+    out = out.to(u.dtype)
     return (out, last_state.to(u.dtype)) if return_last_state else out
