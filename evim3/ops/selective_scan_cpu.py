@@ -20,7 +20,6 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-
 SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
 CHUNK = 64  # tokens between saved states: the backward recomputes at most this many per row
 DISABLE_ENV = "EVIM3_CPU_SCAN"
