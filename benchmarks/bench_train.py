@@ -5,9 +5,9 @@ about 10). Then, with 10 % of the labels: fine-tuning from scratch vs from a sho
     python -m benchmarks train                               # the real thing (about 45 minutes)
     EVIM3_BENCH_TRAIN_SCALE=0.05 python -m benchmarks train  # a smoke run: every budget x 0.05
 
-Each arm gets a wall-clock budget. A short calibration run measures seconds per optimizer step (and per
-validation) on this machine, and the arm's epoch count is set to fit the budget; the schedule then runs
-in full. The recorded wall time is what the arm really took: on a shared machine it can overrun.
+Each arm gets a wall-clock budget. A short calibration run measures seconds per optimizer step, per
+epoch end (validation, checkpoints) and the fixed cost of a run on this machine, and the arm's epoch count
+is set to fit the budget with a 2 % margin; the schedule then runs in full. The recorded wall time is what the arm really took: on a shared machine it can overrun.
 
 Environment: EVIM3_BENCH_TRAIN_SCALE (budget factor, default 1), EVIM3_BENCH_TRAIN_VIDEOS (dataset size,
 default 400), EVIM3_BENCH_TRAIN_DATA (an existing synthetic dataset folder to use instead of the cache).
@@ -32,7 +32,8 @@ FULL_BUDGET_S = 30 * 60
 PRETRAIN_BUDGET_S = 5 * 60
 LOW_LABEL_BUDGET_S = 3 * 60
 LOW_LABEL_RATIO = 0.1
-CALIBRATION_STEPS = 6
+CALIBRATION_STEPS = 10
+TIMING_MARGIN = 0.98  # steps drift by a few % over a long run (measured 1.12-1.19 s around 1.15 s)
 
 # The tiny CPU recipe. The paper's (1e-4 at batch 32, 64 frames at period 2, 50 epochs) is sized for
 # EchoNet on GPUs; in minutes of CPU a higher lr and a shorter clip that still spans a whole heartbeat
@@ -41,9 +42,11 @@ CALIBRATION_STEPS = 6
 # warm-up, at step 1000 it would still average over the last ~900 steps of a fast-moving run. No padding
 # crop: with pad 12, from scratch, the model was still at the mean predictor after 518 steps (train loss
 # 0.93 of the EF variance); without it, on cached clips, it left the mean by step ~250. Videos are cached
-# in memory (--cache-videos): decoding a video costs ~31 ms a clip, 0.25 s of the 2 cores per step of 8.
+# in memory (--cache-videos): decoding a video costs ~31 ms a clip, 0.25 s of the 2 cores per step of 8;
+# cached, a clip costs 0.2 ms, so the main process loads them (workers 0): a loader worker forked at each
+# epoch start stalled the first step by ~2.8 s here.
 FINETUNE = {"preset": "evim3-tiny", "frames": 16, "period": 4, "batch": 8, "accum": 1, "lr": 4e-3, "pad": 0,
-            "warmup_epochs": 1.0, "ema_start": 50, "ema_every": 1, "workers": 1, "cache_videos": True, "device": "cpu", "log_every": 5,
+            "warmup_epochs": 1.0, "ema_start": 50, "ema_every": 1, "workers": 0, "cache_videos": True, "device": "cpu", "log_every": 5,
             "stats_videos": 32}
 PRETRAIN = {**FINETUNE, "lr": 4e-3, "mask_ratio": 0.8}
 
@@ -66,23 +69,28 @@ def dataset_folder(videos: int) -> Path:
     return folder
 
 
-def calibrate(cfg: TrainConfig) -> tuple[float, float, int]:
-    """(seconds per optimizer step, seconds per epoch end (validation, checkpoint), steps per epoch) from
-    a short run of `cfg`."""
+def calibrate(cfg: TrainConfig) -> tuple[float, float, float, int]:
+    """(seconds per optimizer step, per epoch end (validation, checkpoints), fixed seconds of a run (setup,
+    statistics, video cache, the summary), steps per epoch) from a short run of `cfg`."""
     with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
         summary = train(cfg.replace(out=tmp, max_steps=CALIBRATION_STEPS, log_every=1))
+        total_s = time.perf_counter() - started
         with open(os.path.join(tmp, "steps.csv"), newline="") as f:
             elapsed = [float(row["elapsed_s"]) for row in csv.DictReader(f)]
     step_s = (elapsed[-1] - elapsed[1]) / (len(elapsed) - 2)  # the steps after the first two (warm caches)
-    return step_s, max(0.0, summary["wall_s"] - elapsed[-1]), summary["steps_per_epoch"]
+    epoch_end_s = max(0.0, summary["wall_s"] - elapsed[-1])
+    fixed_s = max(0.0, total_s - CALIBRATION_STEPS * step_s - epoch_end_s)
+    return step_s, epoch_end_s, fixed_s, summary["steps_per_epoch"]
 
 
 def run_arm(name: str, cfg: TrainConfig, budget_s: float, data: Path) -> dict[str, Any]:
     """Fit the epoch count to `budget_s`, train, and (fine-tuning) evaluate the best checkpoint on TEST."""
-    step_s, epoch_end_s, steps_per_epoch = calibrate(cfg)
-    epochs = max(1, math.floor(budget_s / (steps_per_epoch * step_s + epoch_end_s)))
-    print(f"== {name}: {step_s:.2f} s/step, {epoch_end_s:.1f} s/epoch end -> {epochs} epochs of "
-          f"{steps_per_epoch} steps for a {budget_s / 60:.1f} min budget", flush=True)
+    step_s, epoch_end_s, fixed_s, steps_per_epoch = calibrate(cfg)
+    usable_s = (budget_s - fixed_s) * TIMING_MARGIN
+    epochs = max(1, math.floor(usable_s / (steps_per_epoch * step_s + epoch_end_s)))
+    print(f"== {name}: {step_s:.2f} s/step, {epoch_end_s:.1f} s/epoch end, {fixed_s:.0f} s fixed -> {epochs} epochs "
+          f"of {steps_per_epoch} steps for a {budget_s / 60:.1f} min budget", flush=True)
     started = time.perf_counter()
     summary = train(cfg.replace(epochs=epochs))
     row: dict[str, Any] = {
