@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for name in names:
         module = importlib.import_module(f"benchmarks.bench_{name}")
-        command = f"python -m benchmarks {name}"
+        settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("EVIM3_BENCH_")]
+        command = " ".join([*settings, f"python -m benchmarks {name}"])
         print(f"== {name}", flush=True)
         t0 = time.perf_counter()
         try:
