@@ -19,6 +19,7 @@ existing synthetic dataset folder to use instead of the cache).
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import os
 import tempfile
@@ -37,6 +38,7 @@ FULL_BUDGET_S = 30 * 60
 PRETRAIN_BUDGET_S = 10 * 60
 LOW_LABEL_BUDGET_S = 10 * 60
 LOW_LABEL_RATIO = 0.1
+LOW_LABEL_EVAL_EVERY = 5  # epochs of 3 steps: validating each one would take 40 % of the arm's time
 CALIBRATION_STEPS = 10
 TIMING_MARGIN = 0.98  # steps drift by a few % over a long run (measured 1.12-1.19 s around 1.15 s)
 
@@ -48,8 +50,8 @@ TIMING_MARGIN = 0.98  # steps drift by a few % over a long run (measured 1.12-1.
 # crop: with pad 12, from scratch, the model was still at the mean predictor after 518 steps (train loss
 # 0.93 of the EF variance); without it, on cached clips, it left the mean by step ~250. Videos are cached
 # in memory (--cache-videos): decoding a video costs ~31 ms a clip, 0.25 s of the 2 cores per step of 8;
-# cached, a clip costs 0.2 ms, so the main process loads them (workers 0): a loader worker forked at each
-# epoch start stalled the first step by ~2.8 s here.
+# cached, a clip costs 0.2 ms, so the main process loads them (workers 0): with loader workers the first
+# step of every epoch stalled by 2.5-2.8 s here, re-forked or persistent workers alike (cause not found).
 FINETUNE = {"preset": "evim3-tiny", "frames": 16, "period": 4, "batch": 8, "accum": 1, "lr": 4e-3, "pad": 0,
             "warmup_epochs": 1.0, "ema_start": 50, "ema_every": 1, "workers": 0, "cache_videos": True, "device": "cpu", "log_every": 5,
             "stats_videos": 32}
@@ -82,9 +84,12 @@ def calibrate(cfg: TrainConfig) -> tuple[float, float, float, int]:
         summary = train(cfg.replace(out=tmp, max_steps=CALIBRATION_STEPS, log_every=1))
         total_s = time.perf_counter() - started
         with open(os.path.join(tmp, "steps.csv"), newline="") as f:
-            elapsed = [float(row["elapsed_s"]) for row in csv.DictReader(f)]
-    step_s = (elapsed[-1] - elapsed[1]) / (len(elapsed) - 2)  # the steps after the first two (warm caches)
-    epoch_end_s = max(0.0, summary["wall_s"] - elapsed[-1])
+            rows = [(int(row["epoch"]), float(row["elapsed_s"])) for row in csv.DictReader(f)]
+    # Step to step within an epoch, after the first two steps (warm caches): short epochs (10 % labels: 3
+    # steps) put epoch ends between calibration steps, which must not count as step time.
+    deltas = [t1 - t0 for (e0, t0), (e1, t1) in itertools.pairwise(rows[1:]) if e0 == e1]
+    step_s = sum(deltas) / len(deltas)
+    epoch_end_s = max(0.0, summary["wall_s"] - rows[-1][1])
     fixed_s = max(0.0, total_s - CALIBRATION_STEPS * step_s - epoch_end_s)
     return step_s, epoch_end_s, fixed_s, summary["steps_per_epoch"]
 
@@ -93,7 +98,7 @@ def run_arm(name: str, cfg: TrainConfig, budget_s: float, data: Path) -> dict[st
     """Fit the epoch count to `budget_s`, train, and (fine-tuning) evaluate the best checkpoint on TEST."""
     step_s, epoch_end_s, fixed_s, steps_per_epoch = calibrate(cfg)
     usable_s = (budget_s - fixed_s) * TIMING_MARGIN
-    epochs = max(1, math.floor(usable_s / (steps_per_epoch * step_s + epoch_end_s)))
+    epochs = max(1, math.floor(usable_s / (steps_per_epoch * step_s + epoch_end_s / cfg.eval_every)))
     print(f"== {name}: {step_s:.2f} s/step, {epoch_end_s:.1f} s/epoch end, {fixed_s:.0f} s fixed -> {epochs} epochs "
           f"of {steps_per_epoch} steps for a {budget_s / 60:.1f} min budget", flush=True)
     started = time.perf_counter()
@@ -131,10 +136,9 @@ def run() -> dict[str, Any]:
             pretrain_cfg = TrainConfig(stage="pretrain", data=str(data), out=str(runs / "pretrain"), seed=SEED,
                                        **PRETRAIN)
             rows.append(run_arm("MAE pre-training", pretrain_cfg, PRETRAIN_BUDGET_S * scale, data))
-            rows.append(run_arm("10% labels, scratch", finetune("scratch10", keep_ratio=LOW_LABEL_RATIO),
-                                LOW_LABEL_BUDGET_S * scale, data))
-            rows.append(run_arm("10% labels, pre-trained", finetune("pretrained10", keep_ratio=LOW_LABEL_RATIO,
-                                                                    init=str(runs / "pretrain")),
+            low = {"keep_ratio": LOW_LABEL_RATIO, "eval_every": LOW_LABEL_EVAL_EVERY}
+            rows.append(run_arm("10% labels, scratch", finetune("scratch10", **low), LOW_LABEL_BUDGET_S * scale, data))
+            rows.append(run_arm("10% labels, pre-trained", finetune("pretrained10", **low, init=str(runs / "pretrain")),
                                 LOW_LABEL_BUDGET_S * scale, data))
 
     result: dict[str, Any] = {
