@@ -1,4 +1,4 @@
-"""The one preprocessing of evim3: training datasets and edge inference both call ``preprocess_frames``.
+"""The one preprocessing of evim3: training datasets and edge inference both call ``prepare_frames``.
 
     frames (T, H, W) uint8 at the source rate
       -> crop to the ultrasound region (the DICOM region, else where pixels move; see ``ultrasound_region``)

@@ -104,6 +104,21 @@ void discretize_row(const T* delta_raw, const RowExtras<T>& ex, int64_t L, T* dt
   }
 }
 
+// One token of the recurrence: a = exp(dt A), h = a * h_prev + dt u B, returns y = <C, h>. `h` may be
+// `h_prev` (the forward updates in place; the backward keeps each chunk's states).
+template <typename T>
+inline T scan_step(T dt, T u, const T* A, const T* Bt, const T* Ct, const T* h_prev, T* h, T* a, int64_t n) {
+  const T drive = dt * u;
+  for (int64_t i = 0; i < n; ++i) a[i] = fast_exp(dt * A[i]);
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) {
+    h[i] = a[i] * h_prev[i] + drive * Bt[i];
+    acc += Ct[i] * h[i];
+  }
+  return acc;
+}
+
 template <typename T>
 void scan_forward_row(const T* u, const T* delta_raw, const T* A, const T* B, const T* C, const RowExtras<T>& ex,
                       int64_t L, int64_t n, int64_t chunk, T* out, T* last, T* checkpoints, T* h, T* a, T* dt) {
@@ -111,17 +126,7 @@ void scan_forward_row(const T* u, const T* delta_raw, const T* A, const T* B, co
   std::fill(h, h + n, T(0));
   for (int64_t t = 0; t < L; ++t) {
     if (checkpoints != nullptr && t % chunk == 0) std::copy(h, h + n, checkpoints + (t / chunk) * n);
-    const T drive = dt[t] * u[t];
-    const T* Bt = B + t * n;
-    const T* Ct = C + t * n;
-    for (int64_t i = 0; i < n; ++i) a[i] = fast_exp(dt[t] * A[i]);
-    T acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < n; ++i) {
-      h[i] = a[i] * h[i] + drive * Bt[i];
-      acc += Ct[i] * h[i];
-    }
-    out[t] = acc;
+    out[t] = scan_step(dt[t], u[t], A, B + t * n, C + t * n, h, h, a, n);
   }
   std::copy(h, h + n, last);
   if (ex.z != nullptr) {
@@ -161,19 +166,8 @@ void scan_backward_row(const T* u, const T* delta_raw, const T* A, const T* B, c
     // Recompute this chunk's states, decays and scan outputs from the state entering it.
     const T* h_prev = checkpoints + k * n;
     for (int64_t t = t0; t < t1; ++t) {
-      const T drive = dt[t] * u[t];
       T* h = buf.states.data() + (t - t0) * n;
-      T* a = buf.decays.data() + (t - t0) * n;
-      const T* Bt = B + t * n;
-      const T* Ct = C + t * n;
-      for (int64_t i = 0; i < n; ++i) a[i] = fast_exp(dt[t] * A[i]);
-      T acc = 0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t i = 0; i < n; ++i) {
-        h[i] = a[i] * h_prev[i] + drive * Bt[i];
-        acc += Ct[i] * h[i];
-      }
-      buf.y[t - t0] = acc;
+      buf.y[t - t0] = scan_step(dt[t], u[t], A, B + t * n, C + t * n, h_prev, h, buf.decays.data() + (t - t0) * n, n);
       h_prev = h;
     }
     // Through the gate: gy = d out / d y, dz; out = (y + D u) * silu(z).
