@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import typer
 from evim3.cli.common import EXIT_FAILED, EXIT_USAGE, cli_errors, fail
-from evim3.runtime.parity_check import check_files, format_table, load_golden, save_golden
+from evim3.runtime.parity_check import (
+    FLAT_SPREAD,
+    check_files,
+    dataset_videos,
+    format_table,
+    is_flat,
+    load_golden,
+    reference_spread,
+    save_golden,
+)
 
 
 @cli_errors
@@ -25,6 +34,10 @@ def check(
     clips: int = typer.Option(4, "--clips", min=1, help="Seeded random clips; the real echo clip is always added."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random clips."),
     preset: str | None = typer.Option(None, "--preset", help="Refuse a checkpoint of any other preset."),
+    data: str | None = typer.Option(
+        None, "--data", help="Add the first clips of a few videos of this dataset (TEST split) or folder."),
+    allow_flat: bool = typer.Option(
+        False, "--allow-flat", help="Judge parity even when the reference answers the same for every clip."),
 ) -> None:
     """Run the same clips through PyTorch, ONNX Runtime and TensorRT; a table of errors, pass/fail per precision."""
     if (checkpoint is None) == (load_golden_path is None):
@@ -40,7 +53,8 @@ def check(
     else:
         from evim3.export.parity import make_golden
 
-        golden = make_golden(checkpoint, preset=preset, clips=clips, seed=seed)
+        videos = dataset_videos(data) if data else []
+        golden = make_golden(checkpoint, preset=preset, clips=clips, seed=seed, videos=videos)
         source = f"PyTorch fp32 CPU, checkpoint {checkpoint}"
     if save_golden_path:
         save_golden(save_golden_path, golden)
@@ -52,6 +66,18 @@ def check(
     typer.echo(f"reference: {source} ({golden.meta.preset}, task {golden.meta.task}); "
                f"clips: {', '.join(golden.names)}")
     typer.echo(format_table(rows, golden.meta.task))
+    unit = "EF points" if golden.meta.task == "ef" else "logits"
+    spread, bound = reference_spread(golden), FLAT_SPREAD[golden.meta.task]
+    typer.echo(f"reference spread over the {len(golden.names)} clips: SD {spread:.3g} {unit} (flat below {bound:g})")
+    if is_flat(golden):
+        message = (f"parity INCONCLUSIVE: the reference answers nearly the same for every clip (SD {spread:.3g} "
+                   f"{unit} < {bound:g}), so agreement proves nothing about the exported graph; check a model "
+                   "that responds to its input, or pass --allow-flat")
+        if not allow_flat:
+            typer.secho(message, fg=typer.colors.RED, err=True)
+            raise typer.Exit(EXIT_FAILED)
+        typer.secho(message.replace(", or pass --allow-flat", " (--allow-flat: judged anyway)"),
+                    fg=typer.colors.YELLOW, err=True)
     failed = [r.backend for r in rows if not r.passed]
     if failed:
         typer.secho(f"parity FAILED: {', '.join(failed)}", fg=typer.colors.RED, err=True)

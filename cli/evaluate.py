@@ -26,6 +26,7 @@ def evaluate(
     """Evaluate a checkpoint on one split: EF MAE/RMSE/R² (or AUC/accuracy) with bootstrap 95 % intervals,
     predictions.csv (per-video and per-clip values), metrics.json, scatter and Bland-Altman plots."""
     from evim3.train.evaluate import evaluate_checkpoint, parse_clips
+    from evim3.train.metrics import is_collapsed
 
     report = evaluate_checkpoint(
         checkpoint, data=str(data) if data else None, csv_path=str(csv) if csv else None, split=split,
@@ -38,6 +39,8 @@ def evaluate(
             interval = f"  (95% CI {report[name + '_lo']:.3f} to {report[name + '_hi']:.3f})" if resamples else ""
             typer.echo(f"  {label:<5} {report[name]:.3f}{interval}")
         typer.echo(f"  (a mean predictor: MAE {report['mean_predictor_mae']:.3f})")
+        typer.echo(f"  spread of predicted EF {report['pred_std']:.2f} vs true {report['true_std']:.2f} (SD over videos)"
+                   + ("  -- collapsed: the model barely responds to its input" if is_collapsed(report) else ""))
     else:
         typer.echo(f"  AUC {report['auc']:.4f}  accuracy {report['accuracy']:.4f}")
     typer.echo(f"  wrote {', '.join(report['files'])} to {report['out']}")

@@ -23,8 +23,9 @@ def torch_outputs(model: EViM3, clips: np.ndarray) -> np.ndarray:
 
 
 def make_golden(checkpoint: str | os.PathLike, *, preset: str | None = None, clips: int = 4,
-                seed: int = 0) -> Golden:
-    """`clips` seeded random clips plus the real echo clip, and the checkpoint's PyTorch outputs on them."""
+                seed: int = 0, videos: list[str] = ()) -> Golden:
+    """`clips` seeded random clips, the real echo clip and the first clip of each of `videos`, and the
+    checkpoint's PyTorch outputs on them."""
     model, meta = load_model(checkpoint, preset=preset)
-    inputs, names = parity_inputs(meta.preprocess, clips, seed)
+    inputs, names = parity_inputs(meta.preprocess, clips, seed, videos)
     return Golden(inputs, names, torch_outputs(model, inputs), meta)

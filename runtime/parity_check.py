@@ -23,6 +23,11 @@ from evim3.runtime.meta import META_KEY, ModelMeta, PreprocessSpec
 
 PRECISION_KEY = f"{META_KEY}.precision"  # ONNX metadata_props key: "fp32" | "fp16" (written by evim3.export.onnx)
 REAL_CLIP_NAME = "pydicom ybr_color echo"
+# A reference whose outputs spread (SD over the golden clips) less than this answers about the same for every
+# input: parity with it proves nothing about the exported graph. EF points; logits for classification.
+FLAT_SPREAD = {"ef": 1.0, "classification": 0.5}
+DATASET_CLIPS = 4  # videos a --data folder adds to the golden clips
+VIDEO_SUFFIXES = (".avi", ".mp4", ".mov", ".mkv", ".dcm")
 
 
 @dataclass(frozen=True)
@@ -70,21 +75,63 @@ def random_clips(spec: PreprocessSpec, count: int, seed: int = 0) -> np.ndarray:
     return rng.standard_normal((count, 1, spec.frames, spec.size, spec.size), dtype=np.float32)
 
 
-def real_clip(spec: PreprocessSpec) -> np.ndarray:
-    """(1, frames, size, size): the first clip of pydicom's example echo cine (ybr_color), read and
-    preprocessed exactly as `evim3 infer` does."""
-    import pydicom.examples
+def video_clip(path: str | os.PathLike, spec: PreprocessSpec) -> np.ndarray:
+    """(1, frames, size, size): the first clip of a video file, read and preprocessed exactly as `evim3 infer`
+    does."""
     from evim3.runtime.preprocess import preprocess, sample_clip_indices
     from evim3.runtime.video import read_video
 
-    frames = preprocess(read_video(pydicom.examples.get_path("ybr_color")), spec)
+    frames = preprocess(read_video(os.fspath(path)), spec)
     return frames[sample_clip_indices(len(frames), spec, 0)][None].astype(np.float32)
 
 
-def parity_inputs(spec: PreprocessSpec, count: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
-    """`count` seeded random clips followed by the real clip, and their names."""
-    clips = np.concatenate([random_clips(spec, count, seed), real_clip(spec)[None]])
-    return clips, [f"random {i}" for i in range(count)] + [REAL_CLIP_NAME]
+def real_clip(spec: PreprocessSpec) -> np.ndarray:
+    """The first clip of pydicom's example echo cine (ybr_color): real echo content wherever pydicom is."""
+    import pydicom.examples
+
+    return video_clip(pydicom.examples.get_path("ybr_color"), spec)
+
+
+def dataset_videos(folder: str | os.PathLike, count: int = DATASET_CLIPS) -> list[str]:
+    """The first `count` TEST videos of an EchoNet-layout folder (FileList.csv order), or else the first video
+    files of the folder in name order."""
+    import csv
+
+    folder = os.fspath(folder)
+    filelist = os.path.join(folder, "FileList.csv")
+    if os.path.isfile(filelist):
+        with open(filelist, newline="") as f:
+            rows = [row for row in csv.DictReader(f) if row.get("Split", "").upper() == "TEST"]
+        names = [row["FileName"] if os.path.splitext(row["FileName"])[1] else row["FileName"] + ".avi" for row in rows]
+        paths = [os.path.join(folder, "Videos", name) for name in names]
+    elif os.path.isdir(folder):
+        paths = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.lower().endswith(VIDEO_SUFFIXES)]
+    else:
+        raise ModelFileError(folder, "not a folder (expected an EchoNet-layout dataset or a folder of videos)")
+    paths = [p for p in paths if os.path.isfile(p)][:count]
+    if not paths:
+        raise ModelFileError(folder, "no videos found to add to the parity clips")
+    return paths
+
+
+def parity_inputs(spec: PreprocessSpec, count: int, seed: int = 0,
+                  videos: list[str] = ()) -> tuple[np.ndarray, list[str]]:
+    """`count` seeded random clips, the real echo clip and the first clip of each of `videos`, and their names."""
+    clips = [random_clips(spec, count, seed), real_clip(spec)[None]]
+    clips += [video_clip(path, spec)[None] for path in videos]
+    names = [f"random {i}" for i in range(count)] + [REAL_CLIP_NAME] + [os.path.basename(p) for p in videos]
+    return np.concatenate(clips), names
+
+
+def reference_spread(golden: Golden) -> float:
+    """How much the reference outputs differ between the golden clips: the largest SD over clips of any
+    output (EF points, or logits)."""
+    return float(golden.reference.astype(np.float64).std(axis=0).max())
+
+
+def is_flat(golden: Golden) -> bool:
+    """Whether the reference barely depends on its input (FLAT_SPREAD): then parity is inconclusive."""
+    return reference_spread(golden) < FLAT_SPREAD[golden.meta.task]
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, task: str, backend: str,

@@ -23,6 +23,7 @@ from evim3.train.metrics import (
     binary_auc,
     bootstrap_ci,
     classification_report,
+    is_collapsed,
     mae,
     r2,
     regression_report,
@@ -57,6 +58,18 @@ def test_bootstrap_interval_brackets_the_estimate_and_narrows_with_data() -> Non
     assert intervals[3000] < intervals[30] / 4
     report = regression_report(true, predicted, resamples=200)
     assert report["r2_lo"] < report["r2"] < report["r2_hi"] and report["n"] == 3000
+
+
+def test_regression_report_shows_a_collapsed_model() -> None:
+    """A model answering ~the mean for every video can have a fair MAE; its prediction spread gives it away."""
+    rng = np.random.default_rng(4)
+    true = rng.uniform(20, 80, 60)
+    flat = np.full_like(true, true.mean()) + rng.normal(0, 0.01, 60)
+    responsive = true + rng.normal(0, 5, 60)
+    flat_report, responsive_report = regression_report(true, flat, resamples=0), regression_report(true, responsive, resamples=0)
+    assert flat_report["true_std"] == pytest.approx(np.std(true)) == responsive_report["true_std"]
+    assert flat_report["pred_std"] < 0.02 and responsive_report["pred_std"] == pytest.approx(np.std(responsive))
+    assert is_collapsed(flat_report) and not is_collapsed(responsive_report)
 
 
 def test_auc_matches_pairwise_counting_with_ties() -> None:

@@ -22,7 +22,14 @@ import torch
 from evim3.cli.main import app
 from evim3.export.onnx import SCAN_TAG, downgrade_to_opset17, graph_stats, read_onnx_meta
 from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, ModelMeta, PreprocessSpec
-from evim3.runtime.parity_check import PRECISION_KEY, TOLERANCES, random_clips, real_clip
+from evim3.runtime.parity_check import (
+    PRECISION_KEY,
+    TOLERANCES,
+    load_golden,
+    random_clips,
+    real_clip,
+    reference_spread,
+)
 from typer.testing import CliRunner
 
 from evim3.checkpoint import load_model, save_checkpoint
@@ -234,11 +241,11 @@ def test_fp16_matches_pytorch_within_its_tolerance(tiny: dict, tiny_fp16: Path) 
 # ------------------------------------------------------------------ `evim3 check` end to end
 
 @pytest.fixture(scope="module")
-def checked(tiny: dict) -> dict:
-    """`evim3 check CKPT --onnx F --save-golden G`, once: its exit code, output and golden file."""
+def checked(tiny: dict, synth_dataset: Path) -> dict:
+    """`evim3 check CKPT --onnx F --data D --save-golden G`, once: its exit code, output and golden file."""
     golden = tiny["folder"] / "golden.npz"
     code, output = run_cli("check", tiny["checkpoint"], "--onnx", tiny["onnx"], "--clips", "2",
-                           "--save-golden", golden)
+                           "--data", synth_dataset, "--save-golden", golden)
     return {"code": code, "output": output, "golden": golden}
 
 
@@ -246,7 +253,26 @@ def test_check_passes_and_writes_a_golden_file(checked: dict) -> None:
     output = checked["output"]
     assert checked["code"] == 0, output
     assert "onnxruntime CPUExecutionProvider" in output and "parity: pass" in output and "FAIL" not in output
-    assert "random 0, random 1, pydicom ybr_color echo" in output and checked["golden"].is_file()
+    assert "random 0, random 1, pydicom ybr_color echo, " in output and checked["golden"].is_file()
+    golden = load_golden(checked["golden"])
+    assert len(golden.names) == 5 and all(name.endswith(".avi") for name in golden.names[3:])  # the 2 TEST videos
+    assert f"SD {reference_spread(golden):.3g} EF points" in output and reference_spread(golden) >= 1.0
+    assert "INCONCLUSIVE" not in output
+
+
+def test_check_of_a_flat_model_is_inconclusive(tiny: dict) -> None:
+    """A model that answers the same EF for every clip agrees with its export trivially: exit 1, said plainly,
+    unless --allow-flat."""
+    model = input_sensitive_model(get_preset(PRESET))
+    with torch.no_grad():
+        model.head.mlp[-1].weight.zero_()  # the output is the bias: 55 EF for every input
+    flat = tiny["folder"] / "flat.safetensors"
+    save_checkpoint(flat, model.state_dict(), tiny["meta"])
+    assert run_cli("export", flat, "-o", tiny["folder"] / "flat.onnx")[0] == 0
+    code, output = run_cli("check", flat, "--onnx", tiny["folder"] / "flat.onnx", "--clips", "2")
+    assert code == 1 and "parity INCONCLUSIVE" in output and "SD 0 EF points" in output, output
+    code, output = run_cli("check", flat, "--onnx", tiny["folder"] / "flat.onnx", "--clips", "2", "--allow-flat")
+    assert code == 0 and "INCONCLUSIVE" in output and "parity: pass" in output, output
 
 
 def test_check_from_a_golden_file_needs_no_torch(tiny: dict, checked: dict) -> None:

@@ -145,7 +145,7 @@ def test_finetune_ef_writes_checkpoints_logs_and_metadata(synth_dataset: Path, t
     epochs = read_rows(out / "epochs.csv")
     assert [int(r["step"]) for r in steps] == [1, 2, 3, 4] and all(math.isfinite(float(r["loss"])) for r in steps)
     assert float(steps[0]["lr"]) == pytest.approx(summary["lr"] * 0.01)  # warm-up starts at 1 % of lr
-    assert [int(r["epoch"]) for r in epochs] == [1, 2] and {"val_mae", "val_rmse", "val_r2"} <= set(epochs[0])
+    assert [int(r["epoch"]) for r in epochs] == [1, 2] and {"val_mae", "val_rmse", "val_r2", "val_pred_std", "val_true_std"} <= set(epochs[0])
 
 
 def test_pretrain_then_finetune_from_its_encoder(synth_dataset: Path, tmp_path: Path) -> None:

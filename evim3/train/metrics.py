@@ -45,16 +45,28 @@ def bootstrap_ci(metric: Metric, y_true: np.ndarray, y_pred: np.ndarray, *, resa
     return float(low), float(high)
 
 
+# Predicted spread below this share of the true spread: the model barely responds to its input (a collapse
+# towards the mean predictor), whatever its MAE says.
+COLLAPSED_SPREAD_RATIO = 0.25
+
+
 def regression_report(y_true: np.ndarray, y_pred: np.ndarray, *, resamples: int = 1000,
                       seed: int = 0) -> dict[str, float]:
-    """{mae, mae_lo, mae_hi, rmse, ..., r2, ..., n}: point values and 95 % bootstrap bounds."""
-    report: dict[str, float] = {"n": len(y_true)}
+    """{mae, mae_lo, mae_hi, rmse, ..., r2, ..., n, pred_std, true_std}: point values, 95 % bootstrap bounds,
+    and the standard deviations of the predictions and of the truth over the videos (a model that answers
+    the same EF for every input has pred_std ~ 0: its MAE alone does not show that)."""
+    report: dict[str, float] = {"n": len(y_true), "pred_std": float(np.std(y_pred)), "true_std": float(np.std(y_true))}
     for name, metric in REGRESSION_METRICS.items():
         report[name] = metric(y_true, y_pred)
         if resamples:
             report[f"{name}_lo"], report[f"{name}_hi"] = bootstrap_ci(
                 metric, y_true, y_pred, resamples=resamples, seed=seed)
     return report
+
+
+def is_collapsed(report: dict[str, float]) -> bool:
+    """Whether a regression report's predictions spread less than COLLAPSED_SPREAD_RATIO of the truth's."""
+    return report["pred_std"] < COLLAPSED_SPREAD_RATIO * report["true_std"]
 
 
 def binary_auc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -155,8 +155,8 @@ class EFTask(Task):
         true, outputs = _gather_validation(model, loader, ctx, "ef")
         report = regression_report(true, outputs[:, 0], resamples=0)
         val_loss = float(np.mean((outputs[:, 0] - true) ** 2)) / self.info["ef_std"] ** 2  # as `loss`
-        return {"val_loss": val_loss, "val_mae": report["mae"],
-                "val_rmse": report["rmse"], "val_r2": report["r2"]}
+        return {"val_loss": val_loss, "val_mae": report["mae"], "val_rmse": report["rmse"], "val_r2": report["r2"],
+                "val_pred_std": report["pred_std"], "val_true_std": report["true_std"]}
 
 
 class ClassificationTask(Task):
