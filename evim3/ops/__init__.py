@@ -3,7 +3,10 @@
 from evim3.ops.selective_scan import (
     default_chunk,
     exportable_scan,
+    forced_scan,
     fused_available,
+    scan_name,
+    scan_unavailable,
     selective_scan,
     selective_scan_chunked,
     selective_scan_exportable,
@@ -13,7 +16,10 @@ from evim3.ops.selective_scan import (
 __all__ = [
     "default_chunk",
     "exportable_scan",
+    "forced_scan",
     "fused_available",
+    "scan_name",
+    "scan_unavailable",
     "selective_scan",
     "selective_scan_chunked",
     "selective_scan_exportable",
