@@ -224,13 +224,13 @@ def test_forced_scan_by_environment(monkeypatch) -> None:
     assert scan_name("cpu") == "chunked"
     assert torch.equal(selective_scan(**args), selective_scan_chunked(**args))
     monkeypatch.setenv("EVIM3_SCAN", "mamba")
-    with pytest.raises(RuntimeError, match="EVIM3_SCAN=mamba cannot run cpu tensors: mamba-ssm's kernel runs CUDA"):
+    with pytest.raises(ValueError, match="EVIM3_SCAN=mamba cannot run cpu tensors: mamba-ssm's kernel runs CUDA"):
         selective_scan(**args)
     monkeypatch.setenv("EVIM3_SCAN", "cuda")
     with pytest.raises(ValueError, match="'cuda' is not a scan; choose one of mamba, triton, chunked, cpu"):
         selective_scan(**args)
     monkeypatch.setenv("EVIM3_SCAN", "cpu")
-    with pytest.raises(RuntimeError, match="EVIM3_SCAN=cpu cannot run cuda tensors"):
+    with pytest.raises(ValueError, match="EVIM3_SCAN=cpu cannot run cuda tensors"):
         scan_name("cuda")
 
 

@@ -371,10 +371,21 @@ def scan_name(device_type: str) -> str:
     if forced is not None:
         why = scan_unavailable(forced, device_type)
         if why is not None:
-            raise RuntimeError(f"{SCAN_ENV}={forced} cannot run {device_type} tensors: {why}")
+            raise ValueError(f"{SCAN_ENV}={forced} cannot run {device_type} tensors: {why}")
         return forced
     order = _AUTO_ORDER.get(device_type, ())
     return next((name for name in order if scan_unavailable(name, device_type) is None), "chunked")
+
+
+def scan_choice(device_type: str) -> tuple[str, list[str]]:
+    """(the scan for tensors on `device_type`, why each scan tried before it was passed over) -- for `evim3
+    info`. Raises as scan_name does when EVIM3_SCAN forces one that cannot run there."""
+    name = scan_name(device_type)
+    if forced_scan() is not None:
+        return name, [f"forced by {SCAN_ENV}"]
+    order = _AUTO_ORDER.get(device_type, ())
+    passed = order[: order.index(name)] if name in order else order
+    return name, [f"not {other}: {scan_unavailable(other, device_type)}" for other in passed]
 
 
 def _scan_function(name: str):
