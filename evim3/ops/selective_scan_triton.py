@@ -41,6 +41,9 @@ from torch import Tensor
 
 BLOCK_L = 128  # tokens per chunk: a (16, 128) float32 tile is 16 registers a thread per tensor at 4 warps
 NUM_WARPS = 4
+# The gradient kernel holds ~12 such tiles at once (B, C, two accumulators, states, adjoints, scan temporaries):
+# 8 warps keep that under ~100 registers a thread. Untuned: chosen by register count, not measured on a GPU.
+GRAD_NUM_WARPS = 8
 GRAD_PROGRAMS = 512  # enough programs of the gradient kernel to fill a GPU: channel groups are sized to reach it
 
 
@@ -338,7 +341,7 @@ class TritonScanFn(torch.autograd.Function):
                 delta_bias if delta_bias is not None else dummy, gout, ckpt, adj,
                 du, ddelta, dz if dz is not None else dummy, dB_parts, dC_parts, dA_parts,
                 dD_parts if dD_parts is not None else dA_parts, dbias_parts if dbias_parts is not None else dA_parts,
-                batch, d, L, n, num_chunks, per_group, *B.stride(), *C.stride(), **flags, num_warps=NUM_WARPS,
+                batch, d, L, n, num_chunks, per_group, *B.stride(), *C.stride(), **flags, num_warps=GRAD_NUM_WARPS,
             )
         dD = dD_parts.sum((0, 1)).to(D.dtype) if D is not None else None
         dbias = dbias_parts.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
