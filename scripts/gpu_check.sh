@@ -24,9 +24,13 @@ if [ "${EVIM3_GPU_CHECK_BUILD_MAMBA:-0}" = 1 ] && ! python -c "import mamba_ssm"
     fi
 fi
 
-timeout 400 python scripts/gpu_check.py
+timeout 380 python scripts/gpu_check.py
 status=$?
 # The gpu-marked tests (TensorRT, ONNX Runtime CUDA, mamba-ssm parity, the Triton scan compiled for the GPU):
 # only the files that hold any, so that collection builds nothing else (the CPU kernel's tests compile it).
-timeout 60 python -m pytest -m gpu -q -rs -p no:cacheprovider $(grep -l "pytest.mark.gpu" tests/test_*.py) || status=1
+if python -c "import pytest, hypothesis" 2>/dev/null; then
+    timeout 90 python -m pytest -m gpu -q -rs -p no:cacheprovider $(grep -l "pytest.mark.gpu" tests/test_*.py) || status=1
+else
+    echo "gpu-marked tests NOT RUN: pytest and hypothesis (the [dev] extra) are not installed here"
+fi
 exit $status
