@@ -1,4 +1,4 @@
-"""The chunked scan and the fused C++ CPU scan against the sequential float64 reference, forward only, 2 threads.
+"""The chunked scan and the fused C++ CPU scan against the sequential float64 reference, forward and backward, 2 threads.
 
 Shapes of one Mamba unit of the paper's models: batch 1, d = 384 channels, n = 16 states, L tokens
 (33,635 = evim3-p4's padded volume). Inputs are drawn as the Mamba block produces them (softplus(dt +
@@ -10,8 +10,15 @@ builds the inputs, resets the kernel's peak-RSS counter (/proc/self/clear_refs),
 and reports VmHWM minus the RSS it started from; then it times further runs. Both implementations get
 the same treatment in the same run. The parent also checks the outputs agree (relative L2 error).
 
-    python -m benchmarks.bench_scan           # print the table
-    python -m benchmarks scan                 # print and append to BENCHMARKS.md
+Backward rows: the time of the backward pass alone (the forward before it untimed) and the extra peak memory
+of the first forward + backward, with every input requiring grad; the reference's backward is autograd through
+its (b, d, L, n) tensors, the chunked scan's its hand-written backward, the fused CPU scan's its C++ backward.
+Their error column compares du. The reference's backward needs ~1.5 GB at L = 8,192, so its lengths are shorter.
+
+    python -m benchmarks.bench_scan                                   # print the table
+    python -m benchmarks.bench_scan --lengths 64 --backward-lengths 64 --runs 1   # a seconds-long smoke run
+    python -m benchmarks scan                                         # print and append to BENCHMARKS.md
+    EVIM3_BENCH_SCAN_LENGTHS=2048 EVIM3_BENCH_SCAN_BACKWARD_LENGTHS=2048 python -m benchmarks scan
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import numpy as np
 THREADS = 2
 D_INNER, D_STATE = 384, 16
 LENGTHS = (2048, 8192, 33635)
+BACKWARD_LENGTHS = (2048, 8192)
 RUNS = 3  # timed runs per (implementation, L); the best is reported
 IMPLEMENTATIONS = ("chunked", "fused_cpu", "ref")
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,8 +76,16 @@ def scan_inputs(seqlen: int, seed: int = 0) -> dict:
     }
 
 
-def measure(implementation: str, seqlen: int, runs: int, out_npy: str | None = None) -> dict[str, Any]:
-    """In this process: extra peak memory of the first call, best time over `runs` calls."""
+def lengths_from_env(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    """EVIM3_BENCH_SCAN_LENGTHS / _BACKWARD_LENGTHS (comma-separated), for runs through python -m benchmarks."""
+    value = os.environ.get(name, "").strip()
+    return tuple(int(x) for x in value.split(",")) if value else default
+
+
+def measure(implementation: str, seqlen: int, runs: int, out_npy: str | None = None,
+            backward: bool = False) -> dict[str, Any]:
+    """In this process: extra peak memory of the first call, best time over `runs` calls (of the backward
+    alone when `backward`)."""
     import time
 
     import torch
@@ -81,27 +97,38 @@ def measure(implementation: str, seqlen: int, runs: int, out_npy: str | None = N
     scan = {"chunked": selective_scan_chunked, "fused_cpu": selective_scan_cpu, "ref": selective_scan_ref}[
         implementation
     ]
-    with torch.no_grad():
-        scan(**scan_inputs(64))  # one-time costs (thread pool, lazy kernels) stay out of the numbers
-        inputs = scan_inputs(seqlen)
-        start_rss = proc_status_kib("VmRSS")
-        if not reset_peak_rss():
-            start_rss = proc_status_kib("VmHWM")  # fallback: growth of the process-lifetime peak
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            y = scan(**inputs)
-            times.append(time.perf_counter() - t0)
-            if len(times) == 1:
-                extra_peak = (proc_status_kib("VmHWM") - start_rss) * 1024
+    def call(inputs: dict) -> tuple[float, np.ndarray]:
+        """(seconds, the compared array): the forward's time and y, or the backward's time and du."""
+        if not backward:
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                y = scan(**inputs)
+                return time.perf_counter() - t0, y.numpy()
+        leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        y = scan(**{**inputs, **leaves})
+        t0 = time.perf_counter()
+        y.backward(torch.ones_like(y))
+        return time.perf_counter() - t0, leaves["u"].grad.numpy()
+
+    call(scan_inputs(64))  # one-time costs (thread pool, lazy kernels) stay out of the numbers
+    inputs = scan_inputs(seqlen)
+    start_rss = proc_status_kib("VmRSS")
+    if not reset_peak_rss():
+        start_rss = proc_status_kib("VmHWM")  # fallback: growth of the process-lifetime peak
+    times = []
+    for _ in range(runs):
+        seconds, result = call(inputs)
+        times.append(seconds)
+        if len(times) == 1:
+            extra_peak = (proc_status_kib("VmHWM") - start_rss) * 1024
     if out_npy:
-        np.save(out_npy, y.numpy())
+        np.save(out_npy, result)
     return {"seconds": min(times), "seconds_all": times, "extra_peak_bytes": extra_peak}
 
 
-def measure_in_child(implementation: str, seqlen: int, runs: int, out_npy: str) -> dict[str, Any]:
+def measure_in_child(implementation: str, seqlen: int, runs: int, out_npy: str, backward: bool) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.bench_scan", "--child", implementation, str(seqlen),
-           "--runs", str(runs), "--out", out_npy]
+           "--runs", str(runs), "--out", out_npy, *(["--backward"] if backward else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -109,16 +136,21 @@ def measure_in_child(implementation: str, seqlen: int, runs: int, out_npy: str) 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(lengths: tuple[int, ...] = LENGTHS, runs: int = RUNS) -> dict[str, Any]:
+def run(lengths: tuple[int, ...] | None = None, runs: int = RUNS,
+        backward_lengths: tuple[int, ...] | None = None) -> dict[str, Any]:
+    lengths = lengths or lengths_from_env("EVIM3_BENCH_SCAN_LENGTHS", LENGTHS)
+    backward_lengths = backward_lengths or lengths_from_env("EVIM3_BENCH_SCAN_BACKWARD_LENGTHS", BACKWARD_LENGTHS)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for seqlen in lengths:
+        for direction, seqlen in [("forward", L) for L in lengths] + [("backward", L) for L in backward_lengths]:
+            backward = direction == "backward"
             result, outputs = {}, {}
             for implementation in IMPLEMENTATIONS:
-                outputs[implementation] = os.path.join(tmp, f"{implementation}-{seqlen}.npy")
-                result[implementation] = measure_in_child(implementation, seqlen, runs, outputs[implementation])
+                outputs[implementation] = os.path.join(tmp, f"{implementation}-{direction}-{seqlen}.npy")
+                result[implementation] = measure_in_child(implementation, seqlen, runs, outputs[implementation],
+                                                          backward)
             y_ref = np.load(outputs["ref"]).astype(np.float64)
-            row: dict[str, Any] = {"L": seqlen}
+            row: dict[str, Any] = {"pass": direction, "L": seqlen}
             for name in IMPLEMENTATIONS:
                 row[f"{name}_s"] = result[name]["seconds"]
             for name in ("chunked", "fused_cpu"):
@@ -128,11 +160,12 @@ def run(lengths: tuple[int, ...] = LENGTHS, runs: int = RUNS) -> dict[str, Any]:
                 row[f"{name}_rel_l2_err"] = float(np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref))
             row["ref_extra_peak_GB"] = result["ref"]["extra_peak_bytes"] / 1e9
             rows.append(row)
-    target = next((r for r in rows if r["L"] == 33635), None)
+    target = next((r for r in rows if r["L"] == 33635 and r["pass"] == "forward"), None)
     summary: dict[str, Any] = {
         "rows": rows,
-        "setup": f"batch 1, d={D_INNER}, n={D_STATE}, {THREADS} threads, forward, no grad; best of {runs} runs; "
-                 "extra peak = VmHWM growth over the first call in a fresh process",
+        "setup": f"batch 1, d={D_INNER}, n={D_STATE}, {THREADS} threads; forward without grad, backward timed "
+                 f"alone (error column: du); best of {runs} runs; extra peak = VmHWM growth over the first call "
+                 "(forward + backward in the backward rows) in a fresh process",
     }
     if target:
         summary["target_time_ratio_le_0.25"] = target["chunked_time_ratio"] <= 0.25
@@ -145,12 +178,16 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "L"), help=argparse.SUPPRESS)
     parser.add_argument("--runs", type=int, default=RUNS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--lengths", type=int, nargs="*", default=list(LENGTHS))
+    parser.add_argument("--backward", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--lengths", type=int, nargs="*", help=f"forward rows (default {LENGTHS})")
+    parser.add_argument("--backward-lengths", type=int, nargs="*", help=f"backward rows (default {BACKWARD_LENGTHS})")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(args.child[0], int(args.child[1]), args.runs, args.out)))
+        print(json.dumps(measure(args.child[0], int(args.child[1]), args.runs, args.out, args.backward)))
         return
-    print(json.dumps(run(tuple(args.lengths), args.runs), indent=2))
+    lengths = tuple(args.lengths) if args.lengths else None
+    backward_lengths = tuple(args.backward_lengths) if args.backward_lengths else None
+    print(json.dumps(run(lengths, args.runs, backward_lengths), indent=2))
 
 
 if __name__ == "__main__":

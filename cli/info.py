@@ -39,6 +39,29 @@ def preset_summary(name: str) -> dict[str, Any]:
     }
 
 
+SCAN_LABELS = {
+    "mamba": "mamba-ssm's fused CUDA kernel",
+    "triton": "evim3's Triton kernels",
+    "cpu": "evim3's fused C++ kernel",
+    "chunked": "the chunked scan (PyTorch ops)",
+}
+
+
+def scan_lines() -> list[str]:
+    """Which selective scan runs CUDA and CPU tensors on this machine (EVIM3_SCAN forces one)."""
+    from evim3.ops import scan_choice
+
+    lines = []
+    for device, label in (("cuda", "CUDA"), ("cpu", "CPU")):
+        try:
+            name, why = scan_choice(device)
+        except ValueError as e:  # EVIM3_SCAN names no scan, or one that cannot run there
+            lines.append(f"scan on {label} tensors: none -- {e}")
+            continue
+        lines.append(f"scan on {label} tensors: {SCAN_LABELS[name]}" + (f" ({'; '.join(why)})" if why else ""))
+    return lines
+
+
 def summary_table(rows: list[dict[str, Any]]) -> Table:
     """One column per preset, one row per quantity: fits an 80-column terminal for all four presets."""
 
@@ -75,4 +98,7 @@ def info(
 ) -> None:
     """Parameters, token counts, global planes, scan chunk and forward GFLOPs of the model presets."""
     names = [preset] if preset else list(PRESETS)  # an unknown name fails in get_preset, one line
-    Console().print(summary_table([preset_summary(name) for name in names]))
+    console = Console()
+    console.print(summary_table([preset_summary(name) for name in names]))
+    for line in scan_lines():
+        console.print(line, highlight=False, markup=False, soft_wrap=True)

@@ -1,12 +1,29 @@
 """The GPU check: every CUDA path of evim3 in one run, a table on stdout and JSON in $OUT.
 
-Run through scripts/gpu_check.sh on a machine with one NVIDIA GPU (no internet needed). Each check is
-independent: a missing optional piece (mamba-ssm, onnxruntime-gpu, TensorRT) is reported as "skipped"
-with the reason, a failure as "FAIL" with the error, and the script goes on.
+Run through scripts/gpu_check.sh on a machine with one NVIDIA GPU (no internet needed; ~5-6 minutes on an H100
+without the optional mamba-ssm build). Each check is independent: a missing optional piece (mamba-ssm,
+onnxruntime-gpu, TensorRT) is reported as "skipped" with the reason, a failure as "FAIL" with the error, and the
+script goes on. Every row has a threshold. Correctness thresholds (parity with float64, finite and falling
+losses, determinism) give "FAIL" and exit status 1; performance targets (issue 14: Triton within 1.5x of
+mamba-ssm's kernel, `evim3` >= 20 train clips/s, `evim3-p4` >= 4, p4 pre-training >= 8, half the peak memory of
+the chunked scan's 2026-11-27 run) give "MISS" when not met: reported, not an error. The JSON is rewritten after
+every check, so a run cut short keeps what it measured.
+
+Side by side, for each scan (chunked, Triton, mamba-ssm when installed): the scan's forward+backward time and
+peak memory at `evim3` and `evim3-p4` sizes (batch 4 and 2, d_inner = 2 D, L = tokens with the global tokens,
+d_state 16; bf16 u, delta, B, C, z and float32 A, D, delta_bias, as under autocast), and bf16 training and
+inference clips/s and peak memory of both presets. MAE pre-training of `evim3-p4` runs with the Triton and
+mamba-ssm scans only (the chunked scan's 0.64 clips/s is in BENCHMARKS.md; its 26 s would not fit).
+
+    python scripts/gpu_check.py            # on the GPU machine (scripts/gpu_check.sh runs it)
+    python scripts/gpu_check.py --dry-run  # the checks' code on CPU at toy sizes (Triton through its interpreter)
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import gc
 import json
 import math
 import os
@@ -14,34 +31,69 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 from evim3.config import PRESETS
 from evim3.models import EViM3
-from evim3.ops import fused_available, selective_scan_chunked, selective_scan_ref
+from evim3.ops import fused_available, scan_unavailable, selective_scan_chunked, selective_scan_ref
 
 RESULTS: list[dict] = []
-TRAIN_DEVICE = "cuda"  # the real-loop check; a CPU dry run of this script sets "cpu"
+SCANS = ("chunked", "triton", "mamba")
+# Targets of issue 14 (one H100, bf16) and the peak memory of the chunked scan's run they halve (BENCHMARKS.md,
+# GPU check 2026-11-27): train clips/s and peak GiB at the batch below.
+TRAIN_TARGETS = {"evim3": (20.0, 28.99 / 2), "evim3-p4": (4.0, 35.44 / 2)}
+PRETRAIN_TARGET_CLIPS_S = 8.0
+TRITON_VS_MAMBA = 1.5
+FWD_TOL, GRAD_TOL, BF16_TOL = 1e-5, 1e-4, 1e-2  # relative L2 vs float64: float32 output, float32 gradients, bf16
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str
+    parity_shape: tuple[int, int, int, int]  # (batch, d, n, L) of the parity checks
+    scan_sizes: tuple[tuple[str, int, int, int, int], ...]  # (name, batch, d, n, L) of the timed scans
+    train: tuple[tuple[str, int], ...]  # (preset, batch) of the training rows
+    shrink: dict  # ModelConfig changes (the dry run's toy models)
+    block_sweep: tuple[int, ...]  # Triton chunk lengths timed at the first scan size
+    repeats: int
+    model_scans: tuple[str, ...]  # scans the model-level rows try
+
+
+def _paper_scan_size(preset: str, batch: int) -> tuple[str, int, int, int, int]:
+    cfg = PRESETS[preset]
+    return preset, batch, cfg.d_inner, cfg.d_state, cfg.num_tokens
+
+
+FULL = Plan("cuda", (2, 64, 16, 4099), (_paper_scan_size("evim3", 4), _paper_scan_size("evim3-p4", 2)),
+            (("evim3", 4), ("evim3-p4", 2)), {}, (64, 128, 256), 5, SCANS)
+# CPU toy sizes: the interpreter runs each scan combine as a Python call, so model rows leave Triton out.
+DRY = Plan("cpu", (1, 2, 4, 37), (("toy", 1, 3, 4, 40), ("toy-long", 1, 2, 4, 70)),
+           (("evim3", 1),), {"frames": 4, "img_size": 32, "dim": 16, "depth": 1}, (16, 32), 1, ("chunked", "cpu"))
+PLAN = FULL
 
 
 def check(name: str) -> Callable:
     def wrap(fn: Callable) -> Callable:
-        def run() -> None:
+        def run(*args) -> None:
             t0 = time.perf_counter()
             try:
-                row = fn() or {}
+                row = fn(*args) or {}
                 row.setdefault("status", "ok")
             except SkipCheck as e:
                 row = {"status": "skipped", "why": str(e)}
             except Exception as e:  # noqa: BLE001 -- one failing check must not hide the others
                 row = {"status": "FAIL", "why": f"{type(e).__name__}: {e}"}
                 traceback.print_exc()
-            row["check"], row["seconds"] = name, round(time.perf_counter() - t0, 2)
+            title = name.format(*args)
+            row["check"], row["seconds"] = title, round(time.perf_counter() - t0, 2)
             RESULTS.append(row)
-            print(f"[{row['status']:>7}] {name}: {json.dumps({k: v for k, v in row.items() if k not in ('check', 'status')})}",
+            print(f"[{row['status']:>7}] {title}: {json.dumps({k: v for k, v in row.items() if k not in ('check', 'status')})}",
                   flush=True)
+            _write_json()
+            _free_memory()
         return run
     return wrap
 
@@ -50,103 +102,320 @@ class SkipCheck(Exception):
     pass
 
 
+def _sync() -> None:
+    if PLAN.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak() -> None:
+    if PLAN.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib() -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if PLAN.device == "cuda" else None
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if PLAN.device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _timed(fn: Callable, repeats: int = 5) -> float:
+    """Median seconds of `repeats` calls after one untimed call (compilation, autotuning, caches)."""
     fn()
-    torch.cuda.synchronize()
+    _sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
 
-@check("chunked scan on CUDA vs float64 reference")
-def scan_parity() -> dict:
-    g = torch.Generator(device="cuda").manual_seed(0)
-    b, d, n, L = 2, 64, 16, 4099
-    kw = {"device": "cuda", "generator": g}
-    u, z = torch.randn(b, d, L, **kw), torch.randn(b, d, L, **kw)
-    delta = torch.randn(b, d, L, **kw).exp() * 0.3  # heavy-tailed dt
-    A = -torch.rand(d, n, **kw) * 8 - 0.1
-    B, C = torch.randn(b, n, L, **kw), torch.randn(b, n, L, **kw)
-    D, bias = torch.randn(d, **kw), torch.randn(d, **kw)
-    ref = selective_scan_ref(u.double(), delta.double(), A.double(), B.double(), C.double(), D.double(),
-                             z.double(), bias.double(), True)
-    out = selective_scan_chunked(u, delta, A, B, C, D, z, bias, True)
-    rel = ((out.double() - ref).norm() / ref.norm()).item()
-    row = {"rel_l2_fp32_vs_fp64": rel, "finite": bool(torch.isfinite(out).all())}
-    if rel > 1e-5 or not row["finite"]:
-        row["status"] = "FAIL"
-    if fused_available():
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
-        fused = selective_scan_fn(u, delta, A, B, C, D, z, bias, True)
-        row["fused_rel_l2_vs_fp64"] = ((fused.double() - ref).norm() / ref.norm()).item()
+
+def _mark(row: dict, failed: bool, missed: bool = False) -> dict:
+    """Correctness failures win over missed targets."""
+    if failed:
+        row["status"] = "FAIL"
+    elif missed:
+        row["status"] = "MISS"
     return row
 
 
-def _train_step(preset: str, batch: int) -> dict:
-    cfg = PRESETS[preset]
-    model = EViM3(cfg).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    clip = torch.randn(batch, 1, cfg.frames, cfg.img_size, cfg.img_size, device="cuda")
-    target = torch.full((batch, 1), 55.0, device="cuda")
+@contextlib.contextmanager
+def forced_scan(name: str) -> Iterator[None]:
+    """EVIM3_SCAN=name for the model inside (the Mamba block and the dispatcher read it per call)."""
+    previous = os.environ.get("EVIM3_SCAN")
+    os.environ["EVIM3_SCAN"] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["EVIM3_SCAN"]
+        else:
+            os.environ["EVIM3_SCAN"] = previous
+
+
+def _mamba_missing() -> str:
+    why = scan_unavailable("mamba", "cuda") or "not usable"
+    log = os.environ.get("EVIM3_MAMBA_BUILD_LOG")
+    if log and os.path.exists(log):
+        with open(log, errors="replace") as f:
+            tail = [line.strip() for line in f if line.strip()][-1:]
+        return f"{why}; the build attempted by gpu_check.sh failed: {tail[0][:300] if tail else 'no output'}"
+    return f"{why}; set EVIM3_GPU_CHECK_BUILD_MAMBA=1 to try building it here from source"
+
+
+def _scan_function(name: str) -> Callable:
+    """The scan `name` called directly, or SkipCheck with the reason it cannot run here."""
+    if name == "chunked":
+        return selective_scan_chunked
+    if name == "mamba":
+        if PLAN.device != "cuda" or scan_unavailable("mamba", "cuda"):
+            raise SkipCheck(f"mamba-ssm: {_mamba_missing()}")
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        return selective_scan_fn
+    if name == "cpu":
+        from evim3.ops.selective_scan_cpu import selective_scan_cpu
+
+        return selective_scan_cpu
+    why = scan_unavailable("triton", PLAN.device)
+    if why:
+        raise SkipCheck(why)
+    from evim3.ops.selective_scan_triton import selective_scan_triton
+
+    return selective_scan_triton
+
+
+def _parity_inputs(b: int, d: int, n: int, L: int, dtype: torch.dtype = torch.float32) -> dict:
+    """Heavy-tailed dt through softplus(delta + bias), every option on; B, C as strided views of (b, L, n)."""
+    g = torch.Generator(device=PLAN.device).manual_seed(0)
+    kw = {"device": PLAN.device, "generator": g}
+    return {
+        "u": torch.randn(b, d, L, **kw).to(dtype), "delta": (torch.randn(b, d, L, **kw).exp() * 0.3).to(dtype),
+        "A": -torch.rand(d, n, **kw) * 8 - 0.1,
+        "B": torch.randn(b, L, n, **kw).to(dtype).transpose(1, 2), "C": torch.randn(b, L, n, **kw).to(dtype).transpose(1, 2),
+        "D": torch.randn(d, **kw), "z": torch.randn(b, d, L, **kw).to(dtype), "delta_bias": torch.randn(d, **kw),
+        "delta_softplus": True,
+    }
+
+
+def _model_scan_inputs(b: int, d: int, n: int, L: int) -> dict:
+    """A Mamba unit's scan call under bf16 autocast: bf16 activations, float32 A, D, delta_bias (mamba-ssm's init)."""
+    g = torch.Generator(device=PLAN.device).manual_seed(1)
+    kw = {"device": PLAN.device, "generator": g}
+    dt = torch.exp(torch.rand(d, **kw) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+    bf16 = torch.bfloat16
+    return {
+        "u": torch.randn(b, d, L, **kw).to(bf16), "delta": (0.5 * torch.randn(b, d, L, **kw)).to(bf16),
+        "A": -torch.arange(1, n + 1, dtype=torch.float32, device=PLAN.device).repeat(d, 1),
+        "B": torch.randn(b, L, n, **kw).to(bf16).transpose(1, 2), "C": torch.randn(b, L, n, **kw).to(bf16).transpose(1, 2),
+        "D": torch.ones(d, device=PLAN.device), "z": torch.randn(b, d, L, **kw).to(bf16),
+        "delta_bias": dt + torch.log(-torch.expm1(-dt)), "delta_softplus": True,
+    }
+
+
+def _forward_backward(scan: Callable, inputs: dict, weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      **kw) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """y, last state and every tensor input's gradient of sum(w_y y) + sum(w_h h) (sums when no weights)."""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    y, h = scan(**{**inputs, **leaves}, return_last_state=True, **kw)
+    w_y, w_h = weights if weights else (torch.ones_like(y), torch.ones_like(h))
+    ((y * w_y.to(y.dtype)).double().sum() + (h * w_h.to(h.dtype)).double().sum()).backward()
+    return y.detach(), h.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+@check("chunked scan on CUDA vs float64 reference")
+def scan_parity() -> dict:
+    inputs = _parity_inputs(*PLAN.parity_shape)
+    ref = selective_scan_ref(**{k: v.double() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
+    out = selective_scan_chunked(**inputs)
+    row = {"rel_l2_fp32_vs_fp64": _rel(out, ref), "finite": bool(torch.isfinite(out).all()),
+           "threshold": f"rel L2 <= {FWD_TOL}"}
+    if fused_available():
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        row["fused_rel_l2_vs_fp64"] = _rel(selective_scan_fn(**inputs), ref)
+    return _mark(row, row["rel_l2_fp32_vs_fp64"] > FWD_TOL or not row["finite"])
+
+
+@check("Triton scan vs float64 reference: forward, last state, every gradient; bf16 inputs; determinism")
+def triton_parity() -> dict:
+    scan = _scan_function("triton")
+    b, d, n, L = PLAN.parity_shape
+    inputs = _parity_inputs(b, d, n, L)
+    g = torch.Generator(device=PLAN.device).manual_seed(2)
+    weights = (torch.randn(b, d, L, device=PLAN.device, generator=g), torch.randn(b, d, n, device=PLAN.device, generator=g))
+    exact = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    y_ref, h_ref, grads_ref = _forward_backward(selective_scan_ref, exact, weights)
+    y, h, grads = _forward_backward(scan, inputs, weights)
+    errors = {"y": _rel(y, y_ref), "last_state": _rel(h, h_ref), **{f"d{k}": _rel(v, grads_ref[k]) for k, v in grads.items()}}
+    again = _forward_backward(scan, inputs, weights)[2]
+    deterministic = all(torch.equal(grads[k], again[k]) for k in grads)
+    # bf16 activations (float32 A, D, delta_bias), against float64 on the same rounded values
+    low = {k: v.to(torch.bfloat16) if k in ("u", "delta", "B", "C", "z") else v for k, v in inputs.items()}
+    y16, h16, grads16 = _forward_backward(scan, low)
+    y16_ref, h16_ref, grads16_ref = _forward_backward(
+        selective_scan_ref, {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in low.items()})
+    errors16 = {"y": _rel(y16, y16_ref), "last_state": _rel(h16, h16_ref), **{f"d{k}": _rel(v, grads16_ref[k]) for k, v in grads16.items()}}
+    worst_grad = max(v for k, v in errors.items() if k.startswith("d"))
+    row = {"shape_b_d_n_L": [b, d, n, L], "fp32_rel_l2": {k: f"{v:.1e}" for k, v in errors.items()},
+           "bf16_rel_l2": {k: f"{v:.1e}" for k, v in errors16.items()}, "deterministic_gradients": deterministic,
+           "threshold": f"fp32: output, state <= {FWD_TOL}, gradients <= {GRAD_TOL}; bf16 <= {BF16_TOL}; "
+                        "bit-identical gradients run to run"}
+    failed = (max(errors["y"], errors["last_state"]) > FWD_TOL or worst_grad > GRAD_TOL
+              or max(errors16.values()) > BF16_TOL or not deterministic)
+    return _mark(row, failed or not all(math.isfinite(v) for v in [*errors.values(), *errors16.values()]))
+
+
+_SCAN_MS: dict[tuple[str, str], float] = {}  # (size name, scan) -> forward+backward ms, for the Triton target
+
+
+@check("scan fwd+bwd at {0} size, {1}")
+def scan_timing(size: str, name: str) -> dict:
+    scan = _scan_function(name)
+    _, b, d, n, L = next(s for s in PLAN.scan_sizes if s[0] == size)
+    inputs = _model_scan_inputs(b, d, n, L)
+    leaves = {k: v.requires_grad_(True) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    grad_out = torch.randn(b, d, L, device=PLAN.device).to(torch.bfloat16)
+    out = {}
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.mse_loss(model(clip).float(), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        for leaf in leaves.values():
+            leaf.grad = None
+        out["y"] = scan(**inputs)
+        out["y"].backward(grad_out)
 
-    torch.cuda.reset_peak_memory_stats()
-    seconds = _timed(step, repeats=3)
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    model.eval()
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        infer = _timed(lambda: model(clip), repeats=5)
-    return {"batch": batch, "train_step_s": round(seconds, 4), "train_clips_per_s": round(batch / seconds, 2),
-            "infer_clips_per_s": round(batch / infer, 2), "peak_gib": round(peak, 2),
-            "scan": "mamba-ssm fused" if fused_available() else "chunked"}
-
-
-@check("evim3 bf16 forward+backward")
-def train_evim3() -> dict:
-    return _train_step("evim3", batch=4)
-
-
-@check("evim3-p4 bf16 forward+backward")
-def train_p4() -> dict:
-    return _train_step("evim3-p4", batch=2)
+    with torch.no_grad():
+        forward_s = _timed(lambda: scan(**inputs), PLAN.repeats)
+    _reset_peak()
+    seconds = _timed(step, PLAN.repeats)
+    _SCAN_MS[(size, name)] = seconds * 1e3
+    finite = bool(torch.isfinite(out["y"]).all()) and all(bool(torch.isfinite(v.grad).all()) for v in leaves.values())
+    row = {"shape_b_d_n_L": [b, d, n, L], "fwd_bwd_ms": round(seconds * 1e3, 3), "fwd_ms": round(forward_s * 1e3, 3),
+           "peak_gib": _peak_gib(), "finite": finite, "threshold": "output and gradients finite"}
+    missed = False
+    if name == "triton":
+        mamba_ms, chunked_ms = _SCAN_MS.get((size, "mamba")), _SCAN_MS.get((size, "chunked"))
+        if mamba_ms:
+            row["target"] = f"<= {TRITON_VS_MAMBA}x mamba-ssm ({mamba_ms:.3f} ms)"
+            row["vs_mamba"] = round(seconds * 1e3 / mamba_ms, 2)
+            missed = row["vs_mamba"] > TRITON_VS_MAMBA
+        if chunked_ms:
+            row["speedup_vs_chunked"] = round(chunked_ms / (seconds * 1e3), 1)
+    return _mark(row, not finite, missed)
 
 
-@check("evim3-p4 MAE pre-training step (bf16, STC 0.8, token-skipping encoder)")
-def pretrain_p4() -> dict:
+@check("Triton chunk length sweep at {0} size (fwd+bwd ms)")
+def triton_block_sweep(size: str) -> dict:
+    scan = _scan_function("triton")
+    _, b, d, n, L = next(s for s in PLAN.scan_sizes if s[0] == size)
+    inputs = _model_scan_inputs(b, d, n, L)
+    leaves = {k: v.requires_grad_(True) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    grad_out = torch.randn(b, d, L, device=PLAN.device).to(torch.bfloat16)
+    times, outputs = {}, {}
+    for block in PLAN.block_sweep:
+        def step(block: int = block) -> None:
+            for leaf in leaves.values():
+                leaf.grad = None
+            outputs[block] = scan(**inputs, block_l=block)
+            outputs[block].backward(grad_out)
+
+        times[str(block)] = round(_timed(step, PLAN.repeats) * 1e3, 3)
+    first = outputs[PLAN.block_sweep[0]]
+    spread = max(_rel(y, first) for y in outputs.values())
+    row = {"fwd_bwd_ms_by_block_l": times, "max_rel_l2_between_blocks": spread,
+           "threshold": f"outputs agree across chunk lengths (rel L2 <= {BF16_TOL})"}
+    return _mark(row, not spread <= BF16_TOL)
+
+
+@check("{0} bf16 train and inference, batch {1}, {2} scan")
+def train_with_scan(preset: str, batch: int, name: str) -> dict:
+    if name == "mamba" and (PLAN.device != "cuda" or scan_unavailable("mamba", "cuda")):
+        raise SkipCheck(f"mamba-ssm: {_mamba_missing()}")
+    if name not in PLAN.model_scans:
+        raise SkipCheck(f"not in this plan's model scans {PLAN.model_scans}")
+    cfg = PRESETS[preset].replace(**PLAN.shrink)
+    torch.manual_seed(0)
+    with forced_scan(name):
+        model = EViM3(cfg).to(PLAN.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
+        clip = torch.randn(batch, 1, cfg.frames, cfg.img_size, cfg.img_size, device=PLAN.device)
+        target = 55.0 + 10.0 * torch.randn(batch, 1, device=PLAN.device)  # EF points; the head starts at 55
+        losses: list[float] = []
+
+        def step() -> None:
+            with torch.autocast(PLAN.device, dtype=torch.bfloat16):
+                loss = torch.nn.functional.mse_loss(model(clip).float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+
+        _reset_peak()
+        seconds = _timed(step, PLAN.repeats)
+        peak = _peak_gib()
+        model.eval()
+        with torch.no_grad(), torch.autocast(PLAN.device, dtype=torch.bfloat16):
+            infer = _timed(lambda: model(clip), PLAN.repeats)
+    falling = all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    row = {"batch": batch, "train_step_s": round(seconds, 4), "train_clips_per_s": round(batch / seconds, 2),
+           "infer_clips_per_s": round(batch / infer, 2), "peak_gib": peak,
+           "losses": [round(x, 4) for x in losses], "threshold": "loss finite and lower after the steps than before"}
+    missed = False
+    if name == "triton" and preset in TRAIN_TARGETS and not PLAN.shrink:
+        clips_s, peak_gib = TRAIN_TARGETS[preset]
+        row["target"] = f">= {clips_s} clips/s, peak <= {peak_gib:.1f} GiB"
+        missed = row["train_clips_per_s"] < clips_s or (peak is not None and peak > peak_gib)
+    return _mark(row, not falling, missed)
+
+
+@check("evim3-p4 MAE pre-training step (bf16, STC 0.8, token-skipping encoder), {0} scan")
+def pretrain_p4(name: str) -> dict:
     from evim3.models.pretrain import EViM3MAE
 
-    cfg = PRESETS["evim3-p4"]
-    model = EViM3MAE(cfg, mask_ratio=0.8).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = 4
-    clip = torch.randn(batch, 1, cfg.frames, cfg.img_size, cfg.img_size, device="cuda")
+    if name == "mamba" and (PLAN.device != "cuda" or scan_unavailable("mamba", "cuda")):
+        raise SkipCheck(f"mamba-ssm: {_mamba_missing()}")
+    if name not in PLAN.model_scans:
+        raise SkipCheck(f"not in this plan's model scans {PLAN.model_scans}")
+    cfg = PRESETS["evim3-p4"].replace(**PLAN.shrink)
+    with forced_scan(name):
+        model = EViM3MAE(cfg, mask_ratio=0.8).to(PLAN.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        batch = 4 if not PLAN.shrink else 1
+        clip = torch.randn(batch, 1, cfg.frames, cfg.img_size, cfg.img_size, device=PLAN.device)
+        losses: list[float] = []
 
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(clip)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        def step() -> None:
+            with torch.autocast(PLAN.device, dtype=torch.bfloat16):
+                loss = model(clip)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
 
-    torch.cuda.reset_peak_memory_stats()
-    seconds = _timed(step, repeats=3)
-    return {"batch": batch, "step_s": round(seconds, 4), "clips_per_s": round(batch / seconds, 2),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        _reset_peak()
+        seconds = _timed(step, PLAN.repeats)
+    row = {"batch": batch, "step_s": round(seconds, 4), "clips_per_s": round(batch / seconds, 2),
+           "peak_gib": _peak_gib(), "threshold": "losses finite"}
+    missed = False
+    if not PLAN.shrink:
+        row["target"] = f">= {PRETRAIN_TARGET_CLIPS_S} clips/s"
+        missed = row["clips_per_s"] < PRETRAIN_TARGET_CLIPS_S
+    return _mark(row, not all(map(math.isfinite, losses)), missed)
 
 
 @check("evim3 train on CUDA: the real loop (synthetic data, fine-tune, resume, pre-train)")
 def train_loop_cuda() -> dict:
+    if PLAN.device != "cuda":
+        raise SkipCheck("dry run: the real loop on CPU is tests/test_train.py's")
     try:
         from evim3.data.synth import generate_dataset
     except ImportError as e:
@@ -158,7 +427,7 @@ def train_loop_cuda() -> dict:
     generate_dataset(os.path.join(tmp, "data"), 24, seed=0, workers=4)
     base = TrainConfig(stage="finetune", data=os.path.join(tmp, "data"), out=os.path.join(tmp, "ft"),
                        preset="evim3-tiny", frames=16, period=4, batch=4, accum=1, epochs=2, lr=4e-3, pad=4,
-                       device=TRAIN_DEVICE, workers=2, stats_videos=8, log_every=1)
+                       device=PLAN.device, workers=2, stats_videos=8, log_every=1)
     first = train(base, stop_after=3)  # as if stopped after step 3, then resumed to the end
     resumed = train(base.replace(resume=True))
     pre = train(base.replace(stage="pretrain", out=os.path.join(tmp, "pre"), epochs=1))
@@ -248,22 +517,47 @@ def _export_tiny():
     return _EXPORTED["path"], _EXPORTED["model"], _EXPORTED["cfg"]
 
 
+def _write_json() -> None:
+    out = os.environ.get("OUT")
+    if out:
+        gpu = torch.cuda.get_device_name() if PLAN.device == "cuda" else "none (dry run on CPU)"
+        with open(os.path.join(out, "gpu_check.json"), "w") as f:
+            json.dump({"gpu": gpu, "torch": torch.__version__, "results": RESULTS}, f, indent=2)
+
+
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device visible to torch; nothing to check.")
+    global PLAN
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run the checks' code on CPU at toy sizes (Triton through its interpreter), for the script itself")
+    args = parser.parse_args()
+    if args.dry_run:
+        PLAN = DRY
+        os.environ["TRITON_INTERPRET"] = "1"  # before the Triton kernels are defined (at their module's import)
+    elif not torch.cuda.is_available():
+        print("gpu_check: no CUDA device visible to torch; nothing to check (--dry-run runs the code on CPU).")
         return 2
-    print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  CUDA {torch.version.cuda}  "
-          f"mamba-ssm fused: {fused_available()}", flush=True)
-    for fn in (scan_parity, train_evim3, train_p4, pretrain_p4, train_loop_cuda, mamba_ssm_compat, ort_cuda, tensorrt_engine):
+    else:
+        print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  CUDA {torch.version.cuda}  "
+              f"mamba-ssm fused: {fused_available()}", flush=True)
+    sizes = [size[0] for size in PLAN.scan_sizes]
+    scan_parity()
+    triton_parity()
+    for size in sizes:
+        for name in ("chunked", "mamba", "triton"):  # Triton last: its row compares with the other two
+            scan_timing(size, name)
+    triton_block_sweep(sizes[0])
+    for preset, batch in PLAN.train:
+        for name in (*SCANS, "cpu") if args.dry_run else SCANS:
+            train_with_scan(preset, batch, name)
+    for name in ("triton", "mamba", *(("chunked",) if args.dry_run else ())):
+        pretrain_p4(name)
+    for fn in (train_loop_cuda, mamba_ssm_compat, ort_cuda, tensorrt_engine):
         fn()
     print("\n| check | status | seconds | details |\n|---|---|---|---|")
     for r in RESULTS:
         details = {k: v for k, v in r.items() if k not in ("check", "status", "seconds")}
         print(f"| {r['check']} | {r['status']} | {r['seconds']} | {json.dumps(details)} |")
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "gpu_check.json"), "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "results": RESULTS}, f, indent=2)
     return 1 if any(r["status"] == "FAIL" for r in RESULTS) else 0
 
 

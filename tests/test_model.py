@@ -216,6 +216,9 @@ def test_info_command_prints_every_preset() -> None:
         assert text in result.output
     for name in PRESETS:
         assert name in result.output
+    assert "scan on CUDA tensors: " in result.output and "scan on CPU tensors: " in result.output
+    forced = runner.invoke(app, ["--preset", "evim3-tiny"], env={"COLUMNS": "120", "EVIM3_SCAN": "chunked"})
+    assert "scan on CPU tensors: the chunked scan (PyTorch ops) (forced by EVIM3_SCAN)" in forced.output
     one = runner.invoke(app, ["--preset", "evim3-tiny"], env={"COLUMNS": "120"})
     assert one.exit_code == 0 and "evim3-tiny" in one.output and "evim3-p4" not in one.output
     assert f"{count_parameters(EViM3(PRESETS['evim3-tiny'])):,}" in one.output

@@ -7,6 +7,7 @@ largest per-step |delta * A| ~ 70, where an exp(cumsum) formulation would overfl
 
 from __future__ import annotations
 
+import importlib
 import itertools
 
 import pytest
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from evim3.ops import selective_scan, selective_scan_chunked, selective_scan_ref
+from evim3.ops import scan_name, selective_scan, selective_scan_chunked, selective_scan_ref
 from evim3.ops.selective_scan import chunked_scan_core
 
 F64_ABS_TOL = 1e-10
@@ -147,6 +148,24 @@ def test_gradients_match_reference_autograd() -> None:
         assert (got - ref).abs().max().item() <= 1e-9 * max(1.0, ref.abs().max().item()), k
 
 
+def test_chunked_backward_float32_matches_float64_reference() -> None:
+    """The hand-written backward in float32 -- the CUDA training path without mamba-ssm or Triton -- against
+    autograd through the float64 reference: every gradient (through y and the last state) within F32_REL_TOL
+    (1e-5) relative L2, over heavy-tailed steps and L = 1031 (33 chunks of 32); measured 1e-7 to 3e-7."""
+    args = scan_args(batch=2, d=8, n=16, seqlen=1031, seed=11, dtype=torch.float64)
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    weight = torch.randn(2, 8, 1031, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = []
+    for scan, dtype in ((selective_scan_chunked, torch.float32), (selective_scan_ref, torch.float64)):
+        leaves = {k: args[k].to(dtype).requires_grad_(True) for k in names}
+        y, h = scan(**leaves, delta_softplus=True, return_last_state=True)
+        assert y.dtype == dtype
+        ((y * weight.to(dtype)).sum() + h.sum()).backward()
+        grads.append({k: v.grad for k, v in leaves.items()})
+    for k in names:
+        assert grads[0][k].dtype == torch.float32 and rel_l2(grads[0][k], grads[1][k]) <= F32_REL_TOL, k
+
+
 def test_plain_autograd_through_the_chunked_ops() -> None:
     """Under tracing / torch.compile the scan runs as plain ops and autograd differentiates them directly
     (no hand-written backward): those gradients must be the reference's too."""
@@ -196,3 +215,56 @@ def test_chunked_matches_reference_property(
     assert y.shape == (batch, d, seqlen) and h.shape == (batch, d, n)
     assert (y - ref_y).abs().max().item() <= F64_ABS_TOL
     assert (h - ref_h).abs().max().item() <= F64_ABS_TOL
+
+
+def test_forced_scan_by_environment(monkeypatch) -> None:
+    """EVIM3_SCAN picks the scan; a name that is no scan, or a scan that cannot run here, is a one-line error."""
+    args = scan_args(seqlen=30)
+    monkeypatch.setenv("EVIM3_SCAN", "chunked")
+    assert scan_name("cpu") == "chunked"
+    assert torch.equal(selective_scan(**args), selective_scan_chunked(**args))
+    monkeypatch.setenv("EVIM3_SCAN", "mamba")
+    with pytest.raises(ValueError, match="EVIM3_SCAN=mamba cannot run cpu tensors: mamba-ssm's kernel runs CUDA"):
+        selective_scan(**args)
+    monkeypatch.setenv("EVIM3_SCAN", "cuda")
+    with pytest.raises(ValueError, match="'cuda' is not a scan; choose one of mamba, triton, chunked, cpu"):
+        selective_scan(**args)
+    monkeypatch.setenv("EVIM3_SCAN", "cpu")
+    with pytest.raises(ValueError, match="EVIM3_SCAN=cpu cannot run cuda tensors"):
+        scan_name("cuda")
+
+
+def test_automatic_order(monkeypatch) -> None:
+    """Without EVIM3_SCAN: on CUDA mamba-ssm, then Triton, then chunked; on CPU the fused kernel, then chunked."""
+    dispatch = importlib.import_module("evim3.ops.selective_scan")  # the module: evim3.ops.selective_scan is a function
+
+    monkeypatch.delenv("EVIM3_SCAN", raising=False)
+    for missing, expected in (((), "mamba"), (("mamba",), "triton"), (("mamba", "triton"), "chunked")):
+        monkeypatch.setattr(dispatch, "scan_unavailable", lambda name, device, m=missing: "no" if name in m else None)
+        assert scan_name("cuda") == expected
+    monkeypatch.setattr(dispatch, "scan_unavailable", lambda name, device: None)
+    assert scan_name("cpu") == "cpu" and scan_name("mps") == "chunked"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_scan_compiled_for_the_gpu_matches_reference() -> None:
+    """The Triton kernels compiled for the GPU (test_scan_triton.py runs the same code through the interpreter):
+    forward, last state and every gradient against float64 autograd, float32 <= 1e-5 relative L2 for y and the
+    state, <= 1e-4 for the gradients (sums over batch * L terms in float32); L = 300 spans three chunks."""
+    triton_scan = pytest.importorskip("evim3.ops.selective_scan_triton", reason="Triton is not installed")
+    if triton_scan.interpreted():
+        pytest.skip("this session defined the Triton kernels for the interpreter (test_scan_triton.py ran first)")
+    args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in
+            scan_args(batch=2, d=8, n=16, seqlen=300, seed=21, dtype=torch.float64).items()}
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+    results = []
+    for scan, dtype in ((triton_scan.selective_scan_triton, torch.float32), (selective_scan_ref, torch.float64)):
+        leaves = {k: args[k].to(dtype).requires_grad_(True) for k in names}
+        y, h = scan(**leaves, delta_softplus=True, return_last_state=True)
+        (y.sin().sum() + h.cos().sum()).backward()
+        results.append((y, h, {k: v.grad for k, v in leaves.items()}))
+    (y, h, grads), (y_ref, h_ref, grads_ref) = results
+    assert rel_l2(y, y_ref) <= F32_REL_TOL and rel_l2(h, h_ref) <= F32_REL_TOL
+    for k in names:
+        assert rel_l2(grads[k], grads_ref[k]) <= 1e-4, k

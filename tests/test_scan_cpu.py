@@ -13,13 +13,14 @@ import warnings
 
 import pytest
 import torch
+from ci import require
 from test_scan import F32_REL_TOL, F64_ABS_TOL, rel_l2, scan_args
 
 import evim3.ops.selective_scan_cpu as scan_cpu
 from evim3.ops import selective_scan, selective_scan_ref
 from evim3.ops.selective_scan_cpu import CHUNK, selective_scan_cpu
 
-pytestmark = pytest.mark.skipif(scan_cpu.cpu_kernel() is None, reason="the fused CPU scan did not build here")
+require(None if scan_cpu.cpu_kernel() is not None else "the fused CPU scan did not build here")
 
 LENGTHS = (1, 2, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17)
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")

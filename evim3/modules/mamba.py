@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evim3.ops import selective_scan
+from evim3.ops import forced_scan, selective_scan
 
 
 def _fused_inner():
@@ -96,7 +96,9 @@ class Mamba(nn.Module):
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, L)
         A = -torch.exp(self.A_log.float())
 
-        fused = _fused_inner() if (self.use_fast_path and xz.is_cuda) else None
+        # mamba-ssm's whole-block kernel unless EVIM3_SCAN asks for another scan
+        fast = self.use_fast_path and xz.is_cuda and forced_scan() in (None, "mamba")
+        fused = _fused_inner() if fast else None
         if fused is not None:
             out = fused(
                 xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,

@@ -3,7 +3,11 @@
 from evim3.ops.selective_scan import (
     default_chunk,
     exportable_scan,
+    forced_scan,
     fused_available,
+    scan_choice,
+    scan_name,
+    scan_unavailable,
     selective_scan,
     selective_scan_chunked,
     selective_scan_exportable,
@@ -13,7 +17,11 @@ from evim3.ops.selective_scan import (
 __all__ = [
     "default_chunk",
     "exportable_scan",
+    "forced_scan",
     "fused_available",
+    "scan_choice",
+    "scan_name",
+    "scan_unavailable",
     "selective_scan",
     "selective_scan_chunked",
     "selective_scan_exportable",

@@ -14,7 +14,9 @@ Returns y (batch, d, L) in u's dtype, and the last state h_L (batch, d, n) when 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import os
 from collections.abc import Iterator
 
 import torch
@@ -310,6 +312,12 @@ def exportable_scan() -> Iterator[None]:
         _exportable_active = previous
 
 
+SCAN_ENV = "EVIM3_SCAN"
+SCAN_NAMES = ("mamba", "triton", "chunked", "cpu")
+_AUTO_ORDER = {"cuda": ("mamba", "triton"), "cpu": ("cpu",)}  # tried in turn; the chunked scan runs anywhere
+
+
+@functools.cache
 def _fused_scan():
     """mamba-ssm's CUDA kernel, or None when the [cuda] extra is not installed."""
     try:
@@ -321,6 +329,77 @@ def _fused_scan():
 
 def fused_available() -> bool:
     return _fused_scan() is not None and torch.cuda.is_available()
+
+
+def forced_scan() -> str | None:
+    """The scan EVIM3_SCAN names (for benchmarks and bug reports), or None when it is not set."""
+    name = os.environ.get(SCAN_ENV, "").strip().lower()
+    if not name:
+        return None
+    if name not in SCAN_NAMES:
+        raise ValueError(f"{SCAN_ENV}={name!r} is not a scan; choose one of {', '.join(SCAN_NAMES)}")
+    return name
+
+
+def scan_unavailable(name: str, device_type: str) -> str | None:
+    """Why scan `name` cannot run tensors on `device_type` here, or None when it can."""
+    if name == "chunked":
+        return None
+    if name == "mamba":
+        if device_type != "cuda":
+            return "mamba-ssm's kernel runs CUDA tensors only"
+        return None if _fused_scan() is not None else "mamba-ssm is not installed (the [cuda] extra)"
+    if name == "triton":
+        try:
+            from evim3.ops import selective_scan_triton as triton_scan
+        except ImportError as e:
+            return f"Triton is not installed ({e})"
+        if device_type == "cuda" or (device_type == "cpu" and triton_scan.interpreted()):
+            return None
+        return "Triton runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, for tests)"
+    from evim3.ops.selective_scan_cpu import DISABLE_ENV, cpu_kernel
+
+    if device_type != "cpu":
+        return "the fused C++ kernel runs CPU tensors only"
+    return None if cpu_kernel() is not None else f"the fused C++ kernel could not be built, or {DISABLE_ENV}=0"
+
+
+def scan_name(device_type: str) -> str:
+    """The scan the dispatcher runs for tensors on `device_type`: the one EVIM3_SCAN forces (an error when it
+    cannot run there), else on CUDA mamba-ssm, then Triton; on CPU the fused C++ kernel; else the chunked scan."""
+    forced = forced_scan()
+    if forced is not None:
+        why = scan_unavailable(forced, device_type)
+        if why is not None:
+            raise ValueError(f"{SCAN_ENV}={forced} cannot run {device_type} tensors: {why}")
+        return forced
+    order = _AUTO_ORDER.get(device_type, ())
+    return next((name for name in order if scan_unavailable(name, device_type) is None), "chunked")
+
+
+def scan_choice(device_type: str) -> tuple[str, list[str]]:
+    """(the scan for tensors on `device_type`, why each scan tried before it was passed over) -- for `evim3
+    info`. Raises as scan_name does when EVIM3_SCAN forces one that cannot run there."""
+    name = scan_name(device_type)
+    if forced_scan() is not None:
+        return name, [f"forced by {SCAN_ENV}"]
+    order = _AUTO_ORDER.get(device_type, ())
+    passed = order[: order.index(name)] if name in order else order
+    return name, [f"not {other}: {scan_unavailable(other, device_type)}" for other in passed]
+
+
+def _scan_function(name: str):
+    if name == "mamba":
+        return _fused_scan()
+    if name == "triton":
+        from evim3.ops.selective_scan_triton import selective_scan_triton
+
+        return selective_scan_triton
+    if name == "cpu":
+        from evim3.ops.selective_scan_cpu import selective_scan_cpu
+
+        return selective_scan_cpu
+    return selective_scan_chunked
 
 
 def selective_scan(
@@ -335,16 +414,9 @@ def selective_scan(
     delta_softplus: bool = False,
     return_last_state: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """mamba-ssm's fused kernel for CUDA tensors when it is installed, evim3's fused C++ kernel for CPU
-    tensors when it builds, else the chunked scan; inside ``exportable_scan()`` always the exportable form."""
+    """The scan ``scan_name`` picks for u's device; inside a tracer or compiler the chunked scan (plain tensor
+    ops), and inside ``exportable_scan()`` always the exportable form."""
     if _exportable_active:
         return selective_scan_exportable(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    if u.is_cuda:
-        scan = _fused_scan() or selective_scan_chunked
-    elif u.device.type == "cpu" and not _tracing():
-        from evim3.ops.selective_scan_cpu import cpu_kernel, selective_scan_cpu
-
-        scan = selective_scan_cpu if cpu_kernel() is not None else selective_scan_chunked
-    else:
-        scan = selective_scan_chunked
+    scan = selective_scan_chunked if _tracing() else _scan_function(scan_name(u.device.type))
     return scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)

@@ -25,17 +25,20 @@ CHUNK = 64  # tokens between saved states: the backward recomputes at most this 
 DISABLE_ENV = "EVIM3_CPU_SCAN"
 
 
-def _cpu_tag() -> str:
-    """A short hash of this CPU's architecture and instruction-set flags. The kernel is built with
-    -march=native (3x faster than the baseline ISA here: the exp and state updates vectorise to AVX2/FMA),
-    so a build cache shared between different machines must not hand one machine's build to another."""
+def _build_tag() -> str:
+    """A short hash of this CPU's architecture and instruction-set flags, and of the source's path. The kernel
+    is built with -march=native (3x faster than the baseline ISA here: the exp and state updates vectorise to
+    AVX2/FMA), so a build cache shared between different machines must not hand one machine's build to another.
+    The path: torch keys the build directory by the extension's name, and its build file names the source by
+    absolute path, so two checkouts sharing one cache under one name would rebuild over each other at every
+    switch -- and a process killed mid-build leaves a lock file that stalls the next one."""
     flags = ""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         pass
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+    return hashlib.sha1(f"{platform.machine()} {flags} {SOURCE.resolve()}".encode()).hexdigest()[:10]
 
 
 @functools.cache
@@ -47,7 +50,7 @@ def cpu_kernel() -> ModuleType | None:
 
     try:
         return cpp_extension.load(
-            name=f"evim3_selective_scan_cpu_{_cpu_tag()}",
+            name=f"evim3_selective_scan_cpu_{_build_tag()}",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-fopenmp", "-march=native"],
             extra_ldflags=["-fopenmp"],
