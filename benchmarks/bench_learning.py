@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from evim3.runtime.meta import PreprocessSpec
 from torch import Tensor, nn
 
@@ -43,6 +42,7 @@ from evim3.models.layout import global_positions, intersection_positions, real_p
 from evim3.models.r2plus1d import R2Plus1D18EF
 from evim3.train.metrics import mae, regression_report
 from evim3.train.recipe import TrainConfig, build_optimizer, build_scheduler
+from evim3.train.tasks import ef_loss
 
 SEED = 0
 CLIP = {"frames": 16, "period": 4}
@@ -101,9 +101,11 @@ def predict(model: nn.Module, clips: Tensor, batch: int = 8) -> np.ndarray:
 
 
 def finetune(model: nn.Module, train: ClipSet, val: ClipSet, *, budget_s: float | None = None,
-             steps: int | None = None, evals: int = EVALS, seed: int = SEED) -> list[dict[str, Any]]:
-    """Train until `budget_s` seconds of training (validation excluded) or `steps` optimizer steps; validate
-    `evals` times, evenly spaced in training time (budget) or steps. Returns the curve."""
+             steps: int | None = None, evals: int = EVALS, seed: int = SEED,
+             loss_kind: str = "mse+corr") -> list[dict[str, Any]]:
+    """Train with the EF loss `loss_kind` (recipe.EF_LOSSES) until `budget_s` seconds of training (validation
+    excluded) or `steps` optimizer steps; validate `evals` times, evenly spaced in training time (budget) or
+    steps. Returns the curve."""
     cfg = TrainConfig(stage="finetune", out="unused")  # the recipe's AdamW groups, weight decay and eps
     total = steps or 10**9  # a time budget: constant lr after the warm-up (no schedule length to know)
     optimizer = build_optimizer(model, LR, cfg)
@@ -119,7 +121,7 @@ def finetune(model: nn.Module, train: ClipSet, val: ClipSet, *, budget_s: float 
         if len(order) < BATCH:
             order += torch.randperm(len(train), generator=generator).tolist()
         x, y = train.batch([order.pop() for _ in range(BATCH)])
-        loss = F.mse_loss(model(x)[:, 0], y) / train.ef_std**2
+        loss = ef_loss(model(x)[:, 0], y, train.ef_std, loss_kind)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)

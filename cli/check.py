@@ -8,7 +8,7 @@ CPU box wrote.
 from __future__ import annotations
 
 import typer
-from evim3.cli.common import EXIT_FAILED, EXIT_USAGE, cli_errors, fail
+from evim3.cli.common import EXIT_FAILED, EXIT_INCONCLUSIVE, EXIT_USAGE, cli_errors, fail
 from evim3.runtime.parity_check import (
     FLAT_SPREAD,
     check_files,
@@ -75,7 +75,7 @@ def check(
                    "that responds to its input, or pass --allow-flat")
         if not allow_flat:
             typer.secho(message, fg=typer.colors.RED, err=True)
-            raise typer.Exit(EXIT_FAILED)
+            raise typer.Exit(EXIT_INCONCLUSIVE)
         typer.secho(message.replace(", or pass --allow-flat", " (--allow-flat: judged anyway)"),
                     fg=typer.colors.YELLOW, err=True)
     failed = [r.backend for r in rows if not r.passed]

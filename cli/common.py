@@ -15,6 +15,7 @@ F = TypeVar("F", bound=Callable)
 
 EXIT_FAILED = 1  # the job ran and something failed (a source, a parity check, a bad file)
 EXIT_USAGE = 2  # the command line itself was wrong (Typer uses 2 too)
+EXIT_INCONCLUSIVE = 3  # the job ran but proves nothing (parity of a model that answers the same for every input)
 
 
 def debug_enabled() -> bool:

@@ -261,8 +261,8 @@ def test_check_passes_and_writes_a_golden_file(checked: dict) -> None:
 
 
 def test_check_of_a_flat_model_is_inconclusive(tiny: dict) -> None:
-    """A model that answers the same EF for every clip agrees with its export trivially: exit 1, said plainly,
-    unless --allow-flat."""
+    """A model that answers the same EF for every clip agrees with its export trivially: exit 3 (inconclusive),
+    said plainly, unless --allow-flat."""
     model = input_sensitive_model(get_preset(PRESET))
     with torch.no_grad():
         model.head.mlp[-1].weight.zero_()  # the output is the bias: 55 EF for every input
@@ -270,7 +270,7 @@ def test_check_of_a_flat_model_is_inconclusive(tiny: dict) -> None:
     save_checkpoint(flat, model.state_dict(), tiny["meta"])
     assert run_cli("export", flat, "-o", tiny["folder"] / "flat.onnx")[0] == 0
     code, output = run_cli("check", flat, "--onnx", tiny["folder"] / "flat.onnx", "--clips", "2")
-    assert code == 1 and "parity INCONCLUSIVE" in output and "SD 0 EF points" in output, output
+    assert code == 3 and "parity INCONCLUSIVE" in output and "SD 0 EF points" in output, output
     code, output = run_cli("check", flat, "--onnx", tiny["folder"] / "flat.onnx", "--clips", "2", "--allow-flat")
     assert code == 0 and "INCONCLUSIVE" in output and "parity: pass" in output, output
 

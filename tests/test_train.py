@@ -20,7 +20,7 @@ from evim3.data.echonet import EchoNetDataset
 from evim3.data.stats import compute_mean_std
 from evim3.models.evim3 import EViM3
 from evim3.train.recipe import TrainConfig, build_ema, build_optimizer, build_scheduler, ema_decay, lr_factor
-from evim3.train.tasks import load_encoder_weights
+from evim3.train.tasks import batch_correlation, ef_loss, load_encoder_weights
 
 # evim3-tiny shrunk to tens of milliseconds a step: 8 frames of 32 x 32, width 16, one Mamba-3D block.
 TINY_ARGS = ["--preset", "evim3-tiny", "--frames", "8", "--model-set", "img_size=32", "--model-set", "dim=16",
@@ -72,6 +72,35 @@ def test_paper_defaults_and_lr_scaling() -> None:
     assert finetune_cfg.scaled_lr(2) == pytest.approx(1e-4) and finetune_cfg.scaled_lr(1) == pytest.approx(5e-5)
     with pytest.raises(ValueError, match="unknown preset"):
         TrainConfig(stage="finetune", out="unused", preset="nope")
+
+
+def test_batch_correlation_is_pearsons_r_and_zero_where_undefined() -> None:
+    g = torch.Generator().manual_seed(0)
+    predicted, true = torch.randn(8, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64)
+    expected = torch.corrcoef(torch.stack([predicted, true]))[0, 1]
+    assert float(batch_correlation(predicted, true)) == pytest.approx(float(expected), rel=1e-6)
+    assert float(batch_correlation(3 * predicted + 1, true)) == pytest.approx(float(expected), rel=1e-6)  # scale-free
+    assert float(batch_correlation(predicted[:2], true[:2])) == 0.0  # fewer than 3 clips
+    assert float(batch_correlation(predicted, torch.full((8,), 50.0))) == 0.0  # all true EF equal
+
+
+def test_correlation_term_pulls_a_flat_output_towards_the_truth() -> None:
+    """At a near-constant output (the collapse), MSE's gradient is the residual, ~ef_std^-2 small per clip; the
+    correlation term's is large, and a small step against it raises the correlation with the truth."""
+    true = torch.tensor([20.0, 35.0, 50.0, 65.0, 80.0, 55.0])
+    predicted = torch.full_like(true, true.mean().item()) + 1e-3 * torch.randn(6, generator=torch.Generator().manual_seed(1))
+    predicted.requires_grad_(True)
+    ef_loss(predicted, true, ef_std=12.0, kind="mse").backward()
+    mse_grad = predicted.grad.clone()
+    predicted.grad = None
+    ef_loss(predicted, true, ef_std=12.0, kind="mse+corr").backward()
+    corr_grad = predicted.grad - mse_grad
+    assert corr_grad.abs().max() > 10 * mse_grad.abs().max()
+    with torch.no_grad():
+        step = 1e-4 * corr_grad / corr_grad.norm()  # a tenth of the output's own spread
+        assert batch_correlation(predicted - step, true) > batch_correlation(predicted, true) + 0.05
+    with pytest.raises(ValueError, match="unknown EF loss"):
+        TrainConfig(stage="finetune", out="x", ef_loss="l1")
 
 
 def test_optimizer_skips_decay_for_norms_biases_tokens_and_ssm_parameters() -> None:

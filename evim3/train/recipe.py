@@ -29,6 +29,13 @@ from evim3.runtime.meta import PreprocessSpec
 STAGES = ("pretrain", "finetune")
 TASKS = ("ef", "classification")
 MASK_STRATEGIES = ("stc", "random", "tube")
+# EF fine-tuning losses: "mse" is the paper's; "mse+corr" adds 1 - r, the batch's Pearson correlation between
+# predicted and true EF. MSE alone rewards answering the mean while the features do not yet carry EF: the head
+# shrinks its last layer, the gradient to the encoder dies with it, and the model sits at the mean predictor
+# (evim3-tiny from scratch, batch 8: prediction SD 0.000 EF after 50 steps at lr 3e-3, still flat after 300).
+# The correlation term cannot be lowered by shrinking the output, and its pull on a near-constant output is
+# strong, so the readout stays alive: the same run left the mean by step 200 (BENCHMARKS.md, learning).
+EF_LOSSES = ("mse", "mse+corr")
 
 # What differs between the stages in the paper's configs; every other default is shared.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -46,6 +53,7 @@ class TrainConfig:
     data: str | None = None  # EchoNet-Dynamic-layout folder (EF, pre-training)
     csv: str | None = None  # CSV of path,label,split (classification; pre-training may use it too)
     task: str = "ef"  # "ef" | "classification" (fine-tuning)
+    ef_loss: str = "mse+corr"  # EF_LOSSES
     preset: str = "evim3"
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields (tests, experiments)
     frames: int | None = None  # clip length; None = the preset's
@@ -95,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"unknown stage {self.stage!r} (expected one of {', '.join(STAGES)})")
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r} (expected one of {', '.join(TASKS)})")
+        if self.ef_loss not in EF_LOSSES:
+            raise ValueError(f"unknown EF loss {self.ef_loss!r} (expected one of {', '.join(EF_LOSSES)})")
         if self.mask_strategy not in MASK_STRATEGIES:
             raise ValueError(f"unknown mask strategy {self.mask_strategy!r} (expected {', '.join(MASK_STRATEGIES)})")
         for name, value in STAGE_DEFAULTS[self.stage].items():
@@ -144,7 +154,7 @@ class TrainConfig:
 # Fields a resumed run must share with the run it continues: they change what a step computes or the
 # schedule's length. The rest (workers, device, ckpt_every, ...) may differ.
 RESUME_INVARIANTS = (
-    "stage", "task", "preset", "model_overrides", "frames", "period", "fps", "pad", "keep_ratio", "max_videos",
+    "stage", "task", "ef_loss", "preset", "model_overrides", "frames", "period", "fps", "pad", "keep_ratio", "max_videos",
     "epochs", "max_steps", "batch", "accum", "lr", "lr_batch", "weight_decay", "adam_eps", "warmup_epochs",
     "warmup_steps", "min_lr_factor", "clip_grad",
     "ema_beta", "ema_power", "ema_every", "ema_start", "mask_ratio", "mask_strategy", "time_chain", "chain",

@@ -131,6 +131,25 @@ def _gather_validation(model: nn.Module, loader: DataLoader, ctx: DistContext, t
     return gathered[:, 1], gathered[:, 2:]
 
 
+def batch_correlation(predicted: Tensor, true: Tensor) -> Tensor:
+    """Pearson correlation over the batch; 0 where it is undefined (fewer than 3 clips, or all true EF equal)."""
+    predicted, true = predicted.float() - predicted.float().mean(), true.float() - true.float().mean()
+    if len(true) < 3 or float(true.norm()) == 0:
+        return predicted.sum() * 0  # no signal, but keeps the graph (DDP expects every parameter used)
+    # The epsilon only guards a constant output, where the correlation is 0 whatever it is.
+    return (predicted * true).sum() / (predicted.norm() * true.norm() + 1e-8)
+
+
+def ef_loss(predicted: Tensor, true: Tensor, ef_std: float, kind: str) -> Tensor:
+    """The EF fine-tuning loss (recipe.EF_LOSSES): MSE in the network's output unit (standardised EF: with
+    gradient clipping at 1.0, a loss in raw EF^2, ~ef_std^2 larger, had every step clipped), plus 1 - r for
+    "mse+corr"."""
+    loss = F.mse_loss(predicted, true) / ef_std**2
+    if kind == "mse+corr":
+        loss = loss + 1 - batch_correlation(predicted, true)
+    return loss
+
+
 class EFTask(Task):
     name = "ef"
     monitor = "val_mae"
@@ -145,16 +164,14 @@ class EFTask(Task):
         return EViM3(self.cfg.model_config(), task="ef", ef_mean=self.info["ef_mean"], ef_std=self.info["ef_std"])
 
     def loss(self, model: nn.Module, batch: dict, device: torch.device) -> Tensor:
-        # MSE in the network's output unit (standardised EF): with gradient clipping at 1.0, a loss in raw
-        # EF^2 (~ef_std^2 larger) had every step clipped, and tiny models from scratch stayed at the mean.
         predicted = model_outputs(model, batch["x"], device)[:, 0]
-        return F.mse_loss(predicted, batch["ef"].to(device)) / self.info["ef_std"] ** 2
+        return ef_loss(predicted, batch["ef"].to(device), self.info["ef_std"], self.cfg.ef_loss)
 
     @torch.no_grad()
     def validate(self, model: nn.Module, loader: DataLoader, ctx: DistContext) -> dict[str, float]:
         true, outputs = _gather_validation(model, loader, ctx, "ef")
         report = regression_report(true, outputs[:, 0], resamples=0)
-        val_loss = float(np.mean((outputs[:, 0] - true) ** 2)) / self.info["ef_std"] ** 2  # as `loss`
+        val_loss = float(np.mean((outputs[:, 0] - true) ** 2)) / self.info["ef_std"] ** 2  # the MSE of `loss`
         return {"val_loss": val_loss, "val_mae": report["mae"], "val_rmse": report["rmse"], "val_r2": report["r2"],
                 "val_pred_std": report["pred_std"], "val_true_std": report["true_std"]}
 
