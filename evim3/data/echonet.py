@@ -108,6 +108,9 @@ class ClipDataset(Dataset):
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"item {index} of {len(self)}")  # also ends `for item in dataset`
+        index %= len(self)
         unreadable = ""
         for offset in range(len(self)):
             candidate = (index + offset) % len(self)

@@ -8,11 +8,15 @@ item is loaded under its own seed, a function of (run seed, epoch, rank, positio
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from evim3.runtime.errors import DatasetError
 
 
 def item_seed(seed: int, epoch: int, rank: int, position: int) -> int:
@@ -71,3 +75,33 @@ def make_loader(dataset: Dataset, *, batch: int, rank: int, world_size: int, shu
         generator=torch.Generator().manual_seed(seed), persistent_workers=False,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+class UnreadableVideos:
+    """The videos this process could not decode during a run, learnt from the "unreadable" entries of the
+    batches (``ClipDataset`` substitutes the next decodable video for such a video, in whichever process
+    loads it). Each is warned about once on stderr and counted for the run summary; `strict` stops the run
+    at the first instead."""
+
+    def __init__(self, strict: bool):
+        self.strict = strict
+        self.errors: set[str] = set()  # "path: problem" lines
+
+    def note(self, error: str) -> None:
+        if not error or error in self.errors:
+            return
+        if self.strict:
+            raise DatasetError(None, f"{error} (stopped by --strict; without it, training skips videos that "
+                                     "cannot be decoded)")
+        self.errors.add(error)
+        tqdm.write(f"warning: {error}: skipped, a video that cannot be decoded", file=sys.stderr)
+
+    def note_batch(self, batch: dict) -> None:
+        for error in batch["unreadable"]:
+            self.note(error)
+
+    def watch(self, batches: Iterable[dict]) -> Iterator[dict]:
+        """`batches`, noting each one's unreadable videos as it passes."""
+        for batch in batches:
+            self.note_batch(batch)
+            yield batch
