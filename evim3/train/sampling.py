@@ -3,7 +3,9 @@
 Two things usually make a resumed epoch differ from an uninterrupted one: the loader starts the epoch
 from its first batch again, and augmentation draws from per-worker random streams whose position depends
 on everything the worker loaded before. Here the sampler can start an epoch part-way through, and every
-item is loaded under its own seed, a function of (run seed, epoch, rank, position in the epoch) alone.
+item is loaded under its own seed, a function of (run seed, epoch, position in the epoch's order) alone.
+That order is the one shuffled order all ranks share, so the seed does not depend on the number of
+processes either: N processes with batch b see the same items, augmented alike, as one process with N x b.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from tqdm.auto import tqdm
 from evim3.runtime.errors import DatasetError
 
 
-def item_seed(seed: int, epoch: int, rank: int, position: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, rank, position]).generate_state(1, np.uint32)[0])
+def item_seed(seed: int, epoch: int, position: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1, np.uint32)[0])
 
 
 class EpochSampler(DistributedSampler):
-    """DistributedSampler (the same shuffled order on every rank, one shard each) that yields
-    (index, seed) pairs and can skip the first samples of an epoch (`set_epoch(epoch, skip)`)."""
+    """DistributedSampler (the same shuffled order on every rank, one shard each: rank r takes positions
+    r, r + N, r + 2N, ...) that yields (index, seed) pairs and can skip the first samples of its shard in an
+    epoch (`set_epoch(epoch, skip)`)."""
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, *, shuffle: bool, seed: int):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
@@ -38,7 +41,8 @@ class EpochSampler(DistributedSampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         indices = list(super().__iter__())
         for position in range(self.skip, len(indices)):
-            yield indices[position], item_seed(self.seed, self.epoch, self.rank, position)
+            global_position = position * self.num_replicas + self.rank
+            yield indices[position], item_seed(self.seed, self.epoch, global_position)
 
     def __len__(self) -> int:
         return max(0, super().__len__() - self.skip)
