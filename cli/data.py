@@ -1,4 +1,5 @@
-"""`evim3 data`: datasets. `evim3 data synth` writes the built-in synthetic dataset without importing torch."""
+"""`evim3 data`: datasets. `evim3 data synth` writes the built-in synthetic dataset and `evim3 data check`
+checks a dataset before training, both without importing torch."""
 
 from __future__ import annotations
 
@@ -8,15 +9,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from evim3.cli.common import cli_errors
+from evim3.cli.common import EXIT_FAILED, cli_errors
 
 app = typer.Typer(no_args_is_help=True)
 
 
 @app.callback()
 def _data() -> None:
-    """Datasets: make the built-in synthetic echo dataset."""
-    # A callback keeps `synth` a named sub-command even while it is the only one.
+    """Datasets: make the built-in synthetic echo dataset; check a dataset before training."""
 
 
 @app.command()
@@ -56,3 +56,38 @@ def synth(
         low, high = other_rates[0], other_rates[-1]
         rates += f", {low if low == high else f'{low} to {high}'} fps ({len(other_rates)})"
     typer.echo(f"  frame rates: {rates}")
+
+
+@app.command()
+@cli_errors
+def check(
+    root: Annotated[Path, typer.Argument(help="EchoNet-Dynamic-layout folder (FileList.csv, VolumeTracings.csv, Videos/).")],
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, help="Processes decoding videos in parallel.")
+    ] = min(os.cpu_count() or 1, 8),
+) -> None:
+    """Decode every listed video and check every label (EF from 0 to 100, ESV and EDV positive, ESV < EDV,
+    split) and that each video has at least 2 traced frames. Prints a table of problems and exits 1 if there
+    are any."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from evim3.data.check import check_dataset
+
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress_bar:
+        task = progress_bar.add_task("decoding", total=None)
+        report = check_dataset(root, workers=workers, progress=lambda: progress_bar.advance(task))
+
+    if not report.problems:
+        typer.echo(f"{root}: {report.videos} video{'s' * (report.videos != 1)} decoded; labels in range; "
+                   "every video traced: no problems")
+        return
+    width = max(len("file"), *(len(p.file) for p in report.problems))
+    typer.echo(f"{'file':<{width}}  problem")
+    for problem in report.problems:
+        typer.echo(f"{problem.file:<{width}}  {problem.problem}")
+    files = len({p.file for p in report.problems})
+    typer.echo(f"{root}: {len(report.problems)} problem{'s' * (len(report.problems) != 1)} in {files} "
+               f"file{'s' * (files != 1)} ({report.videos} videos listed)")
+    raise typer.Exit(EXIT_FAILED)

@@ -1,14 +1,26 @@
 """`evim3 train pretrain|finetune`: the paper's recipe (evim3.train.recipe) with resumable checkpoints,
-multi-process training (--nproc, or torchrun directly) and a progress bar, CSV log and end summary."""
+multi-process training (--nproc, or torchrun directly) and a progress bar, CSV log and end summary.
+
+The flags are built from TrainConfig: each sets the field it names, with the field's type and default
+(the stage's, for the fields STAGE_DEFAULTS fills), so the config stays the one source of defaults. This
+module adds only the flag names and help texts.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import subprocess
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from evim3.cli.common import EXIT_FAILED, cli_errors
+
+from evim3.train.recipe import STAGE_DEFAULTS, TrainConfig
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -18,96 +30,120 @@ def _train() -> None:
     """Train E-ViM3: masked-autoencoder pre-training, then EF regression or classification fine-tuning."""
 
 
-# Options both stages take. None = the stage's default (see evim3.train.recipe.STAGE_DEFAULTS).
-Data = Annotated[Path | None, typer.Option("--data", help="EchoNet-Dynamic-layout folder (FileList.csv, Videos/).")]
-Csv = Annotated[Path | None, typer.Option("--csv", help="CSV of path,label,split (classification; pre-training too).")]
-Preset = Annotated[str, typer.Option("--preset", help="Model preset: evim3, evim3-p4, evim3-small, evim3-tiny.")]
-Out = Annotated[Path | None, typer.Option("--out", help="Run folder (default runs/<stage>-<preset>).")]
-Epochs = Annotated[int | None, typer.Option("--epochs", min=1, help="Epochs (default 50 fine-tune, 100 pre-train).")]
-MaxSteps = Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps.")]
-Batch = Annotated[int, typer.Option("--batch", min=1, help="Clips per process per micro-batch.")]
-Accum = Annotated[int, typer.Option("--accum", min=1, help="Micro-batches per optimizer step.")]
-Lr = Annotated[float | None, typer.Option(
-    "--lr", help="Learning rate at a total batch of 32 (default 1e-4 fine-tune, 1e-3 pre-train); scaled linearly.")]
-WarmupEpochs = Annotated[float | None, typer.Option("--warmup-epochs", help="Warm-up (default 1 / 5 epochs).")]
-Period = Annotated[int, typer.Option("--period", min=1, help="Take every period-th frame (at 50 fps) into a clip.")]
-Frames = Annotated[int | None, typer.Option("--frames", min=1, help="Clip length (default: the preset's).")]
-KeepRatio = Annotated[float, typer.Option("--keep-ratio", min=0.0, max=1.0, help="Share of TRAIN videos used.")]
-MaxVideos = Annotated[int | None, typer.Option("--max-videos", min=1, help="At most this many videos per split.")]
-Pad = Annotated[int, typer.Option("--pad", min=0, help="Random-crop padding of training clips, pixels.")]
-EmaStart = Annotated[int, typer.Option("--ema-start", min=0, help="Optimizer step the weight EMA starts at.")]
-EmaBeta = Annotated[float, typer.Option("--ema-beta", min=0.0, max=1.0, help="Largest EMA decay.")]
-Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
-CkptEvery = Annotated[int, typer.Option(
-    "--ckpt-every", min=0, help="Optimizer steps between checkpoints (0: at epoch ends only).")]
-EvalEvery = Annotated[int, typer.Option("--eval-every", min=1, help="Epochs between validations.")]
-LogEvery = Annotated[int, typer.Option("--log-every", min=1, help="Optimizer steps between steps.csv rows.")]
-Workers = Annotated[int, typer.Option("--workers", min=0, help="Data-loading processes per training process.")]
-CacheVideos = Annotated[bool, typer.Option(
-    "--cache-videos", help="Decode each video once and keep it in memory (uint8: ~2 MB per 112x112 video).")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+@dataclass(frozen=True)
+class Flag:
+    """A command-line option for the TrainConfig field `field`."""
+
+    field: str
+    help: str
+    name: str | None = None  # the flag, when not --field-with-dashes
+    type: Any = None  # the option's type, when not the field's (paths)
+    limits: dict[str, float] = dataclasses.field(default_factory=dict)  # click's min / max
+
+
+# Options both stages take.
+SHARED = (
+    Flag("data", "EchoNet-Dynamic-layout folder (FileList.csv, Videos/).", type=Path | None),
+    Flag("csv", "CSV of path,label,split (classification; pre-training too).", type=Path | None),
+    Flag("preset", "Model preset: evim3, evim3-p4, evim3-small, evim3-tiny."),
+    Flag("out", "Run folder (default runs/<stage>-<preset>).", type=Path | None),
+    Flag("epochs", "Epochs.", limits={"min": 1}),
+    Flag("max_steps", "Stop after this many optimizer steps.", limits={"min": 1}),
+    Flag("batch", "Clips per process per micro-batch.", limits={"min": 1}),
+    Flag("accum", "Micro-batches per optimizer step.", limits={"min": 1}),
+    Flag("lr", "Learning rate at a total batch of 32; scaled linearly."),
+    Flag("warmup_epochs", "Warm-up epochs."),
+    Flag("period", "Take every period-th frame (at 50 fps) into a clip.", limits={"min": 1}),
+    Flag("frames", "Clip length (default: the preset's).", limits={"min": 1}),
+    Flag("keep_ratio", "Share of TRAIN videos used.", limits={"min": 0.0, "max": 1.0}),
+    Flag("max_videos", "At most this many videos per split.", limits={"min": 1}),
+    Flag("pad", "Random-crop padding of training clips, pixels.", limits={"min": 0}),
+    Flag("ema_start", "Optimizer step the weight EMA starts at.", limits={"min": 0}),
+    Flag("ema_beta", "Largest EMA decay.", limits={"min": 0.0, "max": 1.0}),
+    Flag("resume", "Continue the run in --out from its last checkpoint."),
+    Flag("ckpt_every", "Optimizer steps between checkpoints (0: at epoch ends only).", limits={"min": 0}),
+    Flag("eval_every", "Epochs between validations.", limits={"min": 1}),
+    Flag("log_every", "Optimizer steps between steps.csv rows.", limits={"min": 1}),
+    Flag("workers", "Data-loading processes per training process.", limits={"min": 0}),
+    Flag("cache_videos", "Decode each video once and keep it in memory (uint8: ~2 MB per 112x112 video)."),
+    Flag("strict", "Stop at a video that cannot be decoded (default: skip it with a warning, count it)."),
+    Flag("device", "auto, cpu, cuda or cuda:N."),
+    Flag("seed", "Seed for weights, order, augmentation and masks."),
+)
+PRETRAIN = (
+    Flag("mask_ratio", "Share of patches masked."),
+    Flag("mask_strategy", "Mask strategy: stc, random or tube.", name="--mask"),
+    Flag("time_chain", "STC cell length in patches."),
+    Flag("chain", "STC cell width in patches."),
+    Flag("shared_mask", "One mask per batch (the paper's code)."),
+    Flag("norm_pix_loss", "Per-patch normalised targets."),
+)
+FINETUNE = (
+    Flag("task", "ef (regression, --data) or classification (--csv)."),
+    Flag("init", "Checkpoint (or pre-training run folder) whose encoder weights start the encoder.",
+         type=Path | None),
+)
+
+# Options that set no TrainConfig field.
 Nproc = Annotated[int, typer.Option("--nproc", min=1, help="Training processes on this machine (torchrun).")]
-Seed = Annotated[int, typer.Option("--seed", help="Seed for weights, order, augmentation and masks.")]
 ModelSet = Annotated[list[str] | None, typer.Option(
     "--model-set", hidden=True, help="Override a ModelConfig field, KEY=VALUE (tests, experiments).")]
 
 
-@app.command()
-@cli_errors
-def pretrain(
-    ctx: typer.Context,
-    data: Data = None, csv: Csv = None, preset: Preset = "evim3", out: Out = None,
-    epochs: Epochs = None, max_steps: MaxSteps = None, batch: Batch = 4, accum: Accum = 4, lr: Lr = None,
-    warmup_epochs: WarmupEpochs = None, period: Period = 2, frames: Frames = None, keep_ratio: KeepRatio = 1.0,
-    max_videos: MaxVideos = None, pad: Pad = 12, ema_start: EmaStart = 100, ema_beta: EmaBeta = 0.9999,
-    resume: Resume = False, ckpt_every: CkptEvery = 0, eval_every: EvalEvery = 1, log_every: LogEvery = 10,
-    workers: Workers = 2, cache_videos: CacheVideos = False,
-    device: Device = "auto", nproc: Nproc = 1, seed: Seed = 0, model_set: ModelSet = None,
-    mask_ratio: Annotated[float, typer.Option("--mask-ratio", help="Share of patches masked.")] = 0.8,
-    mask: Annotated[str, typer.Option("--mask", help="Mask strategy: stc, random or tube.")] = "stc",
-    time_chain: Annotated[int | None, typer.Option("--time-chain", help="STC cell length in patches.")] = None,
-    chain: Annotated[int | None, typer.Option("--chain", help="STC cell width in patches.")] = None,
-    shared_mask: Annotated[bool, typer.Option("--shared-mask", help="One mask per batch (the paper's code).")] = False,
-    norm_pix_loss: Annotated[bool, typer.Option("--norm-pix-loss", help="Per-patch normalised targets.")] = False,
-) -> None:
-    """Masked-video-modelling pre-training (STC masking, token-skipping encoder). Writes
-    pretrain.safetensors (EMA weights, best validation loss) for `evim3 train finetune --init`."""
-    options = dict(locals())
-    options.update(mask_strategy=options.pop("mask"))
-    _run("pretrain", options)
+def flag_defaults(stage: str) -> dict[str, Any]:
+    """What each TrainConfig field defaults to when its flag is not given: the stage's default, else the
+    field's (None for a field without one: --out, whose default depends on the preset)."""
+    defaults = {}
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        defaults[f.name] = STAGE_DEFAULTS[stage].get(f.name, None if default is dataclasses.MISSING else default)
+    return defaults
 
 
-@app.command()
-@cli_errors
-def finetune(
-    ctx: typer.Context,
-    data: Data = None, csv: Csv = None, preset: Preset = "evim3", out: Out = None,
-    epochs: Epochs = None, max_steps: MaxSteps = None, batch: Batch = 4, accum: Accum = 4, lr: Lr = None,
-    warmup_epochs: WarmupEpochs = None, period: Period = 2, frames: Frames = None, keep_ratio: KeepRatio = 1.0,
-    max_videos: MaxVideos = None, pad: Pad = 12, ema_start: EmaStart = 100, ema_beta: EmaBeta = 0.9999,
-    resume: Resume = False, ckpt_every: CkptEvery = 0, eval_every: EvalEvery = 1, log_every: LogEvery = 10,
-    workers: Workers = 2, cache_videos: CacheVideos = False,
-    device: Device = "auto", nproc: Nproc = 1, seed: Seed = 0, model_set: ModelSet = None,
-    task: Annotated[str, typer.Option("--task", help="ef (regression, --data) or classification (--csv).")] = "ef",
-    init: Annotated[Path | None, typer.Option(
-        "--init", help="Checkpoint (or pre-training run folder) whose encoder weights start the encoder.")] = None,
-) -> None:
-    """Fine-tune for EF regression (MSE; MAE/RMSE/R² on validation) or video classification (AUC).
-    Writes best.safetensors (EMA weights of the best validation epoch) and last.safetensors."""
-    _run("finetune", dict(locals()))
+def _parameter(flag: Flag, stage: str) -> inspect.Parameter:
+    field_type = typing.get_type_hints(TrainConfig)[flag.field]
+    name = flag.name or "--" + flag.field.replace("_", "-")
+    option = typer.Option(name, help=flag.help, **flag.limits)
+    return inspect.Parameter(flag.field, inspect.Parameter.KEYWORD_ONLY, default=flag_defaults(stage)[flag.field],
+                             annotation=Annotated[flag.type or field_type, option])
 
 
-def _run(stage: str, options: dict[str, Any]) -> None:
+def _command(stage: str, flags: tuple[Flag, ...], doc: str) -> Callable[..., None]:
+    """A Typer command for `stage` whose options are `flags` (plus --nproc, --model-set)."""
+
+    def command(ctx: typer.Context, **options: Any) -> None:
+        _run(stage, ctx, options)
+
+    command = cli_errors(command)
+    extra = {"nproc": (Nproc, 1), "model_set": (ModelSet, None)}
+    command.__signature__ = inspect.Signature([
+        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+        *(_parameter(flag, stage) for flag in flags),
+        *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+          for name, (annotation, default) in extra.items()),
+    ])
+    command.__annotations__ = {"ctx": typer.Context}  # Typer reads the others from the signature
+    command.__doc__ = doc
+    return command
+
+
+pretrain = app.command("pretrain")(_command("pretrain", SHARED + PRETRAIN, """Masked-video-modelling pre-training
+    (STC masking, token-skipping encoder). Writes pretrain.safetensors (EMA weights, best validation loss) for
+    `evim3 train finetune --init`."""))
+finetune = app.command("finetune")(_command("finetune", SHARED + FINETUNE, """Fine-tune for EF regression (MSE;
+    MAE/RMSE/R² on validation) or video classification (AUC). Writes best.safetensors (EMA weights of the best
+    validation epoch) and last.safetensors."""))
+
+
+def _run(stage: str, ctx: typer.Context, options: dict[str, Any]) -> None:
     import os
 
-    ctx: typer.Context = options.pop("ctx")
     nproc = options.pop("nproc")
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch(ctx, nproc)
         return
 
     from evim3.train.loop import train
-    from evim3.train.recipe import TrainConfig
 
     overrides = _model_overrides(options.pop("model_set") or [])
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
@@ -142,6 +178,6 @@ def _relaunch(ctx: typer.Context, nproc: int) -> None:
                 args += [flag, str(item)]
         else:
             args += [flag, str(value)]
-    returncode = subprocess.call(torchrun_argv(nproc, args))
+    returncode = subprocess.call(torchrun_argv(nproc, "evim3.cli.main", args))
     if returncode:
         raise typer.Exit(EXIT_FAILED)

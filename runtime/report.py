@@ -29,7 +29,7 @@ def _short(source: str, width: int = 30) -> str:
 
 def results_table(results: list[SourceResult], class_names: list[str]) -> Table:
     """One row per source: EF (mean, min-max over clips) or class probabilities; 'failed' for a source
-    that could not be used (its reason is printed on its own line, see failure_lines)."""
+    that could not be used (`evim3 infer` prints its reason on its own line)."""
     table = Table(title="evim3 infer", title_justify="left")
     table.add_column("source", no_wrap=True)
     table.add_column("seconds", justify="right", min_width=7)

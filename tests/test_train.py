@@ -7,6 +7,7 @@ import csv
 import itertools
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,68 @@ def test_existing_run_needs_resume(synth_dataset: Path, tmp_path: Path) -> None:
     assert again.exit_code == 1 and "--resume" in again.output
     changed = finetune(synth_dataset, out, "--max-steps", "1", "--resume", "--lr", "0.5")
     assert changed.exit_code == 1 and "cannot resume with another lr" in changed.output
+
+
+# --- bad data -----------------------------------------------------------------------------------------
+
+def broken_copy(synth_dataset: Path, target: Path, splits: tuple[str, ...]) -> list[str]:
+    """A copy of the dataset whose first video of each of `splits` is cut to 300 bytes (undecodable);
+    returns those videos' paths."""
+    shutil.copytree(synth_dataset, target)
+    rows = read_rows(target / "FileList.csv")
+    broken = []
+    for split in splits:
+        name = next(row["FileName"] for row in rows if row["Split"] == split)
+        video = target / "Videos" / f"{name}.avi"
+        video.write_bytes(video.read_bytes()[:300])
+        broken.append(str(video))
+    return broken
+
+
+def test_undecodable_videos_are_skipped_and_counted(synth_dataset: Path, tmp_path: Path) -> None:
+    """One TRAIN and one VAL video that cannot be decoded, loaded in a DataLoader worker: the run finishes,
+    warns once per video and counts both in the summary; validation leaves the VAL one out."""
+    data = tmp_path / "data"
+    broken = broken_copy(synth_dataset, data, ("TRAIN", "VAL"))
+    out = tmp_path / "run"
+    result = finetune(data, out, "--epochs", "1", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["step"] == 2
+    assert summary["unreadable_videos"] == 2
+    assert sorted(line.split(":")[0] for line in summary["unreadable"]) == sorted(broken)
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and all("skipped, a video that cannot be decoded" in w for w in warnings)
+    assert "unreadable_videos      2" in result.output  # the end-of-run summary
+    # The VAL metric covers the one decodable VAL video only: recompute it from the saved weights.
+    model, meta = load_model(out / "best.safetensors")
+    good = EchoNetDataset(data, "VAL", meta.preprocess, clips="first", substitute_unreadable=True)[1]
+    assert not good["unreadable"] and good["file"] not in broken[1]
+    with torch.no_grad():
+        error = abs(model(good["x"][None])[0, 0].item() - good["ef"].item())
+    assert error == pytest.approx(summary["best"]["val_mae"], abs=1e-4)
+
+
+def test_strict_stops_at_an_undecodable_video_in_one_line(synth_dataset: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (broken,) = broken_copy(synth_dataset, data, ("TRAIN",))
+    result = finetune(data, tmp_path / "run", "--max-steps", "1", "--strict")
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.startswith(f"error: {broken}: ") and "--strict" in result.output
+
+
+def test_nan_ef_is_refused_at_load_naming_the_row(synth_dataset: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(synth_dataset, data)
+    rows = read_rows(data / "FileList.csv")
+    rows[3]["EF"] = "nan"
+    with open(data / "FileList.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "run"
+    result = finetune(data, out, "--max-steps", "1")
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert f"1 row with an unusable EF label ({rows[3]['FileName']}: EF 'nan' is not a number from 0 to 100)" \
+        in result.output
+    assert not (out / "steps.csv").exists()  # refused before the first step

@@ -8,7 +8,6 @@ exactly for the same file and clip start. ``EchoNetDataset`` adds the EchoNet fi
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Sequence
 from typing import Literal
@@ -18,8 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from evim3.data.synth import FILELIST_COLUMNS, FILELIST_NAME, TRACING_COLUMNS, TRACINGS_NAME, VIDEOS_DIR
-from evim3.runtime.errors import DatasetError
+from evim3.data.synth import FILELIST_COLUMNS, FILELIST_NAME, TRACINGS_NAME, VIDEOS_DIR
+from evim3.data.tables import (
+    MIN_TRACED_FRAMES,
+    SHOWN,
+    check_ef_labels,
+    number,
+    read_csv_table,
+    traced_frame_counts,
+    video_name,
+)
+from evim3.runtime.errors import DatasetError, EchoInputError
 from evim3.runtime.meta import PreprocessSpec
 from evim3.runtime.preprocess import normalise, prepare, sample_clip_indices, sliding_clip_starts
 from evim3.runtime.video import read_video
@@ -28,30 +36,14 @@ from evim3.runtime.video import read_video
 # "all": the sliding clips the inference path runs (every `stride` resampled frames).
 Clips = Literal["random", "first", "all"] | int
 SPLIT_NAMES = ("TRAIN", "VAL", "TEST", "ALL")
-MISSING_SHOWN = 5  # missing files named in the error message
-
-
-def read_csv_table(path: str, required_columns: Sequence[str]) -> list[dict[str, str]]:
-    """Rows of a CSV file as dicts; a missing file or a header without `required_columns` is a DatasetError."""
-    if not os.path.isfile(path):
-        raise DatasetError(path, "not found")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        missing = [column for column in required_columns if column not in header]
-        if missing:
-            raise DatasetError(
-                path, f"header lacks {', '.join(missing)} (has {','.join(header)}; expected {','.join(required_columns)})"
-            )
-        return list(reader)
 
 
 def check_files_exist(paths: Sequence[str], listed_in: str) -> None:
     """One DatasetError naming how many of `paths` are missing, and the first few."""
     missing = [path for path in paths if not os.path.isfile(path)]
     if missing:
-        shown = ", ".join(os.path.basename(path) for path in missing[:MISSING_SHOWN])
-        more = ", ..." if len(missing) > MISSING_SHOWN else ""
+        shown = ", ".join(os.path.basename(path) for path in missing[:SHOWN])
+        more = ", ..." if len(missing) > SHOWN else ""
         raise DatasetError(listed_in, f"{len(missing)} of {len(paths)} listed videos are missing: {shown}{more}")
 
 
@@ -81,11 +73,18 @@ class ClipDataset(Dataset):
     `cache` keeps each video, once decoded and preprocessed, in memory as uint8 (T x size x size bytes: 2.2 MB
     for a 175-frame 112x112 video) so later epochs skip decoding; ``preload`` fills it before DataLoader
     workers fork, which then share it.
+
+    Items (subclasses' ``load_item``) also hold "unreadable": "" or, with `substitute_unreadable`, the error of
+    a video that could not be decoded, whose item is then the next decodable video's (same random draws).
+    Substituting in the dataset keeps every batch full, so DDP ranks and gradient accumulation stay in step,
+    and works alike in DataLoader workers, where only the batch reaches the training process: its
+    "unreadable" entries are how the run learns of, warns about and counts the bad videos (or stops, --strict).
+    Without `substitute_unreadable` the decoding error is raised (evaluation).
     """
 
     def __init__(
         self, paths: Sequence[str], spec: PreprocessSpec, *, split: str, clips: Clips, pad: int, stride: int | None,
-        cache: bool = False,
+        cache: bool = False, substitute_unreadable: bool = False,
     ):
         if not (clips in ("random", "first", "all") or (type(clips) is int and clips >= 1)):
             raise ValueError(f"clips must be 'random', 'first', 'all' or a positive number, got {clips!r}")
@@ -98,9 +97,33 @@ class ClipDataset(Dataset):
         # The inference pipeline's default stride, so "all" means the clips `evim3 infer` runs.
         self.stride = stride or max(1, spec.clip_span // 2)
         self.cache: dict[int, np.ndarray] | None = {} if cache else None
+        self.substitute_unreadable = substitute_unreadable
+        self.unreadable: dict[int, EchoInputError] = {}  # this process's failures, so each is decoded once
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def load_item(self, index: int) -> dict:
+        """Item `index` as the subclass defines it (x, labels, file, starts)."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"item {index} of {len(self)}")  # also ends `for item in dataset`
+        index %= len(self)
+        unreadable = ""
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            try:
+                item = self.load_item(candidate)
+            except EchoInputError as e:
+                if not self.substitute_unreadable:
+                    raise
+                unreadable = unreadable or str(e)
+                continue
+            return {**item, "unreadable": unreadable}
+        raise DatasetError(os.path.dirname(self.paths[0]), f"none of the {len(self)} videos can be decoded "
+                                                           f"(the first: {unreadable})")
 
     def clip_starts(self, num_frames: int) -> list[int]:
         """Start frames (in the resampled video) of the clips one item holds."""
@@ -117,17 +140,28 @@ class ClipDataset(Dataset):
         """The item's video preprocessed up to the normalisation: uint8 (T', size, size)."""
         if self.cache is not None and index in self.cache:
             return self.cache[index]
-        frames = prepare(read_video(self.paths[index]), self.spec)
+        if index in self.unreadable:
+            raise self.unreadable[index]
+        try:
+            frames = prepare(read_video(self.paths[index]), self.spec)
+        except EchoInputError as e:
+            self.unreadable[index] = e
+            raise
         if self.cache is not None:
             self.cache[index] = frames
         return frames
 
     def preload(self) -> int:
-        """Decode every video into the cache (which must be on) now; returns the cache's size in bytes."""
+        """Decode every video into the cache (which must be on) now; returns the cache's size in bytes.
+        With `substitute_unreadable`, a video that cannot be decoded is left out (see `unreadable`)."""
         if self.cache is None:
             raise RuntimeError("this dataset was made without cache=True")
         for index in range(len(self)):
-            self.video(index)
+            try:
+                self.video(index)
+            except EchoInputError:
+                if not self.substitute_unreadable:
+                    raise
         return sum(frames.nbytes for frames in self.cache.values())
 
     def load_clips(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,10 +188,12 @@ class EchoNetDataset(ClipDataset):
     `split` is TRAIN, VAL, TEST or ALL. Padding augmentation (`pad`, 0 for none) applies to TRAIN only.
     `drop_untraced` drops videos with fewer than two traced frames in VolumeTracings.csv and `keep_ratio`
     keeps the first share of the split's rows in file order, both as the paper; `max_videos` caps the
-    count; `cache` is ClipDataset's. `ef_mean` is the mean EF of the TRAIN rows chosen by the same rules,
-    whatever `split` is: the constant a model's output is centred on; `ef_std` (their spread; 1.0 for fewer
-    than two) its unit. Items are dicts: x (see ClipDataset), ef, edv, esv (float
-    tensors), file (FileList name) and starts (clip starts, resampled frames).
+    count; `cache` and `substitute_unreadable` are ClipDataset's. `ef_mean` is the mean EF of the TRAIN rows
+    chosen by the same rules, whatever `split` is: the constant a model's output is centred on; `ef_std`
+    (their spread; 1.0 for fewer than two) its unit. The EF of every row used (this split's and those TRAIN
+    rows) must be a number from 0 to 100, else a DatasetError names the rows. Items are dicts: x (see
+    ClipDataset), ef, edv, esv (float tensors; NaN for a missing volume), file (FileList name), starts (clip
+    starts, resampled frames) and unreadable (see ClipDataset).
     """
 
     def __init__(
@@ -173,6 +209,7 @@ class EchoNetDataset(ClipDataset):
         max_videos: int | None = None,
         stride: int | None = None,
         cache: bool = False,
+        substitute_unreadable: bool = False,
     ):
         root = os.fspath(root)
         filelist = os.path.join(root, FILELIST_NAME)
@@ -180,43 +217,35 @@ class EchoNetDataset(ClipDataset):
             raise DatasetError(root, f"no {FILELIST_NAME}: not an EchoNet-Dynamic folder (`evim3 data synth` makes one)")
         rows = read_csv_table(filelist, FILELIST_COLUMNS)
         if drop_untraced:
-            traced = _traced_frame_counts(os.path.join(root, TRACINGS_NAME))
-            rows = [row for row in rows if traced.get(_video_name(row["FileName"]), 0) >= 2]
+            traced = traced_frame_counts(os.path.join(root, TRACINGS_NAME))
+            rows = [row for row in rows if traced.get(video_name(row["FileName"]), 0) >= MIN_TRACED_FRAMES]
 
         train_rows = select_rows(rows, "TRAIN", "Split", keep_ratio, max_videos)
+        self.rows = select_rows(rows, split, "Split", keep_ratio, max_videos)
+        # Before any video is read: a NaN EF would otherwise surface as a NaN loss at the first step.
+        check_ef_labels(list({id(row): row for row in [*train_rows, *self.rows]}.values()), filelist)
         train_ef = np.array([float(row["EF"]) for row in train_rows])
         self.ef_mean = float(train_ef.mean()) if len(train_ef) else float("nan")
         self.ef_std = float(train_ef.std()) if len(train_ef) > 1 and train_ef.std() > 0 else 1.0
-        self.rows = select_rows(rows, split, "Split", keep_ratio, max_videos)
         if not self.rows:
             raise DatasetError(filelist, f"no {split.upper()} videos" + (" with tracings" if drop_untraced else ""))
-        paths = [os.path.join(root, VIDEOS_DIR, _video_name(row["FileName"])) for row in self.rows]
+        paths = [os.path.join(root, VIDEOS_DIR, video_name(row["FileName"])) for row in self.rows]
         check_files_exist(paths, os.path.join(root, VIDEOS_DIR))
-        super().__init__(paths, spec, split=split, clips=clips, pad=pad, stride=stride, cache=cache)
+        super().__init__(paths, spec, split=split, clips=clips, pad=pad, stride=stride, cache=cache,
+                         substitute_unreadable=substitute_unreadable)
         self.files = [row["FileName"] for row in self.rows]
         self.ef = np.array([float(row["EF"]) for row in self.rows], dtype=np.float32)
+        # Parsed here, not in a loader worker: volumes are carried along, not trained on, so unusable ones
+        # become NaN (`evim3 data check` reports them).
+        self.volumes = np.array([[number(row["EDV"]), number(row["ESV"])] for row in self.rows], dtype=np.float32)
 
-    def __getitem__(self, index: int) -> dict:
+    def load_item(self, index: int) -> dict:
         x, starts = self.load_clips(index)
-        row = self.rows[index]
         return {
             "x": x,
             "ef": torch.tensor(self.ef[index]),
-            "edv": torch.tensor(float(row["EDV"]), dtype=torch.float32),
-            "esv": torch.tensor(float(row["ESV"]), dtype=torch.float32),
+            "edv": torch.tensor(self.volumes[index, 0]),
+            "esv": torch.tensor(self.volumes[index, 1]),
             "file": self.files[index],
             "starts": starts,
         }
-
-
-def _video_name(file_name: str) -> str:
-    """FileList names come with or without .avi, depending on the EchoNet release; the files have it."""
-    return file_name if os.path.splitext(file_name)[1] else file_name + ".avi"
-
-
-def _traced_frame_counts(path: str) -> dict[str, int]:
-    """{video file name: number of distinct traced frames} from VolumeTracings.csv."""
-    frames: dict[str, set[str]] = {}
-    for row in read_csv_table(path, TRACING_COLUMNS):
-        frames.setdefault(_video_name(row["FileName"]), set()).add(row["Frame"])
-    return {name: len(traced) for name, traced in frames.items()}

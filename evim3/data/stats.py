@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from evim3.data.echonet import EchoNetDataset
-from evim3.runtime.errors import DatasetError
+from evim3.runtime.errors import DatasetError, EchoInputError
 from evim3.runtime.meta import PreprocessSpec
 from evim3.runtime.preprocess import preprocess
 from evim3.runtime.video import read_video
@@ -21,12 +21,15 @@ def compute_mean_std(
     spec: PreprocessSpec,
     num_videos: int = 128,
     seed: int = 0,
+    on_unreadable: Callable[[str], None] | None = None,
 ) -> tuple[float, float]:
     """Mean and standard deviation of pixels (0..255) as the model would see them before normalisation:
     after `spec`'s crop, resize and resampling, with `spec.mean` and `spec.std` ignored.
 
     Computed over up to `num_videos` videos drawn at random (by `seed`) from an EchoNet-layout folder's
     TRAIN split, or from a list of video files. The result goes into a PreprocessSpec's mean and std.
+    A video that cannot be decoded raises its EchoInputError, or with `on_unreadable` is passed to it (as
+    "path: problem") and left out.
     """
     if isinstance(dataset_root_or_paths, (str, os.PathLike)):
         root = os.fspath(dataset_root_or_paths)
@@ -42,9 +45,18 @@ def compute_mean_std(
     unnormalised = dataclasses.replace(spec, mean=0.0, std=1.0)
     total = total_squares = count = 0.0
     for index in sorted(chosen):
-        frames = preprocess(read_video(paths[index]), unnormalised).astype(np.float64)
+        try:
+            frames = preprocess(read_video(paths[index]), unnormalised).astype(np.float64)
+        except EchoInputError as e:
+            if on_unreadable is None:
+                raise
+            on_unreadable(str(e))
+            continue
         total += frames.sum()
         total_squares += np.square(frames).sum()
         count += frames.size
+    if not count:
+        raise DatasetError(os.path.dirname(paths[0]), f"none of the {len(chosen)} videos sampled for the "
+                                                      "normalisation can be decoded")
     mean = total / count
     return float(mean), float(math.sqrt(max(total_squares / count - mean**2, 0.0)))

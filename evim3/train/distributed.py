@@ -1,15 +1,7 @@
 """Data-parallel training through torchrun: process group set-up, collectives on plain values, and the
-`--nproc` launcher.
-
-One machine, N processes::
-
-    evim3 train finetune --data DIR --nproc N ...
-    # = python -m torch.distributed.run --standalone --nproc-per-node N -m evim3.cli.main train finetune ...
-
-Several machines: run torchrun yourself on every node with the same rendezvous address, e.g. on node r of 2::
-
-    torchrun --nnodes 2 --node-rank r --nproc-per-node 8 --master-addr HOST0 --master-port 29500 \\
-        -m evim3.cli.main train finetune --data DIR --out RUN ...
+command line that reruns a program as N processes on this machine (``torchrun_argv``: the CLI's --nproc
+passes its own entry module; see README, "Training on more than one process or machine", for several
+machines).
 
 RANK / WORLD_SIZE / LOCAL_RANK come from torchrun's environment; NCCL on CUDA, gloo on CPU.
 """
@@ -108,20 +100,7 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def torchrun_argv(nproc: int, cli_args: list[str]) -> list[str]:
-    """The command that reruns `evim3 <cli_args>` as `nproc` processes on this machine."""
+def torchrun_argv(nproc: int, module: str, args: list[str]) -> list[str]:
+    """The command that runs ``python -m module args`` as `nproc` processes on this machine."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "evim3.cli.main", *cli_args]
-
-
-def without_option(args: list[str], name: str) -> list[str]:
-    """`args` without `name VALUE` / `name=VALUE` (the launcher strips --nproc before relaunching)."""
-    kept, skip_next = [], False
-    for arg in args:
-        if skip_next:
-            skip_next = False
-        elif arg == name:
-            skip_next = True
-        elif not arg.startswith(name + "="):
-            kept.append(arg)
-    return kept
+            "-m", module, *args]

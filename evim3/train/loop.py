@@ -47,7 +47,7 @@ from evim3.train.recipe import (
     build_scheduler,
     ema_due,
 )
-from evim3.train.sampling import make_loader
+from evim3.train.sampling import UnreadableVideos, make_loader
 from evim3.train.state import STATE_FILE, capture_rng, load_state, restore_rng, save_state
 from evim3.train.tasks import init_checkpoint_file, load_encoder_weights, make_task
 
@@ -97,6 +97,7 @@ class Trainer:
         if cfg.init and cfg.stage != "finetune":
             raise ValueError("--init initialises a fine-tuning run from a pre-trained checkpoint; pre-training starts fresh")
 
+        self.unreadable = UnreadableVideos(cfg.strict)
         self.spec = self._preprocess_spec(resumed)
         self.data = self.task.datasets(self.spec)
 
@@ -168,7 +169,8 @@ class Trainer:
             # The training videos as this run selects them (split, keep_ratio, tracings).
             provisional = self.task.datasets(self.cfg.preprocess_spec())
             mean_std = compute_mean_std(provisional.train.paths, self.cfg.preprocess_spec(),
-                                        num_videos=self.cfg.stats_videos, seed=self.cfg.seed)
+                                        num_videos=self.cfg.stats_videos, seed=self.cfg.seed,
+                                        on_unreadable=self.unreadable.note)
         mean, std = broadcast_from_main(mean_std, self.ctx)
         return self.cfg.preprocess_spec(mean, std)
 
@@ -210,6 +212,8 @@ class Trainer:
         """Fill both datasets' caches in this process, so the loader workers it forks share them."""
         t0 = time.perf_counter()
         size = self.data.train.preload() + self.data.val.preload()
+        for error in [*self.data.train.unreadable.values(), *self.data.val.unreadable.values()]:
+            self.unreadable.note(str(error))
         videos = len(self.data.train) + len(self.data.val)
         self.logger.message(f"cached {videos} videos in memory: {size / 2**20:.0f} MiB in "
                             f"{time.perf_counter() - t0:.0f} s")
@@ -241,6 +245,7 @@ class Trainer:
         total = torch.zeros((), device=ctx.device)
         for micro in range(cfg.accum):
             batch = next(batches)
+            self.unreadable.note_batch(batch)
             last = micro == cfg.accum - 1
             # DDP all-reduces gradients on the last micro-batch only.
             sync = contextlib.nullcontext() if last or not ctx.distributed else self.net.no_sync()
@@ -273,7 +278,7 @@ class Trainer:
         final = self.step >= self.total_steps
         if epoch % self.cfg.eval_every == 0 or final:
             model = self._eval_model().eval()
-            metrics = self.task.validate(model, self.val_loader, self.ctx)
+            metrics = self.task.validate(model, self.unreadable.watch(self.val_loader), self.ctx)
             self.last_val = metrics
             self.logger.epoch(epoch, self.step, metrics)
             if self.task.improved(metrics[self.task.monitor], self.best):
@@ -322,12 +327,14 @@ class Trainer:
 
     def _finish(self, seconds: float) -> dict[str, Any]:
         digests = all_gather_objects(weights_digest(self.model), self.ctx)
+        unreadable = sorted(set().union(*all_gather_objects(self.unreadable.errors, self.ctx)))
         files = [name for name in (self.task.checkpoint_name, LAST_FILE, STATE_FILE, "steps.csv", "epochs.csv")
                  if os.path.exists(os.path.join(self.cfg.out, name))]
         summary = {
             "stage": self.cfg.stage, "out": os.path.abspath(self.cfg.out), "task": self.task.name,
             "preset": self.cfg.preset, "status": "finished" if self.step >= self.total_steps else "stopped",
             "train_videos": len(self.data.train), "val_videos": len(self.data.val),
+            "unreadable_videos": len(unreadable), "unreadable": unreadable,
             "step": self.step, "total_steps": self.total_steps, "epochs_done": self.epochs_done,
             "steps_per_epoch": self.steps_per_epoch, "resumed_from": self.resumed_from,
             "world_size": self.ctx.world_size, "device": str(self.ctx.device), "lr": self.lr,

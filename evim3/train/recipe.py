@@ -15,16 +15,18 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from typing import TYPE_CHECKING, Any
 
 from evim3.config import ModelConfig, get_preset
-from evim3.models.evim3 import no_weight_decay_names
 from evim3.runtime.meta import PreprocessSpec
+
+# torch is imported inside the functions that use it: `evim3 train` builds its flags and their defaults from
+# TrainConfig when the CLI starts, and the CLI must start without torch (`evim3 infer` on an edge box).
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.optim.lr_scheduler import LambdaLR
+    from torch.optim.swa_utils import AveragedModel
 
 STAGES = ("pretrain", "finetune")
 TASKS = ("ef", "classification")
@@ -64,6 +66,7 @@ class TrainConfig:
     max_videos: int | None = None  # cap per split (quick runs)
     stats_videos: int = 128  # videos sampled for the normalisation mean/std
     cache_videos: bool = False  # decode each video once and keep it in memory (uint8, T x size^2 bytes)
+    strict: bool = False  # stop at a video that cannot be decoded, instead of skipping it with a warning
 
     epochs: int | None = None
     max_steps: int | None = None  # optimizer steps; ends the run early and sets the schedule's length
@@ -164,6 +167,10 @@ RESUME_INVARIANTS = (
 
 def build_optimizer(model: nn.Module, lr: float, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with two groups: decayed weights, and the parameters `no_weight_decay_names` lists."""
+    import torch
+
+    from evim3.models.evim3 import no_weight_decay_names
+
     skip = no_weight_decay_names(model)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -185,6 +192,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_factor: float)
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
                     min_factor: float) -> LambdaLR:
     """Stepped once per optimizer step. A closed-form factor, so a resumed schedule is exact."""
+    from torch.optim.lr_scheduler import LambdaLR
+
     factor = functools.partial(lr_factor, warmup_steps=warmup_steps, total_steps=total_steps, min_factor=min_factor)
     return LambdaLR(optimizer, factor)
 
@@ -205,6 +214,8 @@ def build_ema(model: nn.Module, cfg: TrainConfig) -> AveragedModel:
 
     Buffers are copied, not averaged (use_buffers=False): the model's buffers are integer index tables.
     """
+    import torch
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     @torch.no_grad()
     def update(ema_params: list, model_params: list, num_averaged: torch.Tensor) -> None:

@@ -100,7 +100,7 @@ def _echonet_datasets(cfg: TrainConfig, spec: PreprocessSpec, drop_untraced: boo
     if not os.path.isdir(cfg.data):
         raise DatasetError(cfg.data, "not a folder (expected an EchoNet-Dynamic-layout dataset)")
     common = {"keep_ratio": cfg.keep_ratio, "drop_untraced": drop_untraced, "max_videos": cfg.max_videos,
-              "cache": cfg.cache_videos}
+              "cache": cfg.cache_videos, "substitute_unreadable": True}
     train = EchoNetDataset(cfg.data, "TRAIN", spec, clips="random", pad=cfg.pad, **common)
     val = EchoNetDataset(cfg.data, "VAL", spec, clips="first", **{**common, "keep_ratio": 1.0})
     return Datasets(train, val, os.path.abspath(cfg.data))
@@ -109,7 +109,7 @@ def _echonet_datasets(cfg: TrainConfig, spec: PreprocessSpec, drop_untraced: boo
 def _csv_datasets(cfg: TrainConfig, spec: PreprocessSpec) -> Datasets:
     from evim3.data.classification import VideoClassificationDataset
 
-    common = {"max_videos": cfg.max_videos, "cache": cfg.cache_videos}
+    common = {"max_videos": cfg.max_videos, "cache": cfg.cache_videos, "substitute_unreadable": True}
     train = VideoClassificationDataset(cfg.csv, "TRAIN", spec, clips="random", pad=cfg.pad,
                                        keep_ratio=cfg.keep_ratio, **common)
     val = VideoClassificationDataset(cfg.csv, "VAL", spec, clips="first", **common)
@@ -119,13 +119,17 @@ def _csv_datasets(cfg: TrainConfig, spec: PreprocessSpec) -> Datasets:
 def _gather_validation(model: nn.Module, loader: DataLoader, ctx: DistContext, target_key: str
                        ) -> tuple[np.ndarray, np.ndarray]:
     """(targets, outputs (N, K)) over the whole validation split, on every rank: each rank predicts its
-    shard, rows are gathered and the padding DistributedSampler added (repeated indices) is dropped."""
+    shard, rows are gathered and the padding DistributedSampler added (repeated indices) is dropped, as
+    are the stand-ins for videos that could not be decoded (index -1: they repeat another video)."""
     rows = []
     for batch in loader:
         outputs = model_outputs(model, batch["x"], ctx.device)
-        rows.append(torch.cat([batch["index"][:, None].double(), batch[target_key][:, None].double(),
+        stand_in = torch.tensor([bool(error) for error in batch["unreadable"]])
+        index = torch.where(stand_in, -1, batch["index"])
+        rows.append(torch.cat([index[:, None].double(), batch[target_key][:, None].double(),
                                outputs.double().cpu()], 1))
     gathered = all_gather_rows(torch.cat(rows), ctx).numpy()
+    gathered = gathered[gathered[:, 0] >= 0]
     _, first = np.unique(gathered[:, 0], return_index=True)
     gathered = gathered[first]
     return gathered[:, 1], gathered[:, 2:]
@@ -239,13 +243,15 @@ class PretrainTask(Task):
     @torch.no_grad()
     def validate(self, model: nn.Module, loader: DataLoader, ctx: DistContext) -> dict[str, float]:
         """Mean loss over the validation clips under the same masks every time (a fixed seed, the
-        caller's random streams untouched), so epochs compare."""
+        caller's random streams untouched), so epochs compare. Stand-ins for undecodable videos are left out."""
         devices = [ctx.device] if ctx.device.type == "cuda" else []
         total = torch.zeros(2, dtype=torch.float64)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.cfg.seed + ctx.rank)
             for batch in loader:
-                total += torch.tensor([self.loss(model, batch, ctx.device).item() * len(batch["x"]), len(batch["x"])])
+                x = batch["x"][torch.tensor([not error for error in batch["unreadable"]])]
+                if len(x):
+                    total += torch.tensor([self.loss(model, {"x": x}, ctx.device).item() * len(x), len(x)])
         total = all_gather_rows(total[None], ctx).sum(0)
         return {"val_loss": float(total[0] / total[1])}
 
