@@ -60,6 +60,7 @@ SHARED = (
     Flag("pad", "Random-crop padding of training clips, pixels.", limits={"min": 0}),
     Flag("ema_start", "Optimizer step the weight EMA starts at.", limits={"min": 0}),
     Flag("ema_beta", "Largest EMA decay.", limits={"min": 0.0, "max": 1.0}),
+    Flag("ema_every", "Optimizer steps between EMA updates.", limits={"min": 1}),
     Flag("resume", "Continue the run in --out from its last checkpoint."),
     Flag("ckpt_every", "Optimizer steps between checkpoints (0: at epoch ends only).", limits={"min": 0}),
     Flag("eval_every", "Epochs between validations.", limits={"min": 1}),
@@ -80,6 +81,8 @@ PRETRAIN = (
 )
 FINETUNE = (
     Flag("task", "ef (regression, --data) or classification (--csv)."),
+    Flag("ef_loss", "EF loss: mse+corr (MSE plus 1 - batch correlation: does not collapse to the mean) or mse "
+                    "(the paper's)."),
     Flag("init", "Checkpoint (or pre-training run folder) whose encoder weights start the encoder.",
          type=Path | None),
 )
@@ -130,8 +133,8 @@ def _command(stage: str, flags: tuple[Flag, ...], doc: str) -> Callable[..., Non
 pretrain = app.command("pretrain")(_command("pretrain", SHARED + PRETRAIN, """Masked-video-modelling pre-training
     (STC masking, token-skipping encoder). Writes pretrain.safetensors (EMA weights, best validation loss) for
     `evim3 train finetune --init`."""))
-finetune = app.command("finetune")(_command("finetune", SHARED + FINETUNE, """Fine-tune for EF regression (MSE;
-    MAE/RMSE/R² on validation) or video classification (AUC). Writes best.safetensors (EMA weights of the best
+finetune = app.command("finetune")(_command("finetune", SHARED + FINETUNE, """Fine-tune for EF regression (--ef-loss;
+    MAE/RMSE/R² and the prediction spread on validation) or video classification (AUC). Writes best.safetensors (EMA weights of the best
     validation epoch) and last.safetensors."""))
 
 

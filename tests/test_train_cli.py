@@ -19,7 +19,8 @@ SHARED_FLAGS = {
     "--batch": ("int", 1, None), "--accum": ("int", 1, None), "--lr": ("float", None, None),
     "--warmup-epochs": ("float", None, None), "--period": ("int", 1, None), "--frames": ("int", 1, None),
     "--keep-ratio": ("float", 0.0, 1.0), "--max-videos": ("int", 1, None), "--pad": ("int", 0, None),
-    "--ema-start": ("int", 0, None), "--ema-beta": ("float", 0.0, 1.0), "--resume": ("bool", None, None),
+    "--ema-start": ("int", 0, None), "--ema-beta": ("float", 0.0, 1.0), "--ema-every": ("int", 1, None),
+    "--resume": ("bool", None, None),
     "--ckpt-every": ("int", 0, None), "--eval-every": ("int", 1, None), "--log-every": ("int", 1, None),
     "--workers": ("int", 0, None), "--cache-videos": ("bool", None, None), "--strict": ("bool", None, None),
     "--device": ("str", None, None), "--nproc": ("int", 1, None), "--seed": ("int", None, None),
@@ -29,7 +30,7 @@ STAGE_FLAGS = {
     "pretrain": {"--mask-ratio": ("float", None, None), "--mask": ("str", None, None),
                  "--time-chain": ("int", None, None), "--chain": ("int", None, None),
                  "--shared-mask": ("bool", None, None), "--norm-pix-loss": ("bool", None, None)},
-    "finetune": {"--task": ("str", None, None), "--init": ("Path", None, None)},
+    "finetune": {"--task": ("str", None, None), "--ef-loss": ("str", None, None), "--init": ("Path", None, None)},
 }
 
 
