@@ -20,6 +20,7 @@ import numpy as np
 from evim3.runtime.backends import Backend, latency_percentiles
 from evim3.runtime.errors import EchoInputError, Evim3Error
 from evim3.runtime.live import LiveFrame, LiveReader, is_live_source
+from evim3.runtime.outputs import clip_values
 from evim3.runtime.preprocess import (
     motion_region,
     preprocess,
@@ -129,11 +130,6 @@ class Timings:
                 "decode_preprocess_share": self.input_share}
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
-
-
 def expand_sources(sources: list[str]) -> Iterator[tuple[str, EchoInputError | None]]:
     """Each source as (source, None), folders replaced by the video files under them (recursive);
     a folder without videos comes back as (folder, error)."""
@@ -177,7 +173,7 @@ class InferencePipeline:
         with self._timed("inference", "batch"):
             out = self.backend.run(clips[:, None])
         self.timings.clips += len(clips)
-        return (softmax(out) if self.class_names else out[:, :1]).tolist()
+        return clip_values(out, self.backend.meta).tolist()
 
     def run_file(self, path: str) -> SourceResult:
         """Decode, preprocess and analyse one video/DICOM file; a bad file gives a result with .error."""

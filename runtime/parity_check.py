@@ -20,6 +20,7 @@ from evim3.runtime.backends import Backend, open_backend
 from evim3.runtime.engine_file import check_engine_compatible, current_gpu, read_engine_header
 from evim3.runtime.errors import BackendUnavailableError, ModelFileError
 from evim3.runtime.meta import META_KEY, ModelMeta, PreprocessSpec
+from evim3.runtime.outputs import class_probabilities
 
 PRECISION_KEY = f"{META_KEY}.precision"  # ONNX metadata_props key: "fp32" | "fp16" (written by evim3.export.onnx)
 REAL_CLIP_NAME = "pydicom ybr_color echo"
@@ -102,18 +103,10 @@ def compare(reference: np.ndarray, candidate: np.ndarray, task: str, backend: st
     if task == "ef":
         ef_diff = float(diff.mean())
     else:
-        ef_diff = float(np.abs(_probabilities(out) - _probabilities(ref)).mean())
+        ef_diff = float(np.abs(class_probabilities(out) - class_probabilities(ref)).mean())
     tol = TOLERANCES[precision]
     passed = bool(np.isfinite(out).all()) and max_abs <= tol.max_abs and cosine >= tol.min_cosine
     return ParityRow(backend, precision, max_abs, max_rel, cosine, ef_diff, passed)
-
-
-def _probabilities(logits: np.ndarray) -> np.ndarray:
-    """Sigmoid of a single logit (binary head), softmax of several."""
-    if logits.shape[1] == 1:
-        return 1.0 / (1.0 + np.exp(-logits))
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def save_golden(path: str | os.PathLike, golden: Golden) -> None:

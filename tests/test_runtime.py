@@ -28,6 +28,7 @@ from evim3.runtime.errors import EchoInputError, ModelFileError
 from evim3.runtime.infer import ClipResult, InferencePipeline, SourceResult, Timings, expand_sources
 from evim3.runtime.live import LiveFrame, LiveReader, is_live_source
 from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, ModelMeta, PreprocessSpec
+from evim3.runtime.outputs import class_probabilities, meta_output_width
 from evim3.runtime.preprocess import preprocess, sample_clip_indices, sliding_clip_starts
 from evim3.runtime.report import run_document, write_csv, write_json, write_plot
 from evim3.runtime.video import read_video
@@ -38,6 +39,8 @@ SPEC = PreprocessSpec(size=16, fps=25.0, frames=8, period=1, mean=100.0, std=50.
 EF_META = ModelMeta(preset="contract", model={}, preprocess=SPEC)
 CLASS_META = ModelMeta(preset="contract", model={}, preprocess=SPEC, task="classification",
                        class_names=["a4c", "a2c", "other"])
+BINARY_META = ModelMeta(preset="contract", model={}, preprocess=SPEC, task="classification",
+                        class_names=["normal", "reduced"])
 
 
 def contract_ef(clips: np.ndarray) -> np.ndarray:
@@ -46,13 +49,15 @@ def contract_ef(clips: np.ndarray) -> np.ndarray:
 
 
 def make_contract_onnx(path: str | os.PathLike, meta: ModelMeta = EF_META, batch: int | str = "N",
-                       input_name: str = INPUT_NAME, metadata: bool = True, frames: int | None = None) -> str:
+                       input_name: str = INPUT_NAME, metadata: bool = True, frames: int | None = None,
+                       outputs: int | None = None) -> str:
     """A real ONNX model with the evim3 contract: EF = 50 + 10 * mean(clip) (task 'ef'), or logits
-    mean(clip) * [1, 2, ..., K] (classification). `frames` overrides the graph's clip length."""
+    mean(clip) * [1, 2, ..., K] (classification; one logit for two classes). `frames` overrides the graph's
+    clip length, `outputs` its output width."""
     spec = meta.preprocess
-    k = 1 if meta.task == "ef" else len(meta.class_names)
+    k = outputs or meta_output_width(meta)
     shape = [batch, 1, frames or spec.frames, spec.size, spec.size]
-    scale, bias = ([[10.0]], [[50.0]]) if k == 1 else ([list(range(1, k + 1))], [[0.0] * k])
+    scale, bias = ([[10.0]], [[50.0]]) if meta.task == "ef" else ([list(range(1, k + 1))], [[0.0] * k])
     graph = helper.make_graph(
         [helper.make_node("ReduceMean", [input_name, "axes"], ["mean"], keepdims=1),
          helper.make_node("Flatten", ["mean"], ["flat"], axis=1),
@@ -99,6 +104,38 @@ def video_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     return write_video(tmp_path_factory.mktemp("videos") / "echo.avi")
 
 
+# --- outputs -> EF or probabilities ---
+
+def test_class_probabilities_of_one_logit_and_of_several() -> None:
+    """Against float64 closed forms on fresh random logits (equal to 1e-12), and finite at extreme logits."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 5, (50, 1))
+    sigmoid = 1 / (1 + np.exp(-x[:, 0]))
+    np.testing.assert_allclose(class_probabilities(x), np.stack([1 - sigmoid, sigmoid], 1), rtol=0, atol=1e-12)
+    logits = rng.normal(0, 5, (50, 4))
+    softmax = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    np.testing.assert_allclose(class_probabilities(logits), softmax, rtol=1e-12, atol=1e-15)
+    extreme = class_probabilities(np.array([[-1000.0], [1000.0], [0.0]]))
+    np.testing.assert_array_equal(extreme, [[1, 0], [0, 1], [0.5, 0.5]])
+    # the small side is not rounded to 1 - 1: sigmoid(-40) = 4.2e-18
+    assert class_probabilities(np.array([[40.0]]))[0, 0] == pytest.approx(np.exp(-40.0), rel=1e-12)
+
+
+def test_binary_model_gives_two_probabilities_from_one_logit(tmp_path, video_file: str) -> None:
+    """A two-class model has one output (the logit of class 1): the pipeline reports [1 - p, p]."""
+    path = make_contract_onnx(tmp_path / "binary.onnx", BINARY_META)
+    with open_backend(path) as backend:
+        pipeline = InferencePipeline(backend, stride=4)
+        result = pipeline.run_file(video_file)
+    assert result.ok and pipeline.class_names == ["normal", "reduced"]
+    frames = preprocess(read_video(video_file), SPEC)
+    clips = clips_of(frames, sliding_clip_starts(len(frames), SPEC, 4))
+    logit = clips.reshape(len(clips), -1).mean(1, dtype=np.float64)  # the contract graph: mean(clip) * 1
+    p = 1 / (1 + np.exp(-logit))
+    np.testing.assert_allclose([c.values for c in result.clips], np.stack([1 - p, p], 1), atol=1e-6)
+    assert result.to_dict(pipeline.class_names)["prediction"] in ("normal", "reduced")
+
+
 # --- backends ---
 
 def test_onnx_backend_runs_the_graph_and_reads_its_metadata(ef_model: str) -> None:
@@ -133,6 +170,7 @@ def test_backend_rejects_clips_of_another_shape(ef_model: str) -> None:
         ({"metadata": False}, "carries no evim3 metadata"),
         ({"frames": 12}, r"input 'clip' has shape \['N', 1, 12, 16, 16\] but the evim3 metadata"),
         ({"input_name": "video"}, "evim3 models take 'clip'"),
+        ({"meta": BINARY_META, "outputs": 2}, r"'output' has shape \['N', 2\]; .* 2 classes\) says \(N, 1\)"),
     ],
 )
 def test_model_file_that_breaks_the_contract_is_one_line_error(tmp_path, build: dict, message: str) -> None:
