@@ -18,19 +18,25 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from evim3.runtime.backends import Backend, latency_percentiles
-from evim3.runtime.errors import EchoInputError, Evim3Error
+from evim3.runtime.errors import EchoInputError, Evim3Error, TooShortError
 from evim3.runtime.live import LiveFrame, LiveReader, is_live_source
+from evim3.runtime.meta import PreprocessSpec
 from evim3.runtime.outputs import clip_values
 from evim3.runtime.preprocess import (
     motion_region,
     preprocess,
     preprocess_frames,
+    real_frame_share,
     sample_clip_indices,
     sliding_clip_starts,
 )
 from evim3.runtime.video import Video, iter_video_files, read_video
 
 STRIP_FRAMES = 8  # frames kept per source for the --plot strip
+# Shortest video analysed: a clip mostly made of repeated frames cannot measure a heartbeat. Shorter than the
+# model's clip but above this, the clip loops the video, with a warning and its share of real frames.
+MIN_VIDEO_SECONDS = 0.5
+MIN_CLIP_SHARE = 0.5  # of the model's clip span (spec.clip_seconds)
 
 
 @dataclass
@@ -38,12 +44,13 @@ class ClipResult:
     start_s: float  # source time of the clip's first and last frame
     end_s: float
     values: list[float]  # [EF in points] for EF models; class probabilities for classification models
+    real_share: float = 1.0  # share of the clip's frames that are not repeats of a looped short video
 
     def to_dict(self, class_names: list[str]) -> dict:
+        d = {"start_s": self.start_s, "end_s": self.end_s, "real_frame_share": self.real_share}
         if class_names:
-            return {"start_s": self.start_s, "end_s": self.end_s,
-                    "probabilities": dict(zip(class_names, self.values))}
-        return {"start_s": self.start_s, "end_s": self.end_s, "ef": self.values[0]}
+            return {**d, "probabilities": dict(zip(class_names, self.values))}
+        return {**d, "ef": self.values[0]}
 
 
 @dataclass
@@ -62,6 +69,12 @@ class SourceResult:
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def real_share(self) -> float:
+        """The smallest share of real (not looped) frames over the clips: below 1 for a video shorter
+        than one clip."""
+        return min((c.real_share for c in self.clips), default=1.0)
+
     def mean_values(self) -> list[float] | None:
         """Per-video result: the mean over clips of EF (one value) or of each class probability."""
         if not self.clips:
@@ -70,7 +83,7 @@ class SourceResult:
 
     def to_dict(self, class_names: list[str]) -> dict:
         d: dict = {"source": self.source, "ok": self.ok, "error": self.error, "duration_s": self.duration_s,
-                   "num_clips": len(self.clips)}
+                   "num_clips": len(self.clips), "real_frame_share": self.real_share}
         mean = self.mean_values()
         if class_names:
             d["probabilities"] = None if mean is None else dict(zip(class_names, mean))
@@ -128,6 +141,15 @@ class Timings:
         return {"stages": {k: s.to_dict() for k, s in self.stages.items()}, "video_s": self.video_s,
                 "wall_s": self.wall_s, "clips": self.clips, "realtime_factor": self.realtime_factor,
                 "decode_preprocess_share": self.input_share}
+
+
+def check_long_enough(source: str, duration_s: float, spec: PreprocessSpec) -> None:
+    """Refuse a video under MIN_VIDEO_SECONDS or under MIN_CLIP_SHARE of the model's clip."""
+    minimum = max(MIN_VIDEO_SECONDS, MIN_CLIP_SHARE * spec.clip_seconds)
+    if duration_s < minimum:
+        raise TooShortError(source, f"video is too short: {duration_s:.2f} s, the model needs at least "
+                                    f"{minimum:.2f} s (half its {spec.clip_seconds:.2f} s clip, and at least "
+                                    f"{MIN_VIDEO_SECONDS:g} s)")
 
 
 def expand_sources(sources: list[str]) -> Iterator[tuple[str, EchoInputError | None]]:
@@ -192,12 +214,14 @@ class InferencePipeline:
         with self._timed("preprocess", "video"):
             frames = preprocess(video, spec)
         result = SourceResult(video.source, duration_s=len(video.frames) / video.fps)
+        check_long_enough(video.source, result.duration_s, spec)
         starts = sliding_clip_starts(len(frames), spec, self.stride)
         for i in range(0, len(starts), self.batch):
             batch_starts = starts[i:i + self.batch]
             clips = np.stack([frames[sample_clip_indices(len(frames), spec, s)] for s in batch_starts])
             for start, values in zip(batch_starts, self._run_clips(clips)):
-                result.clips.append(ClipResult(start / spec.fps, (start + spec.clip_span - 1) / spec.fps, values))
+                result.clips.append(ClipResult(start / spec.fps, (start + spec.clip_span - 1) / spec.fps, values,
+                                               real_frame_share(len(frames), spec, start)))
         if self.keep_strip:
             picks = np.linspace(0, len(frames) - 1, min(STRIP_FRAMES, len(frames))).round().astype(int)
             result.strip = [(i / spec.fps, frames[i]) for i in picks]

@@ -172,6 +172,12 @@ def sample_clip_indices(num_frames: int, spec: PreprocessSpec, start: int = 0) -
     return (start + spec.period * np.arange(spec.frames)) % num_frames
 
 
+def real_frame_share(num_frames: int, spec: PreprocessSpec, start: int = 0) -> float:
+    """Share of the clip at `start` made of the video's own frames, not of repeats from looping past its end
+    (``sample_clip_indices``): 1.0 unless the video is shorter than the clip."""
+    return float(np.mean(start + spec.period * np.arange(spec.frames) < num_frames))
+
+
 def sliding_clip_starts(num_frames: int, spec: PreprocessSpec, stride: int) -> list[int]:
     """Starts of the clips, every `stride` (preprocessed) frames, that fit in the video: always at least one
     (a looped clip at 0 when the video is shorter than spec.clip_span)."""

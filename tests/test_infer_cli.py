@@ -203,6 +203,29 @@ def test_bad_sources_are_reported_one_line_each_and_the_rest_run(files: dict[str
     assert doc["sources"][3]["num_clips"] > 0
 
 
+def test_short_videos_warn_with_their_real_frame_share_and_too_short_ones_are_refused(tmp_path) -> None:
+    """Clip of 8 frames every 3rd at 25 fps: 22 frames, 0.88 s. 16 frames (0.64 s) loop: indices 0, 3, ...,
+    15 are real (6 of 8); 10 frames (0.4 s) are under the 0.5 s minimum; 40 frames are whole clips."""
+    spec = PreprocessSpec(size=16, fps=25.0, frames=8, period=3, mean=100.0, std=50.0)
+    model = make_contract_onnx(tmp_path / "long-clip.onnx", ModelMeta(preset="contract", model={}, preprocess=spec))
+    videos = [write_video(tmp_path / f"{n}.avi", num_frames=n) for n in (16, 10, 40)]
+    out_json, out_csv = os.fspath(tmp_path / "s.json"), os.fspath(tmp_path / "s.csv")
+    proc = _run_cli(["infer", *videos, "--model", model, "--json", out_json, "--csv", out_csv])
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {videos[1]}: video is too short: 0.40 s, the model needs at least 0.50 s (half its 0.88 s clip, "
+        "and at least 0.5 s)"]
+    assert "1 short" in proc.stdout and "shorter than the model's clip" in proc.stdout
+    assert f"{videos[0]}: warning: shorter than the model's clip, which loops it (75 % real frames)" in proc.stdout
+    short, refused, whole = load_json(out_json)["sources"]
+    assert short["ok"] and short["real_frame_share"] == 0.75 and short["clips"][0]["real_frame_share"] == 0.75
+    assert not refused["ok"] and whole["real_frame_share"] == 1.0
+    assert all(c["real_frame_share"] == 1.0 for c in whole["clips"])
+    rows = read_csv(out_csv)
+    assert [r["real_frame_share"] for r in rows] == ["0.750", "1.000", "1.000"]
+    assert rows[0]["clip_real_frame_share"] == "0.750"
+
+
 # --- end to end with a real exported model ---
 
 @pytest.fixture(scope="module")
