@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -248,13 +249,7 @@ def _decode_gray(container: av.container.InputContainer, stream: av.VideoStream,
 # --- pydicom ---
 
 def _read_dicom(path: str) -> Video:
-    try:
-        # force: also read files named .dcm that lack the 128-byte preamble and 'DICM' marker
-        ds = pydicom.dcmread(path, force=True)
-    except (InvalidDicomError, EOFError, ValueError, OSError) as e:
-        raise NotAVideoError(path, f"not a readable DICOM file ({e})") from None
-    if "SOPClassUID" not in ds and "PixelData" not in ds:  # what force=True makes of a non-DICOM file
-        raise NotAVideoError(path, "not a DICOM file (no DICOM marker and no DICOM elements)")
+    ds, notes = _read_dicom_dataset(path)
     if "PixelData" not in ds:
         raise NoPixelDataError(path, "DICOM file has no pixel data (a report or other non-image object)")
     undescribed = [keyword for keyword in PIXEL_DESCRIPTION if keyword not in ds]
@@ -266,7 +261,8 @@ def _read_dicom(path: str) -> Video:
     if num_frames < 2:
         raise SingleFrameError(path, "single-frame DICOM: a still image, not a cine")
 
-    fps, notes = _dicom_fps(ds)
+    fps, fps_notes = _dicom_fps(ds)
+    notes += fps_notes
     region = _dicom_region(ds, height, width, notes)
     transfer_syntax = _transfer_syntax(ds)
     if transfer_syntax in MPEGTransferSyntaxes:
@@ -274,6 +270,34 @@ def _read_dicom(path: str) -> Video:
     else:
         frames = _decode_dicom_frames(ds, path, transfer_syntax, (num_frames, height, width))
     return Video(frames, fps, path, _video_meta(frames, region, notes, transfer_syntax=transfer_syntax.name))
+
+
+def _read_dicom_dataset(path: str) -> tuple[pydicom.Dataset, list[str]]:
+    """The dataset, and pydicom's warnings as notes (they are kept out of the user's terminal).
+
+    A cut file: pydicom reads what is there and warns that the file ended inside an element, or, cut
+    between elements before the pixel data, returns an image object without it. Both are TruncatedVideoError.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            # force: also read files named .dcm that lack the 128-byte preamble and 'DICM' marker
+            ds = pydicom.dcmread(path, force=True)
+        except EOFError as e:
+            raise TruncatedVideoError(path, f"DICOM file is cut short ({e})") from None
+        except (InvalidDicomError, ValueError, OSError) as e:
+            raise NotAVideoError(path, f"not a readable DICOM file ({e})") from None
+    notes = [str(w.message).split(" in file ")[0] for w in caught]
+    ended = [note for note in notes if "end of file" in note.lower()]
+    if ended:
+        raise TruncatedVideoError(path, f"DICOM file is cut short: {ended[0][0].lower()}{ended[0][1:]}")
+    sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
+    if "PixelData" not in ds and sop_class is not None and "Image" in UID(sop_class).name:
+        raise TruncatedVideoError(path, f"DICOM file is cut short: it holds a {UID(sop_class).name} object "
+                                        "but ends before the pixel data")
+    if sop_class is None and "PixelData" not in ds:  # what force=True makes of a non-DICOM file
+        raise NotAVideoError(path, "not a DICOM file (no DICOM marker and no DICOM elements)")
+    return ds, notes
 
 
 def _transfer_syntax(ds: pydicom.Dataset) -> UID:

@@ -6,6 +6,7 @@ bundled apical cine (YBR_FULL_422 JPEG baseline).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import av
@@ -20,6 +21,7 @@ from pydicom.pixels import pixel_array
 from pydicom.uid import MPEG4HP41, ExplicitVRLittleEndian, generate_uid
 
 ULTRASOUND_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"  # a structured report: no pixel data, by design
 
 
 def moving_frames(num_frames: int = 30, height: int = 48, width: int = 64) -> np.ndarray:
@@ -204,6 +206,15 @@ def cut_dicom(tmp_path: Path) -> Path:
     return tmp_path / "cut.dcm"
 
 
+def cut_real_dicom(share: float):
+    """pydicom's JPEG echo cine cut: at 2 % before its pixel data, at 60 % inside the encapsulated frames."""
+    def make(tmp_path: Path) -> Path:
+        whole = Path(examples.get_path("ybr_color")).read_bytes()
+        (tmp_path / "cut.dcm").write_bytes(whole[: int(len(whole) * share)])
+        return tmp_path / "cut.dcm"
+    return make
+
+
 def avi_header_only(tmp_path: Path) -> Path:
     """An AVI cut right where the frames start: a valid header, zero frames."""
     whole = write_video(tmp_path / "whole.avi", moving_frames(10)).read_bytes()
@@ -239,9 +250,13 @@ BAD_INPUTS = {
     "cut avi": (cut_avi, errors.TruncatedVideoError, r"decoded \d+ of the 40 frames"),
     "cut mkv": (cut_mkv, errors.TruncatedVideoError, r"decoded \d+ of the 40 frames"),
     "cut dicom": (cut_dicom, errors.TruncatedVideoError, "cut or corrupt"),
+    "dicom cut before its pixel data": (cut_real_dicom(0.02), errors.TruncatedVideoError,
+                                        "it holds a Ultrasound Multi-frame Image Storage object but ends before"),
+    "dicom cut inside its frames": (cut_real_dicom(0.6), errors.TruncatedVideoError,
+                                    r"DICOM file is cut short: end of file reached before delimiter \(FFFE,E0DD\)"),
     "no frames": (avi_header_only, errors.NoFramesError, "no frame could be decoded"),
-    "dicom without pixels": (lambda tmp_path: write_dicom(tmp_path / "sr.dcm", None), errors.NoPixelDataError,
-                             "no pixel data"),
+    "dicom without pixels": (lambda tmp_path: write_dicom(tmp_path / "sr.dcm", None, SOPClassUID=COMPREHENSIVE_SR),
+                             errors.NoPixelDataError, "no pixel data"),
     "single-frame dicom": (lambda tmp_path: write_dicom(tmp_path / "still.dcm", moving_frames(1)),
                            errors.SingleFrameError, "still image"),
     "single-frame video": (lambda tmp_path: write_video(tmp_path / "still.avi", moving_frames(1)),
@@ -265,7 +280,9 @@ BAD_INPUTS = {
 def test_bad_input_raises_its_own_one_line_error(tmp_path: Path, case: str) -> None:
     make, error, problem = BAD_INPUTS[case]
     path = make(tmp_path)
-    with pytest.raises(error, match=problem) as raised:
+    # Library warnings (pydicom's UserWarning on a cut file) would print above the one line: none escapes.
+    with warnings.catch_warnings(), pytest.raises(error, match=problem) as raised:
+        warnings.simplefilter("error")
         read_video(path)
     message = str(raised.value)
     assert message.startswith(f"{path}: ") and "\n" not in message
