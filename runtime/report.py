@@ -82,8 +82,8 @@ def timing_lines(timings: Timings, device: str) -> list[str]:
     lines.append(f"  {timings.video_s:.1f} s of video in {timings.wall_s:.2f} s: real-time factor "
                  f"{_fmt(timings.realtime_factor, 2)}x, decode+preprocess {_fmt(100 * timings.input_share)} % "
                  f"of wall time, {timings.clips} clips")
-    if "decode per frame" in timings.stages:
-        lines.append("  (live sources decode on a reader thread, alongside inference)")
+    if any(key.startswith("decode") for key in timings.stages):
+        lines.append("  (decoding and preprocessing run on a reader thread, alongside inference)")
     return lines
 
 

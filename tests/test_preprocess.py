@@ -7,6 +7,7 @@ import pytest
 from evim3.runtime.meta import PreprocessSpec
 from evim3.runtime.preprocess import (
     motion_region,
+    prepare_stream,
     preprocess,
     preprocess_frames,
     resample_indices,
@@ -140,6 +141,19 @@ def test_normalisation() -> None:
     out = preprocess_frames(frames, 50.0, SPEC, region=(0, 112, 0, 112))
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, (frames - 40.0) / 50.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fps", [30.0, 50.2, 100.0, 24.0, 60.0, 17.3])
+def test_streamed_preparation_equals_resampling_the_whole_stack(fps: float) -> None:
+    """prepare_stream, frame by frame, against the whole-array definition: crop, square_resize of the frames
+    resample_indices picks (the rounding at the end included). Exact: the same pixels are chosen."""
+    rng = np.random.default_rng(int(fps * 10))
+    for num_frames in (1, 2, 7, 53):
+        frames = rng.integers(0, 256, (num_frames, 40, 60), dtype=np.uint8)
+        region = (3, 37, 5, 55)
+        streamed = np.stack(list(prepare_stream(iter(frames), fps, SPEC, region)))
+        expected = square_resize(frames[resample_indices(num_frames, fps, SPEC.fps), 3:37, 5:55], SPEC.size)
+        np.testing.assert_array_equal(streamed, expected)
 
 
 def test_stream_frames_without_a_region_preprocess_as_a_file_does() -> None:

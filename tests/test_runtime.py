@@ -8,10 +8,13 @@ closed form of the input (EF = 50 + 10 * mean(clip)), so every test can compute 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import shutil
+import threading
 import time
+import tracemalloc
 
 import av
 import numpy as np
@@ -25,7 +28,14 @@ from evim3.runtime.backends import (
     open_backend,
 )
 from evim3.runtime.errors import EchoInputError, ModelFileError
-from evim3.runtime.infer import ClipResult, InferencePipeline, SourceResult, Timings, expand_sources
+from evim3.runtime.infer import (
+    ClipResult,
+    InferencePipeline,
+    SourceResult,
+    Timings,
+    expand_sources,
+    in_background,
+)
 from evim3.runtime.live import LiveFrame, LiveReader, is_live_source
 from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, ModelMeta, PreprocessSpec
 from evim3.runtime.outputs import class_probabilities, meta_output_width
@@ -292,6 +302,41 @@ def test_file_pipeline_runs_every_sliding_clip_in_batches(ef_model: str, video_f
     assert len(timings.stages["inference per batch"].seconds) == -(-len(starts) // 4)
     assert timings.clips == len(starts) and timings.video_s == pytest.approx(2.4)
     assert timings.realtime_factor > 0 and 0 < timings.input_share < 1
+
+
+def test_peak_memory_of_a_file_does_not_grow_with_its_length(ef_model: str, tmp_path) -> None:
+    """tracemalloc's peak (numpy's buffers are traced, on every thread) over `run_file` of a 4 s and a 24 s
+    video of 256x256 frames at 25 fps: within 2 MB of each other, where keeping every decoded frame would add
+    500 x 64 kB = 33 MB. Both hold the first 2 s at source size for the motion crop (3.3 MB)."""
+    peaks = {}
+    with open_backend(ef_model, threads=1) as backend:
+        for seconds in (4, 24):
+            path = write_video(tmp_path / f"{seconds}s.avi", num_frames=25 * seconds, size=256)
+            pipeline = InferencePipeline(backend)
+            tracemalloc.start()
+            try:
+                result = pipeline.run_file(path)
+                peaks[seconds] = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert result.ok and result.duration_s == pytest.approx(seconds)
+    assert peaks[24] - peaks[4] < 2e6, peaks
+    assert peaks[24] < 3.3e6 + 8e6, peaks  # the motion window and a few clips' float32
+
+
+def test_prefetching_thread_passes_items_and_errors_in_order_and_stops_when_closed() -> None:
+    def produce():
+        yield from range(5)
+        raise EchoInputError("x.avi", "cut short")
+
+    got = []
+    with pytest.raises(EchoInputError, match="cut short"):
+        got.extend(in_background(produce(), depth=2))
+    assert got == [0, 1, 2, 3, 4]
+    endless = in_background(itertools.count(), depth=3)
+    assert [next(endless) for _ in range(4)] == [0, 1, 2, 3]
+    endless.close()  # joins the producer, which was blocked on the full queue
+    assert not [t for t in threading.enumerate() if t.name == "evim3-decode"]
 
 
 def test_default_stride_is_half_a_clip_span(ef_model: str) -> None:
