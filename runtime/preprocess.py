@@ -30,6 +30,11 @@ LINE_SHARE = 0.02  # a row/column is in the region when this share of it (and at
 MIN_LINE_PIXELS = 2
 GAP_SHARE = 0.02  # still rows/columns inside the region (dark chambers) bridged, as a share of the side
 EDGE_SNAP_SHARE = 0.04  # margins thinner than this share of the side are not cropped
+# A box of motion this share of both sides or more: a picture already cropped to its sector (EchoNet's
+# prepared 112x112 videos, whose still rows above the sector's apex and dark corners are part of what the
+# paper's network saw), kept whole. A scanner screen's sector is well under 80 % of its width: text, scales
+# and menus sit beside it.
+SECTOR_FILL_SHARE = 0.8
 MIN_MOVING_SHARE = 0.01  # less motion than this share of the frame: a still picture, kept whole
 # The motion crop is measured on the video's first frames: a stream cannot look ahead, and until the box is
 # known these frames are held at source resolution (the bound on a stream's memory; see prepare_stream).
@@ -63,9 +68,10 @@ def motion_region(frames: np.ndarray) -> Region:
     of up to 2 % of the height form runs, and the run holding the most moving pixels gives y0..y1. Columns
     are then found the same way within those rows. So static text and calipers never count, and moving
     things apart from the picture (a blinking cursor, a changing clock or heart rate, an ECG trace below the
-    sector) form their own, smaller runs and are left out. Margins thinner than 4 % of a side are kept, so an
-    already-cropped video (EchoNet) stays whole. A video in which less than 1 % of the frame moves is taken
-    as still, and its whole frame returned.
+    sector) form their own, smaller runs and are left out. A box covering 80 % or more of both sides is a
+    picture already cropped to its sector (EchoNet's videos: still rows above the apex, dark corners) and the
+    whole frame is returned; otherwise margins thinner than 4 % of a side are kept. A video in which less
+    than 1 % of the frame moves is taken as still, and its whole frame returned.
     """
     num_frames, height, width = frames.shape
     whole = (0, height, 0, width)
@@ -76,6 +82,8 @@ def motion_region(frames: np.ndarray) -> Region:
     y0, y1 = _main_run(moving)
     x0, x1 = _main_run(moving[y0:y1].T)
     if moving[y0:y1, x0:x1].sum() < MIN_MOVING_SHARE * height * width:  # only a cursor blinks
+        return whole
+    if y1 - y0 >= SECTOR_FILL_SHARE * height and x1 - x0 >= SECTOR_FILL_SHARE * width:
         return whole
     return (*_snap_to_edges(y0, y1, height), *_snap_to_edges(x0, x1, width))
 

@@ -64,8 +64,9 @@ MAX_FRAMES = 20_000
 DEFAULT_FPS = 30.0  # used, with a note in meta, when a file states no frame rate
 TRUNCATION_SLACK = 2  # frames a declared count may overstate (encoder delay, rounded durations) in a whole file
 
-# ITU-R BT.601 luma: the weights of the Y in YCbCr, so gray from RGB matches gray from YBR.
-BT601_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+# Gray from RGB: ITU-R BT.601 luma (the Y of YCbCr, so gray from RGB matches gray from YBR) as torchvision's
+# rgb_to_grayscale rounds it, which the paper's loader applies to OpenCV's RGB frames.
+GRAY_WEIGHTS = np.array([0.2989, 0.587, 0.114], np.float32)
 # Photometric interpretations whose first sample already is BT.601 luma (full range): no conversion needed.
 LUMA_FIRST_PHOTOMETRICS = frozenset({"YBR_FULL", "YBR_FULL_422"})
 # What pydicom needs to know to decode pixel data.
@@ -201,6 +202,16 @@ def _has_dicom_magic(path: str) -> bool:
         return f.read(len(DICOM_MAGIC)) == DICOM_MAGIC
 
 
+def gray_frame(reformatter: VideoReformatter, frame: av.VideoFrame, **size: int) -> np.ndarray:
+    """A decoded frame as (H, W) uint8 gray, as the paper's loader makes it: FFmpeg's RGB, then GRAY_WEIGHTS.
+
+    Not FFmpeg's own gray (the Y plane, range-expanded): where compression leaves colour noise in dark or
+    bright pixels, RGB clips and the two differ by up to 2 gray levels.
+    """
+    rgb = reformatter.reformat(frame, format="rgb24", **size).to_ndarray()
+    return np.rint(rgb @ GRAY_WEIGHTS).astype(np.uint8)
+
+
 def _check_size(path: str, num_frames: int, height: int, width: int) -> None:
     """Reject absurd sizes; 0 means the header does not say, and passes."""
     if height > MAX_SIDE or width > MAX_SIDE:
@@ -272,7 +283,7 @@ def _gray_frames(container: av.container.InputContainer, stream: av.VideoStream,
     """Decode frame by frame to gray (H, W) uint8; the module's truncation rule is applied at the end."""
     stream.thread_type = "AUTO"
     stream.codec_context.thread_count = decode_threads
-    # One reformatter for all frames: frame.to_ndarray(format="gray") builds a new one per frame (4x slower).
+    # One reformatter for all frames: frame.to_ndarray(format=...) builds a new one per frame (4x slower).
     reformatter = VideoReformatter()
     decoded = container.decode(stream)
     count = 0
@@ -289,7 +300,7 @@ def _gray_frames(container: av.container.InputContainer, stream: av.VideoStream,
         # Scale to the first frame's size so that a mid-stream resolution change cannot break the stack.
         size = size or {"width": frame.width, "height": frame.height}
         count += 1
-        yield reformatter.reformat(frame, format="gray", **size).to_ndarray()
+        yield gray_frame(reformatter, frame, **size)
     if not count:
         raise NoFramesError(path, "no frame could be decoded" + (f" ({error})" if error else ""))
     missing = declared_frames - count
@@ -441,7 +452,7 @@ def _dicom_frame_decoder(ds: pydicom.Dataset, path: str, transfer_syntax: UID, n
 def _gray_uint8(pixels: np.ndarray, photometric: str, bits_stored: int, signed: bool) -> np.ndarray:
     """One decoded DICOM frame as (H, W) uint8 gray, bright = echo-bright."""
     if pixels.ndim == 3:
-        pixels = pixels[..., 0] if photometric in LUMA_FIRST_PHOTOMETRICS else pixels @ BT601_LUMA
+        pixels = pixels[..., 0] if photometric in LUMA_FIRST_PHOTOMETRICS else pixels @ GRAY_WEIGHTS
     if pixels.dtype != np.uint8:
         levels = pixels.astype(np.float32)
         if signed:

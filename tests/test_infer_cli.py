@@ -146,7 +146,7 @@ def test_live_stream_prints_every_clip_as_it_comes(files: dict[str, str], http_s
     # The stream is at the model's 25 fps: live clips start where the file's do, with the same EF.
     want = expected_clip_efs(files["video"], files["model"], stride=4)
     np.testing.assert_allclose([c["ef"] for c in source["clips"]], want[:source["num_clips"]], atol=1e-4)
-    assert "live sources decode on a reader thread" in result.stdout
+    assert "decoding and preprocessing run on a reader thread" in result.stdout
 
 
 def test_unreachable_stream_is_a_failed_source(files: dict[str, str], http_server: str) -> None:

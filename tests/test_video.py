@@ -13,7 +13,7 @@ import av
 import numpy as np
 import pytest
 from evim3.runtime import errors
-from evim3.runtime.video import BT601_LUMA, DEFAULT_FPS, iter_video_files, read_video
+from evim3.runtime.video import DEFAULT_FPS, GRAY_WEIGHTS, iter_video_files, read_video
 from pydicom import dcmwrite, examples
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -121,7 +121,7 @@ def test_real_echo_cine_from_pydicom() -> None:
     # Its ultrasound region gives 640x480 coordinates: the file was resized afterwards, so the box is dropped.
     assert video.meta["region"] is None and "outside the 240x320 image" in video.meta["notes"][0]
     # Gray is the BT.601 luma of the colour picture.
-    luma = pixel_array(path) @ BT601_LUMA
+    luma = pixel_array(path) @ GRAY_WEIGHTS
     assert np.abs(video.frames - luma).mean() < 0.5
     # Sensible content: black around the sector, a bright sector that changes from frame to frame.
     assert video.frames[:, 100:140, 20:60].mean() < 5
@@ -129,11 +129,11 @@ def test_real_echo_cine_from_pydicom() -> None:
     assert np.abs(np.diff(video.frames[:, 60:180, 110:230].astype(int), axis=0)).mean() > 2
 
 
-def test_dicom_rgb_becomes_bt601_gray(tmp_path: Path) -> None:
+def test_dicom_rgb_becomes_bt601_gray_as_the_paper_rounds_it(tmp_path: Path) -> None:
     colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [90, 160, 30]], np.uint8)
     pixels = np.broadcast_to(colours[None, :, None, None, :], (2, 4, 16, 16, 3)).reshape(2, 64, 16, 3)
     video = read_video(write_dicom(tmp_path / "rgb.dcm", np.ascontiguousarray(pixels), "RGB", FrameTime=20))
-    expected = np.rint(colours @ BT601_LUMA).astype(np.uint8)  # 76, 150, 29, 124
+    expected = np.rint(colours @ GRAY_WEIGHTS).astype(np.uint8)  # 76, 150, 29, 124
     np.testing.assert_array_equal(video.frames[0, ::16, 0], expected)
     assert video.fps == pytest.approx(50)
 
