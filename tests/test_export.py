@@ -94,6 +94,21 @@ def test_opset17_rewrite_of_split() -> None:
         downgrade_to_opset17(split_model(7, 2))
 
 
+@pytest.mark.parametrize("max_step", [1e-6, 70.0, 2e4])
+def test_exportable_scan_at_long_length_and_extreme_steps(max_step: float) -> None:
+    """L = 5,000 (71 chunks of ~sqrt(L)), dt log-normal (test_scan's heavy-tailed inputs) scaled so that the
+    largest per-step |delta * A| is 1e-6 (no decay: the state integrates all 5,000 steps), 70, or 2e4 (exp
+    underflows to 0). float32 against the float64 reference: relative L2 <= 1e-5, outputs and last state."""
+    from test_scan import F32_REL_TOL, rel_l2, scan_args
+
+    args64 = scan_args(batch=1, d=4, n=4, seqlen=5000, seed=5, max_step=max_step, dtype=torch.float64)
+    args32 = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in args64.items()}
+    y, last = selective_scan_exportable(**args32, return_last_state=True)
+    y_ref, last_ref = selective_scan_ref(**args64, return_last_state=True)
+    assert torch.isfinite(y).all() and torch.isfinite(last).all()
+    assert rel_l2(y, y_ref) <= F32_REL_TOL and rel_l2(last, last_ref) <= F32_REL_TOL
+
+
 # ------------------------------------------------------------------ fixtures: one checkpoint, two exports
 
 def input_sensitive_model(cfg) -> EViM3:
