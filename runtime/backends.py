@@ -339,7 +339,7 @@ def benchmark(backend: Backend, batch: int = 1, warmup: int = 3, runs: int = 20,
     real-time factor = clips/s / (fps / s).
     """
     spec = backend.meta.preprocess
-    stride = stride or max(1, spec.clip_span // 2)
+    stride = stride or spec.default_stride
     clips = np.random.default_rng(seed).standard_normal((batch, *backend.input_shape), dtype=np.float32)
     for _ in range(warmup):
         backend.run(clips)

@@ -268,7 +268,7 @@ class InferencePipeline:
         self.backend = backend
         self.spec = backend.meta.preprocess
         self.class_names = backend.meta.class_names if backend.meta.task == "classification" else []
-        self.stride = stride or max(1, self.spec.clip_span // 2)
+        self.stride = stride or self.spec.default_stride
         if self.stride < 1 or batch < 1:
             raise ValueError(f"stride and batch must be >= 1 (got stride {stride}, batch {batch})")
         self.batch = batch

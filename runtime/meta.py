@@ -40,6 +40,12 @@ class PreprocessSpec:
     def clip_seconds(self) -> float:
         return self.clip_span / self.fps
 
+    @property
+    def default_stride(self) -> int:
+        """Frames between the starts of consecutive clips when none is asked for: half a clip span, so
+        that clips overlap by half (`evim3 infer`, `evim3 bench`, evaluation's "all" clips)."""
+        return max(1, self.clip_span // 2)
+
 
 @dataclass
 class ModelMeta:

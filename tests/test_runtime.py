@@ -342,8 +342,10 @@ def test_prefetching_thread_passes_items_and_errors_in_order_and_stops_when_clos
 def test_default_stride_is_half_a_clip_span(ef_model: str) -> None:
     with open_backend(ef_model) as backend:
         assert InferencePipeline(backend).stride == SPEC.clip_span // 2
+        assert benchmark(backend, runs=1, warmup=0)["stride"] == SPEC.clip_span // 2
         with pytest.raises(ValueError, match="stride and batch must be >= 1"):
             InferencePipeline(backend, batch=0)
+    assert PreprocessSpec(frames=1).default_stride == 1  # a one-frame clip still advances
 
 
 def test_bad_file_is_a_result_with_its_reason_not_an_exception(ef_model: str, tmp_path) -> None:

@@ -96,7 +96,7 @@ class ClipDataset(Dataset):
         self.clips = clips
         self.pad = pad if split.upper() == "TRAIN" else 0
         # The inference pipeline's default stride, so "all" means the clips `evim3 infer` runs.
-        self.stride = stride or max(1, spec.clip_span // 2)
+        self.stride = stride or spec.default_stride
         self.cache: dict[int, np.ndarray] | None = {} if cache else None
 
     def __len__(self) -> int:
