@@ -180,7 +180,7 @@ class OnnxBackend(Backend):
         if META_KEY not in props:
             raise ModelFileError(self.path, "ONNX model carries no evim3 metadata (export it with `evim3 export`)")
         try:
-            return ModelMeta.from_json(props[META_KEY])
+            return ModelMeta.from_onnx_props(props)
         except (ValueError, TypeError, KeyError) as e:
             raise ModelFileError(self.path, f"evim3 metadata is invalid ({e})") from None
 

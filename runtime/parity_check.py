@@ -19,10 +19,9 @@ from evim3.runtime.atomic import atomic_path
 from evim3.runtime.backends import Backend, open_backend
 from evim3.runtime.engine_file import check_engine_compatible, current_gpu, read_engine_header
 from evim3.runtime.errors import BackendUnavailableError, ModelFileError
-from evim3.runtime.meta import META_KEY, ModelMeta, PreprocessSpec
+from evim3.runtime.meta import ModelMeta, PreprocessSpec
 from evim3.runtime.outputs import class_probabilities
 
-PRECISION_KEY = f"{META_KEY}.precision"  # ONNX metadata_props key: "fp32" | "fp16" (written by evim3.export.onnx)
 REAL_CLIP_NAME = "pydicom ybr_color echo"
 
 
@@ -146,8 +145,7 @@ def open_for_parity(path: str, provider: str | None = None) -> tuple[Backend, st
         _check_engine_here(path, header)
         return open_backend(path), header.precision
     backend = open_backend(path, provider=provider)
-    props = backend.session.get_modelmeta().custom_metadata_map
-    return backend, props.get(PRECISION_KEY, "fp32")
+    return backend, backend.meta.precision
 
 
 def _check_engine_here(path: str, header) -> None:

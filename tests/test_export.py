@@ -21,8 +21,8 @@ import pytest
 import torch
 from evim3.cli.main import app
 from evim3.export.onnx import SCAN_TAG, downgrade_to_opset17, graph_stats, read_onnx_meta
-from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, ModelMeta, PreprocessSpec
-from evim3.runtime.parity_check import PRECISION_KEY, TOLERANCES, random_clips, real_clip
+from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, PRECISION_PROP, ModelMeta, PreprocessSpec
+from evim3.runtime.parity_check import TOLERANCES, random_clips, real_clip
 from typer.testing import CliRunner
 
 from evim3.checkpoint import load_model, save_checkpoint
@@ -201,7 +201,7 @@ def test_metadata_round_trips(tiny: dict) -> None:
     meta, props = read_onnx_meta(tiny["onnx"])
     assert meta.to_json() == tiny["meta"].to_json()
     assert meta.preprocess.mean == 32.5 and meta.preprocess.std == 48.0 and meta.ef_mean == 55.0
-    assert props[PRECISION_KEY] == "fp32" and props[f"{META_KEY}.preset"] == PRESET
+    assert meta.precision == props[PRECISION_PROP] == "fp32" and props[f"{META_KEY}.preset"] == PRESET
 
 
 def test_onnxruntime_matches_pytorch_on_random_clips(tiny: dict) -> None:
@@ -234,7 +234,8 @@ def test_fp16_keeps_the_scan_in_float32(tiny_fp16: Path) -> None:
         assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in (*body.input, *body.output))
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    assert read_onnx_meta(tiny_fp16)[1][PRECISION_KEY] == "fp16"
+    meta, props = read_onnx_meta(tiny_fp16)
+    assert meta.precision == props[PRECISION_PROP] == "fp16"
 
 
 def test_fp16_matches_pytorch_within_its_tolerance(tiny: dict, tiny_fp16: Path) -> None:

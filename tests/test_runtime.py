@@ -8,6 +8,7 @@ closed form of the input (EF = 50 + 10 * mean(clip)), so every test can compute 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import os
@@ -37,7 +38,7 @@ from evim3.runtime.infer import (
     in_background,
 )
 from evim3.runtime.live import LiveFrame, LiveReader, is_live_source
-from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, ModelMeta, PreprocessSpec
+from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, PRECISION_PROP, ModelMeta, PreprocessSpec
 from evim3.runtime.outputs import class_probabilities, meta_output_width
 from evim3.runtime.preprocess import preprocess, sample_clip_indices, sliding_clip_starts
 from evim3.runtime.report import run_document, write_csv, write_json, write_plot
@@ -188,6 +189,24 @@ def test_model_file_that_breaks_the_contract_is_one_line_error(tmp_path, build: 
     with pytest.raises(ModelFileError, match=message) as info:
         open_backend(path)
     assert "\n" not in str(info.value) and str(info.value).startswith(path)
+
+
+def test_precision_is_read_from_the_metadata_and_from_files_written_before_it_was_a_field(tmp_path) -> None:
+    fp16 = dataclasses.replace(EF_META, precision="fp16")
+    with open_backend(make_contract_onnx(tmp_path / "new.onnx", fp16)) as backend:
+        assert backend.meta.precision == "fp16"
+    # An older file: the JSON has no precision; the flat metadata_props key is its only record.
+    old_json = json.loads(EF_META.to_json())
+    del old_json["precision"]
+    path = make_contract_onnx(tmp_path / "old.onnx", metadata=False)
+    model = onnx.load(path)
+    helper.set_model_props(model, {META_KEY: json.dumps(old_json), PRECISION_PROP: "fp16"})
+    onnx.save(model, path)
+    with open_backend(path) as backend:
+        assert backend.meta.precision == "fp16"
+    assert ModelMeta.from_json(json.dumps(old_json)).precision == "fp32"  # a checkpoint's JSON
+    with pytest.raises(ValueError, match="unknown precision 'int8'"):
+        dataclasses.replace(EF_META, precision="int8")
 
 
 def test_unusable_model_paths(tmp_path) -> None:
