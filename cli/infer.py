@@ -79,7 +79,8 @@ def infer(
     Console().print(results_table(results, class_names))
     typer.echo("\n".join(source_notes(results) + timing_lines(pipeline.timings, device)))
     info = {"model": model, "preset": backend.meta.preset, "task": backend.meta.task, "device": device,
-            "stride": pipeline.stride, "batch": batch, "preprocess": dataclasses.asdict(pipeline.spec),
+            "stride": pipeline.stride, "batch": batch, "realtime": realtime,
+            "preprocess": dataclasses.asdict(pipeline.spec),
             "model_load_s": load_s}
     if json_path:
         write_json(json_path, run_document(results, pipeline.timings, info, class_names))

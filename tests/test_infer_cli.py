@@ -149,6 +149,29 @@ def test_live_stream_prints_every_clip_as_it_comes(files: dict[str, str], http_s
     assert "decoding and preprocessing run on a reader thread" in result.stdout
 
 
+def test_realtime_flag_reaches_the_live_reader(files: dict[str, str], http_server: str, tmp_path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """--realtime makes the reader drop the oldest frames when inference lags (tested on LiveReader itself in
+    test_runtime.py); here: the flag gets there, and only with the flag."""
+    import evim3.runtime.infer
+    from evim3.runtime.live import LiveReader
+
+    made = []
+
+    class RecordingReader(LiveReader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.realtime)
+
+    monkeypatch.setattr(evim3.runtime.infer, "LiveReader", RecordingReader)
+    for flag, realtime in (([], False), (["--realtime"], True)):
+        out = os.fspath(tmp_path / f"rt-{realtime}.json")
+        result = runner.invoke(app, ["infer", f"{http_server}/a.avi", "--model", files["model"], "--json", out, *flag])
+        assert result.exit_code == 0, result.output
+        assert load_json(out)["realtime"] is realtime and load_json(out)["sources"][0]["num_clips"] > 0
+    assert made == [False, True]
+
+
 def test_unreachable_stream_is_a_failed_source(files: dict[str, str], http_server: str) -> None:
     result = runner.invoke(app, ["infer", f"{http_server}/missing.avi", files["video"], "--model", files["model"]])
     assert result.exit_code == 1
@@ -212,9 +235,9 @@ def test_short_videos_warn_with_their_real_frame_share_and_too_short_ones_are_re
     out_json, out_csv = os.fspath(tmp_path / "s.json"), os.fspath(tmp_path / "s.csv")
     proc = _run_cli(["infer", *videos, "--model", model, "--json", out_json, "--csv", out_csv])
     assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.strip().splitlines() == [
-        f"error: {videos[1]}: video is too short: 0.40 s, the model needs at least 0.50 s (half its 0.88 s clip, "
-        "and at least 0.5 s)"]
+    refusal = (f"error: {videos[1]}: video is too short: 0.40 s, the model needs at least 0.50 s (half its "
+               "0.88 s clip, and at least 0.5 s)")
+    assert proc.stderr.strip().splitlines() == [refusal]
     assert "1 short" in proc.stdout and "shorter than the model's clip" in proc.stdout
     assert f"{videos[0]}: warning: shorter than the model's clip, which loops it (75 % real frames)" in proc.stdout
     short, refused, whole = load_json(out_json)["sources"]
