@@ -27,13 +27,13 @@ from evim3.runtime.live import LiveFrame, LiveReader, is_live_source
 from evim3.runtime.meta import PreprocessSpec
 from evim3.runtime.outputs import clip_values
 from evim3.runtime.preprocess import (
+    frames_to_input,
     motion_region,
     motion_window_frames,
     normalise,
-    prepare_stream,
-    preprocess_frames,
     real_frame_share,
     sample_clip_indices,
+    stream_to_uint8,
 )
 from evim3.runtime.video import iter_video_files, open_video
 
@@ -295,7 +295,7 @@ class InferencePipeline:
     def run_file(self, path: str) -> SourceResult:
         """Decode, preprocess and analyse one video/DICOM file; a bad file gives a result with .error.
 
-        A stream: a thread decodes, crops, resizes and resamples (``prepare_stream``) up to PREFETCH_FRAMES
+        A stream: a thread decodes, crops, resizes and resamples (``stream_to_uint8``) up to PREFETCH_FRAMES
         ahead while this thread runs the clips, each as soon as its frames are in; only the frames of the
         clips still to come are kept. A file found bad at its end (cut short) drops the clips it gave.
         """
@@ -306,7 +306,7 @@ class InferencePipeline:
                 reader = open_video(path)
             with reader:
                 source = _clocked(reader.frames(), decode)
-                prepared = _clocked(prepare_stream(source, reader.fps, self.spec, reader.meta["region"]), prepare)
+                prepared = _clocked(stream_to_uint8(source, reader.fps, self.spec, reader.meta["region"]), prepare)
                 with contextlib.closing(in_background(prepared, PREFETCH_FRAMES)) as frames:
                     return self._analyse(path, frames, lambda: reader.num_frames / reader.fps)
         except EchoInputError as e:
@@ -357,8 +357,8 @@ class InferencePipeline:
             return
         spec = self.spec
         values = self._run_clips(normalise(np.stack([clip for _, clip, _ in pending]), spec))
-        for (start, _, share), clip_values_ in zip(pending, values):
-            result.clips.append(ClipResult(start / spec.fps, (start + spec.clip_span - 1) / spec.fps, clip_values_,
+        for (start, _, share), outputs in zip(pending, values):
+            result.clips.append(ClipResult(start / spec.fps, (start + spec.clip_span - 1) / spec.fps, outputs,
                                            share))
         pending.clear()
 
@@ -410,9 +410,9 @@ class InferencePipeline:
                 continue
             with self._timed("preprocess", "clip"):
                 images = np.stack([f.image for f in window])
-                # As prepare_stream: the motion in the first frames (here, of the first whole window).
+                # As stream_to_uint8: the motion in the first frames (here, of the first whole window).
                 region = region or motion_region(images[:motion_window_frames(fps)])
-                resampled = preprocess_frames(images, fps, spec, region)
+                resampled = frames_to_input(images, fps, spec, region)
                 start = max(0, len(resampled) - spec.clip_span)
                 clip = resampled[sample_clip_indices(len(resampled), spec, start)]
             (values,) = self._run_clips(clip[None])

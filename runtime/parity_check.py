@@ -74,10 +74,10 @@ def real_clip(spec: PreprocessSpec) -> np.ndarray:
     """(1, frames, size, size): the first clip of pydicom's example echo cine (ybr_color), read and
     preprocessed exactly as `evim3 infer` does."""
     import pydicom.examples
-    from evim3.runtime.preprocess import preprocess, sample_clip_indices
+    from evim3.runtime.preprocess import sample_clip_indices, video_to_input
     from evim3.runtime.video import read_video
 
-    frames = preprocess(read_video(pydicom.examples.get_path("ybr_color")), spec)
+    frames = video_to_input(read_video(pydicom.examples.get_path("ybr_color")), spec)
     return frames[sample_clip_indices(len(frames), spec, 0)][None].astype(np.float32)
 
 

@@ -1,4 +1,4 @@
-"""The one preprocessing of evim3: training datasets and edge inference both call ``prepare_frames``.
+"""The one preprocessing of evim3: training datasets and edge inference both run it.
 
     frames (T, H, W) uint8 at the source rate
       -> crop to the ultrasound region (the DICOM region, else where pixels move; see ``ultrasound_region``)
@@ -7,8 +7,11 @@
       -> resample to spec.fps (the nearest frame in time)
       -> (x - mean) / std as float32 (T', size, size)
 
-Clip sampling, which frames of the preprocessed video make a model input, is defined here too, once.
-numpy and Pillow only.
+The names say what comes in and what goes out: ``{stream,frames,video}_to_uint8`` run every step but the
+last (uint8 at spec.size and spec.fps: what a dataset caches, a quarter of float32's memory) on an iterator
+of frames, a (T, H, W) array or a decoded ``Video`` (whose DICOM region it uses); ``{frames,video}_to_input``
+add the normalisation: the model's input. Clip sampling, which frames of the preprocessed video make a model
+input, is defined here too, once. numpy and Pillow only.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ EDGE_SNAP_SHARE = 0.04  # margins thinner than this share of the side are not cr
 SECTOR_FILL_SHARE = 0.8
 MIN_MOVING_SHARE = 0.01  # less motion than this share of the frame: a still picture, kept whole
 # The motion crop is measured on the video's first frames: a stream cannot look ahead, and until the box is
-# known these frames are held at source resolution (the bound on a stream's memory; see prepare_stream).
+# known these frames are held at source resolution (the bound on a stream's memory; see stream_to_uint8).
 MOTION_WINDOW_SECONDS = 2.0  # two heartbeats at 60 bpm
 MOTION_WINDOW_MAX_FRAMES = 100  # at most: 2 s at 50 fps; 207 MB of 1920x1080 gray frames
 
@@ -155,11 +158,11 @@ def square_resize(frames: np.ndarray, size: int) -> np.ndarray:
     return squared
 
 
-def prepare_stream(frames: Iterable[np.ndarray], fps: float, spec: PreprocessSpec,
-                   region: Region | None = None) -> Iterator[np.ndarray]:
+def stream_to_uint8(frames: Iterable[np.ndarray], fps: float, spec: PreprocessSpec,
+                    region: Region | None = None) -> Iterator[np.ndarray]:
     """uint8 frames (H, W) at `fps`, one at a time -> uint8 (spec.size, spec.size) frames at spec.fps, one at
     a time: crop to `region`, ``square_resize``, ``resample_indices``. The frames at spec.fps are those of
-    ``prepare_frames`` on the whole stack (each needed source frame is resized once, as it arrives).
+    ``frames_to_uint8`` on the whole stack (each needed source frame is resized once, as it arrives).
 
     `region` (y0, y1, x0, x1) None: found by ``motion_region`` on the first ``motion_window_frames(fps)``
     frames, which are held until then. Past them only the current frame is held, so memory does not grow
@@ -201,17 +204,17 @@ def _drain(window: deque) -> Iterator[np.ndarray]:
         yield window.popleft()
 
 
-def prepare_frames(frames: np.ndarray, fps: float, spec: PreprocessSpec,
-                   region: Region | None = None) -> np.ndarray:
+def frames_to_uint8(frames: np.ndarray, fps: float, spec: PreprocessSpec,
+                    region: Region | None = None) -> np.ndarray:
     """uint8 frames (T, H, W) at `fps` -> uint8 (T', spec.size, spec.size) at spec.fps: every step of
-    ``preprocess_frames`` but the normalisation (what a dataset keeps in memory: a quarter of float32's).
+    ``frames_to_input`` but the normalisation (what a dataset keeps in memory: a quarter of float32's).
 
     `region` (y0, y1, x0, x1) is where the picture is; None finds it from the motion in the first frames
-    (``motion_region``), as ``preprocess`` does for a file without a DICOM region.
+    (``motion_region``), as ``video_to_uint8`` does for a file without a DICOM region.
     """
     if frames.ndim != 3 or len(frames) == 0:
         raise ValueError(f"expected frames of shape (T, H, W) with T >= 1, got {frames.shape}")
-    return np.stack(list(prepare_stream(frames, fps, spec, region)))
+    return np.stack(list(stream_to_uint8(frames, fps, spec, region)))
 
 
 def normalise(frames: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -223,20 +226,20 @@ def normalise(frames: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return out
 
 
-def preprocess_frames(frames: np.ndarray, fps: float, spec: PreprocessSpec,
-                      region: Region | None = None) -> np.ndarray:
+def frames_to_input(frames: np.ndarray, fps: float, spec: PreprocessSpec,
+                    region: Region | None = None) -> np.ndarray:
     """uint8 frames (T, H, W) at `fps` -> normalised float32 (T', spec.size, spec.size) at spec.fps."""
-    return normalise(prepare_frames(frames, fps, spec, region), spec)
+    return normalise(frames_to_uint8(frames, fps, spec, region), spec)
 
 
-def prepare(video: Video, spec: PreprocessSpec) -> np.ndarray:
-    """``preprocess`` without the normalisation: uint8 (T', spec.size, spec.size)."""
-    return prepare_frames(video.frames, video.fps, spec, ultrasound_region(video))
+def video_to_uint8(video: Video, spec: PreprocessSpec) -> np.ndarray:
+    """``video_to_input`` without the normalisation: uint8 (T', spec.size, spec.size)."""
+    return frames_to_uint8(video.frames, video.fps, spec, ultrasound_region(video))
 
 
-def preprocess(video: Video, spec: PreprocessSpec) -> np.ndarray:
+def video_to_input(video: Video, spec: PreprocessSpec) -> np.ndarray:
     """The pixel path of training and inference: float32 (T', spec.size, spec.size), normalised."""
-    return normalise(prepare(video, spec), spec)
+    return normalise(video_to_uint8(video, spec), spec)
 
 
 def sample_clip_indices(num_frames: int, spec: PreprocessSpec, start: int = 0) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from evim3.cli.main import app
-from evim3.runtime.preprocess import preprocess, sample_clip_indices, sliding_clip_starts
+from evim3.runtime.preprocess import sample_clip_indices, sliding_clip_starts, video_to_input
 from evim3.runtime.video import read_video
 from test_train import FAST_ARGS, TINY_ARGS, read_rows
 from typer.testing import CliRunner
@@ -65,7 +65,7 @@ def test_binary_model_has_one_output_and_infer_reports_its_sigmoid(binary_run: d
     assert "p(normal)" in result.stdout  # (the terminal is too narrow for the last column)
     source = json.loads(out.read_text())["sources"][0]
 
-    frames = preprocess(read_video(video), meta.preprocess)
+    frames = video_to_input(read_video(video), meta.preprocess)
     starts = sliding_clip_starts(len(frames), meta.preprocess, 4)
     clips = np.stack([frames[sample_clip_indices(len(frames), meta.preprocess, s)] for s in starts])
     with torch.no_grad():

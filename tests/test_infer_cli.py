@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from evim3.cli.main import app
 from evim3.runtime.meta import ModelMeta, PreprocessSpec
-from evim3.runtime.preprocess import preprocess, sample_clip_indices
+from evim3.runtime.preprocess import sample_clip_indices, video_to_input
 from evim3.runtime.video import read_video
 from test_runtime import CLASS_META, contract_ef, make_contract_onnx, write_video
 from typer.testing import CliRunner
@@ -60,7 +60,7 @@ def expected_clip_efs(video_path: str, model_path: str, stride: int) -> list[flo
 
     with open_backend(model_path) as backend:
         spec = backend.meta.preprocess
-    frames = preprocess(read_video(video_path), spec)
+    frames = video_to_input(read_video(video_path), spec)
     starts = sliding_clip_starts(len(frames), spec, stride)
     return contract_ef(np.stack([frames[sample_clip_indices(len(frames), spec, s)] for s in starts])).tolist()
 
@@ -288,7 +288,7 @@ def test_end_to_end_exported_tiny_on_synthetic_avi_and_real_dicom(tiny_onnx: str
 
     for source in doc["sources"]:
         assert source["ok"] and source["num_clips"] >= 1
-        frames = preprocess(read_video(source["source"]), spec)
+        frames = video_to_input(read_video(source["source"]), spec)
         starts = sliding_clip_starts(len(frames), spec, 16)
         assert len(starts) == source["num_clips"]
         direct = [session.run(None, {"clip": frames[sample_clip_indices(len(frames), spec, s)][None, None]})[0][0, 0]

@@ -40,7 +40,7 @@ from evim3.runtime.infer import (
 from evim3.runtime.live import LiveFrame, LiveReader, is_live_source
 from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, PRECISION_PROP, ModelMeta, PreprocessSpec
 from evim3.runtime.outputs import class_probabilities, meta_output_width
-from evim3.runtime.preprocess import preprocess, sample_clip_indices, sliding_clip_starts
+from evim3.runtime.preprocess import sample_clip_indices, sliding_clip_starts, video_to_input
 from evim3.runtime.report import run_document, write_csv, write_json, write_plot
 from evim3.runtime.video import read_video
 from onnx import TensorProto, helper, numpy_helper
@@ -139,7 +139,7 @@ def test_binary_model_gives_two_probabilities_from_one_logit(tmp_path, video_fil
         pipeline = InferencePipeline(backend, stride=4)
         result = pipeline.run_file(video_file)
     assert result.ok and pipeline.class_names == ["normal", "reduced"]
-    frames = preprocess(read_video(video_file), SPEC)
+    frames = video_to_input(read_video(video_file), SPEC)
     clips = clips_of(frames, sliding_clip_starts(len(frames), SPEC, 4))
     logit = clips.reshape(len(clips), -1).mean(1, dtype=np.float64)  # the contract graph: mean(clip) * 1
     p = 1 / (1 + np.exp(-logit))
@@ -304,7 +304,7 @@ def clips_of(frames: np.ndarray, starts: list[int]) -> np.ndarray:
 
 
 def test_file_pipeline_runs_every_sliding_clip_in_batches(ef_model: str, video_file: str) -> None:
-    frames = preprocess(read_video(video_file), SPEC)
+    frames = video_to_input(read_video(video_file), SPEC)
     starts = sliding_clip_starts(len(frames), SPEC, 3)
     want = contract_ef(clips_of(frames, starts))
     with open_backend(ef_model) as backend:

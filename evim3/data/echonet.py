@@ -1,8 +1,8 @@
 """EchoNet-Dynamic (or the synthetic dataset in its layout) as model input for EF regression.
 
 ``ClipDataset`` is the pixel path every evim3 dataset shares: decode with ``evim3.runtime.video.read_video``,
-one ``evim3.runtime.preprocess.preprocess`` call (crop, resize, resample, normalise: the code the edge
-runtime runs), then clips cut with ``sample_clip_indices``. So a dataset item and the inference path agree
+one ``evim3.runtime.preprocess.video_to_uint8`` call (crop, resize, resample: the code the edge runtime
+runs), then clips cut with ``sample_clip_indices`` and normalised. So a dataset item and the inference path agree
 exactly for the same file and clip start. ``EchoNetDataset`` adds the EchoNet files and the EF labels.
 """
 
@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from evim3.data.synth import FILELIST_COLUMNS, FILELIST_NAME, TRACING_COLUMNS, TRACINGS_NAME, VIDEOS_DIR
 from evim3.runtime.errors import DatasetError
 from evim3.runtime.meta import PreprocessSpec
-from evim3.runtime.preprocess import normalise, prepare, sample_clip_indices, sliding_clip_starts
+from evim3.runtime.preprocess import normalise, sample_clip_indices, sliding_clip_starts, video_to_uint8
 from evim3.runtime.video import read_video
 
 # "random": one clip at a random start; "first": one clip from frame 0; k: k clips, evenly spaced starts;
@@ -117,7 +117,7 @@ class ClipDataset(Dataset):
         """The item's video preprocessed up to the normalisation: uint8 (T', size, size)."""
         if self.cache is not None and index in self.cache:
             return self.cache[index]
-        frames = prepare(read_video(self.paths[index]), self.spec)
+        frames = video_to_uint8(read_video(self.paths[index]), self.spec)
         if self.cache is not None:
             self.cache[index] = frames
         return frames

@@ -12,7 +12,7 @@ import numpy as np
 from evim3.data.echonet import EchoNetDataset
 from evim3.runtime.errors import DatasetError
 from evim3.runtime.meta import PreprocessSpec
-from evim3.runtime.preprocess import preprocess
+from evim3.runtime.preprocess import video_to_input
 from evim3.runtime.video import read_video
 
 
@@ -42,7 +42,7 @@ def compute_mean_std(
     unnormalised = dataclasses.replace(spec, mean=0.0, std=1.0)
     total = total_squares = count = 0.0
     for index in sorted(chosen):
-        frames = preprocess(read_video(paths[index]), unnormalised).astype(np.float64)
+        frames = video_to_input(read_video(paths[index]), unnormalised).astype(np.float64)
         total += frames.sum()
         total_squares += np.square(frames).sum()
         count += frames.size
