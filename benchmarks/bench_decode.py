@@ -26,7 +26,7 @@ from typing import Any
 import av
 import numpy as np
 from evim3.runtime.meta import PreprocessSpec
-from evim3.runtime.preprocess import preprocess
+from evim3.runtime.preprocess import video_to_input
 from evim3.runtime.video import read_video
 from pydicom import examples
 
@@ -84,7 +84,7 @@ def median_seconds(step: Callable[[], Any]) -> float:
 def measure(label: str, path: str) -> dict[str, Any]:
     video = read_video(path, decode_threads=1)
     decode_s = median_seconds(lambda: read_video(path, decode_threads=1))
-    preprocess_s = median_seconds(lambda: preprocess(video, SPEC))
+    preprocess_s = median_seconds(lambda: video_to_input(video, SPEC))
     frames = len(video.frames)
     return {"input": label, "frames": frames, "decode ms": 1e3 * decode_s, "preprocess ms": 1e3 * preprocess_s,
             "frames/s": frames / (decode_s + preprocess_s)}

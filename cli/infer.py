@@ -21,7 +21,7 @@ from evim3.runtime.report import (
     clip_line,
     results_table,
     run_document,
-    stream_notes,
+    source_notes,
     timing_lines,
     write_csv,
     write_json,
@@ -77,9 +77,10 @@ def infer(
         device = backend.device
     class_names = pipeline.class_names
     Console().print(results_table(results, class_names))
-    typer.echo("\n".join(stream_notes(results) + timing_lines(pipeline.timings, device)))
+    typer.echo("\n".join(source_notes(results) + timing_lines(pipeline.timings, device)))
     info = {"model": model, "preset": backend.meta.preset, "task": backend.meta.task, "device": device,
-            "stride": pipeline.stride, "batch": batch, "preprocess": dataclasses.asdict(pipeline.spec),
+            "stride": pipeline.stride, "batch": batch, "realtime": realtime,
+            "preprocess": dataclasses.asdict(pipeline.spec),
             "model_load_s": load_s}
     if json_path:
         write_json(json_path, run_document(results, pipeline.timings, info, class_names))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 import time
@@ -36,8 +37,7 @@ import onnx
 import torch
 from evim3.runtime.atomic import atomic_path
 from evim3.runtime.errors import ModelFileError
-from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, ModelMeta
-from evim3.runtime.parity_check import PRECISION_KEY
+from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, PRECISION_PROP, ModelMeta
 from torch import Tensor, nn
 
 from evim3 import __version__
@@ -98,12 +98,12 @@ def export_onnx(model: EViM3, meta: ModelMeta, path: str | os.PathLike, *, opset
     module: nn.Module = Float16Compute(model) if fp16 else model
     proto = trace_to_onnx(module.eval(), model.cfg, batch=batch, dynamic_batch=dynamic_batch,
                           opset=max(opset, EXPORTER_OPSET))
-    precision = "fp16" if fp16 else "fp32"
-    finish_graph(proto, meta, opset=opset, precision=precision, dynamic_batch=dynamic_batch)
+    meta = dataclasses.replace(meta, precision="fp16" if fp16 else "fp32")
+    finish_graph(proto, meta, opset=opset, dynamic_batch=dynamic_batch)
     onnx.checker.check_model(proto, full_check=True)
     with atomic_path(path) as tmp:
         onnx.save_model(proto, tmp)
-    return OnnxExport(os.fspath(path), opset, precision, None if dynamic_batch else batch,
+    return OnnxExport(os.fspath(path), opset, meta.precision, None if dynamic_batch else batch,
                       time.perf_counter() - t0, graph_stats(proto))
 
 
@@ -180,8 +180,7 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def finish_graph(proto: onnx.ModelProto, meta: ModelMeta, *, opset: int, precision: str,
-                 dynamic_batch: bool) -> None:
+def finish_graph(proto: onnx.ModelProto, meta: ModelMeta, *, opset: int, dynamic_batch: bool) -> None:
     """Everything after tracing: tag the scan, drop source locations, name the batch dimension, reach the
     asked opset, set the IR version and write the metadata."""
     tag_scan_nodes(proto.graph)
@@ -194,7 +193,7 @@ def finish_graph(proto: onnx.ModelProto, meta: ModelMeta, *, opset: int, precisi
     proto.producer_name, proto.producer_version = "evim3", __version__
     proto.doc_string = (f"E-ViM3 {meta.preset} ({meta.task}): {INPUT_NAME} (N, 1, {meta.preprocess.frames}, "
                         f"{meta.preprocess.size}, {meta.preprocess.size}) normalised -> {OUTPUT_NAME}")
-    set_metadata(proto, meta, precision)
+    set_metadata(proto, meta)
 
 
 def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -296,7 +295,7 @@ def _static_shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
     return shapes
 
 
-def set_metadata(proto: onnx.ModelProto, meta: ModelMeta, precision: str) -> None:
+def set_metadata(proto: onnx.ModelProto, meta: ModelMeta) -> None:
     """The ModelMeta JSON under META_KEY, and flat copies of what a person looks for first."""
     spec = meta.preprocess
     batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
@@ -309,7 +308,7 @@ def set_metadata(proto: onnx.ModelProto, meta: ModelMeta, precision: str) -> Non
         f"{META_KEY}.video": f"resampled to {spec.fps:g} fps, every {spec.period}th frame",
         f"{META_KEY}.output": (f"{OUTPUT_NAME} (N, 1) EF in points" if meta.task == "ef"
                                else f"{OUTPUT_NAME} (N, K) logits of {', '.join(meta.class_names)}"),
-        PRECISION_KEY: precision,
+        PRECISION_PROP: meta.precision,
         f"{META_KEY}.version": meta.version or __version__,
     }
     del proto.metadata_props[:]
@@ -328,7 +327,7 @@ def read_onnx_meta(path: str | os.PathLike) -> tuple[ModelMeta, dict[str, str]]:
     if META_KEY not in props:
         raise ModelFileError(path, "ONNX model carries no evim3 metadata (export it with `evim3 export`)")
     try:
-        return ModelMeta.from_json(props[META_KEY]), props
+        return ModelMeta.from_onnx_props(props), props
     except (ValueError, TypeError, KeyError) as e:
         raise ModelFileError(path, f"evim3 metadata is invalid ({e})") from None
 

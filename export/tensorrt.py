@@ -16,12 +16,13 @@ Importable without TensorRT or a GPU: building raises BackendUnavailableError na
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from evim3.export.onnx import PRECISION_KEY, SCAN_TAG, read_onnx_meta
+from evim3.export.onnx import SCAN_TAG, read_onnx_meta
 from evim3.runtime.atomic import write_atomic
 from evim3.runtime.engine_file import EngineHeader, current_gpu, pack_engine
 from evim3.runtime.errors import BackendUnavailableError, ModelFileError
@@ -76,9 +77,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         raise BackendUnavailableError(None, "no CUDA GPU is visible: TensorRT engines are built on the GPU "
                                             "that will run them")
     onnx_path, engine_path = os.fspath(onnx_path), os.fspath(engine_path)
-    meta, props = read_onnx_meta(onnx_path)
-    onnx_precision = props.get(PRECISION_KEY, "fp32")
-    strongly_typed = onnx_precision == "fp16"
+    meta, _ = read_onnx_meta(onnx_path)
+    strongly_typed = meta.precision == "fp16"
     if fp16 and fp16_needs_fp16_onnx(trt) and not strongly_typed:
         raise ValueError(f"TensorRT {trt.__version__} builds fp16 engines from an fp16 ONNX only: export with "
                          "--fp16 first")
@@ -122,8 +122,9 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         raise ModelFileError(onnx_path, f"TensorRT {trt.__version__} failed to build an engine (see its log above)")
     write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
 
-    header = EngineHeader(meta=meta, tensorrt=trt.__version__, gpu=gpu[0], compute_capability=gpu[1],
-                          precision="fp16" if fp16 else "fp32", batch=profile_batch)
+    precision = "fp16" if fp16 else "fp32"
+    header = EngineHeader(meta=dataclasses.replace(meta, precision=precision), tensorrt=trt.__version__,
+                          gpu=gpu[0], compute_capability=gpu[1], precision=precision, batch=profile_batch)
     write_atomic(engine_path, pack_engine(header, bytes(plan)))
     return EngineBuild(engine_path, header, time.perf_counter() - t0, strongly_typed)
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from evim3.runtime.errors import BackendUnavailableError, ModelFileError
 from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, ModelMeta
+from evim3.runtime.outputs import meta_output_width
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -39,7 +40,8 @@ def available_cpus() -> int:
 
 
 class Backend(abc.ABC):
-    """A loaded model: ``run(clips (N, 1, T, S, S) float32) -> (N, K) float32`` (EF points or logits)."""
+    """A loaded model: ``run(clips (N, 1, T, S, S) float32) -> (N, K) float32``: the raw graph output (EF
+    points or logits; evim3.runtime.outputs says what they mean)."""
 
     meta: ModelMeta
     path: str
@@ -112,8 +114,14 @@ def check_input_shape(path: str, shape: tuple, meta: ModelMeta, where: str) -> i
     return fixed[0]
 
 
-def expected_outputs(meta: ModelMeta) -> int:
-    return 1 if meta.task == "ef" else len(meta.class_names)
+def check_output_shape(path: str, shape: tuple, meta: ModelMeta, where: str) -> None:
+    """The model output must be (N, width) with the width the metadata's task implies (evim3.runtime.outputs)."""
+    width = meta_output_width(meta)
+    fixed = shape[1] if len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0 else None
+    if len(shape) != 2 or (fixed is not None and fixed != width):
+        classes = f" with {len(meta.class_names)} classes" if meta.task == "classification" else ""
+        raise ModelFileError(path, f"{where} output '{OUTPUT_NAME}' has shape {list(shape)}; the metadata "
+                                   f"(task {meta.task!r}{classes}) says (N, {width})")
 
 
 class OnnxBackend(Backend):
@@ -172,7 +180,7 @@ class OnnxBackend(Backend):
         if META_KEY not in props:
             raise ModelFileError(self.path, "ONNX model carries no evim3 metadata (export it with `evim3 export`)")
         try:
-            return ModelMeta.from_json(props[META_KEY])
+            return ModelMeta.from_onnx_props(props)
         except (ValueError, TypeError, KeyError) as e:
             raise ModelFileError(self.path, f"evim3 metadata is invalid ({e})") from None
 
@@ -183,11 +191,8 @@ class OnnxBackend(Backend):
                                             f"{[o.name for o in outputs]}; evim3 models take '{INPUT_NAME}' "
                                             f"and give '{OUTPUT_NAME}'")
         self.max_batch = check_input_shape(self.path, tuple(inputs[0].shape), self.meta, "ONNX")
-        out_shape = next(o.shape for o in outputs if o.name == OUTPUT_NAME)
-        k = expected_outputs(self.meta)
-        if len(out_shape) != 2 or (isinstance(out_shape[1], int) and out_shape[1] != k):
-            raise ModelFileError(self.path, f"output '{OUTPUT_NAME}' has shape {out_shape}; the metadata "
-                                            f"(task {self.meta.task!r}) says (N, {k})")
+        check_output_shape(self.path, tuple(next(o.shape for o in outputs if o.name == OUTPUT_NAME)), self.meta,
+                           "ONNX")
 
     @property
     def device(self) -> str:
@@ -261,6 +266,7 @@ class TensorRTBackend(Backend):
                                        f"'{OUTPUT_NAME}'")
         shape = tuple(self._engine.get_tensor_shape(INPUT_NAME))
         self.max_batch = check_input_shape(path, shape, self.meta, "engine")
+        check_output_shape(path, tuple(self._engine.get_tensor_shape(OUTPUT_NAME)), self.meta, "engine")
         if self.max_batch is None:  # dynamic batch: the optimisation profile bounds it
             self.max_batch = int(self._engine.get_tensor_profile_shape(INPUT_NAME, 0)[2][0])
         self._dtypes = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in names}
@@ -333,7 +339,7 @@ def benchmark(backend: Backend, batch: int = 1, warmup: int = 3, runs: int = 20,
     real-time factor = clips/s / (fps / s).
     """
     spec = backend.meta.preprocess
-    stride = stride or max(1, spec.clip_span // 2)
+    stride = stride or spec.default_stride
     clips = np.random.default_rng(seed).standard_normal((batch, *backend.input_shape), dtype=np.float32)
     for _ in range(warmup):
         backend.run(clips)

@@ -48,7 +48,7 @@ class EngineHeader:
         d = json.loads(text)
         if d.pop("format", None) != HEADER_FORMAT:
             raise ValueError(f"not an {HEADER_FORMAT} header")
-        d["meta"] = ModelMeta.from_json(json.dumps(d["meta"]))
+        d["meta"] = ModelMeta.from_json(json.dumps(d["meta"]), precision=d["precision"])
         d["batch"] = tuple(d["batch"])
         return cls(**d)
 

@@ -56,6 +56,10 @@ class AbsurdSizeError(EchoInputError):
     pass
 
 
+class TooShortError(EchoInputError):
+    """A video too short for the model's clip to measure anything (see evim3.runtime.infer.MIN_VIDEO_SECONDS)."""
+
+
 # --- model files, checkpoints, datasets ---
 class ModelFileError(Evim3Error):
     """An ONNX/engine file that is missing, corrupt, or does not match its metadata / this machine."""

@@ -1,8 +1,9 @@
 """The inference pipeline: source -> frames -> preprocess -> sliding clips -> backend -> EF per clip and per
 video, timing every stage. No torch: numpy, PyAV/pydicom (through evim3.runtime.video) and a Backend.
 
-Files are decoded whole, preprocessed by the same function as training (evim3.runtime.preprocess, with the
-model's own PreprocessSpec), cut into clips every `stride` resampled frames and run in batches. Live sources
+Files are streamed: decoded and preprocessed frame by frame on a thread by the same functions as training
+(evim3.runtime.preprocess, with the model's own PreprocessSpec), cut into clips every `stride` resampled
+frames as they arrive and run in batches; memory does not grow with a file's length. Live sources
 (evim3.runtime.live) are analysed as frames arrive: one clip every `stride` frames, each with its timestamp.
 """
 
@@ -11,25 +12,39 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import queue
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 from evim3.runtime.backends import Backend, latency_percentiles
-from evim3.runtime.errors import EchoInputError, Evim3Error
+from evim3.runtime.errors import EchoInputError, Evim3Error, TooShortError
 from evim3.runtime.live import LiveFrame, LiveReader, is_live_source
+from evim3.runtime.meta import PreprocessSpec
+from evim3.runtime.outputs import clip_values
 from evim3.runtime.preprocess import (
+    frames_to_input,
     motion_region,
-    preprocess,
-    preprocess_frames,
+    motion_window_frames,
+    normalise,
+    real_frame_share,
     sample_clip_indices,
-    sliding_clip_starts,
+    stream_to_uint8,
 )
-from evim3.runtime.video import Video, iter_video_files, read_video
+from evim3.runtime.video import iter_video_files, open_video
 
 STRIP_FRAMES = 8  # frames kept per source for the --plot strip
+PREFETCH_FRAMES = 64  # prepared (spec.size^2 uint8) frames the decoding thread may run ahead of inference
+_END = object()  # end of an iterator, for next()
+T = TypeVar("T")
+# Shortest video analysed: a clip mostly made of repeated frames cannot measure a heartbeat. Shorter than the
+# model's clip but above this, the clip loops the video, with a warning and its share of real frames.
+MIN_VIDEO_SECONDS = 0.5
+MIN_CLIP_SHARE = 0.5  # of the model's clip span (spec.clip_seconds)
 
 
 @dataclass
@@ -37,12 +52,13 @@ class ClipResult:
     start_s: float  # source time of the clip's first and last frame
     end_s: float
     values: list[float]  # [EF in points] for EF models; class probabilities for classification models
+    real_share: float = 1.0  # share of the clip's frames that are not repeats of a looped short video
 
     def to_dict(self, class_names: list[str]) -> dict:
+        d = {"start_s": self.start_s, "end_s": self.end_s, "real_frame_share": self.real_share}
         if class_names:
-            return {"start_s": self.start_s, "end_s": self.end_s,
-                    "probabilities": dict(zip(class_names, self.values))}
-        return {"start_s": self.start_s, "end_s": self.end_s, "ef": self.values[0]}
+            return {**d, "probabilities": dict(zip(class_names, self.values))}
+        return {**d, "ef": self.values[0]}
 
 
 @dataclass
@@ -61,6 +77,12 @@ class SourceResult:
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def real_share(self) -> float:
+        """The smallest share of real (not looped) frames over the clips: below 1 for a video shorter
+        than one clip."""
+        return min((c.real_share for c in self.clips), default=1.0)
+
     def mean_values(self) -> list[float] | None:
         """Per-video result: the mean over clips of EF (one value) or of each class probability."""
         if not self.clips:
@@ -69,7 +91,7 @@ class SourceResult:
 
     def to_dict(self, class_names: list[str]) -> dict:
         d: dict = {"source": self.source, "ok": self.ok, "error": self.error, "duration_s": self.duration_s,
-                   "num_clips": len(self.clips)}
+                   "num_clips": len(self.clips), "real_frame_share": self.real_share}
         mean = self.mean_values()
         if class_names:
             d["probabilities"] = None if mean is None else dict(zip(class_names, mean))
@@ -129,9 +151,100 @@ class Timings:
                 "decode_preprocess_share": self.input_share}
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return z / z.sum(axis=-1, keepdims=True)
+class _Clock:
+    """Seconds accumulated by timing() blocks and _clocked iterators (on whichever thread)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    @contextlib.contextmanager
+    def timing(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def _clocked(items: Iterable[T], clock: _Clock) -> Iterator[T]:
+    """`items`, adding to `clock` the time spent producing each (not the time the consumer holds it)."""
+    iterator = iter(items)
+    while True:
+        with clock.timing():
+            item = next(iterator, _END)
+        if item is _END:
+            return
+        yield item
+
+
+def in_background(items: Iterable[T], depth: int) -> Iterator[T]:
+    """`items`, produced on a thread at most `depth` ahead of the consumer, so that producing (decoding)
+    overlaps consuming (inference). An exception of the producer is raised here after the items before
+    it; closing the generator stops the producer and waits for it."""
+    channel: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                channel.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((False, None))
+        except BaseException as e:  # noqa: BLE001 -- handed to the consumer, which raises it
+            put((False, e))
+
+    thread = threading.Thread(target=produce, name="evim3-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            more, item = channel.get()
+            if not more:
+                if item is not None:
+                    raise item
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _StripSampler:
+    """Up to 2 * STRIP_FRAMES evenly spaced (time, frame) pairs of a stream of unknown length: every
+    `step`-th frame, the step doubling (and every other pair dropped) whenever the strip fills."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[float, np.ndarray]] = []
+        self.step = 1
+        self.seen = 0
+
+    def add(self, time_s: float, frame: np.ndarray) -> None:
+        if self.seen % self.step == 0:
+            self.pairs.append((time_s, frame))
+            if len(self.pairs) >= 2 * STRIP_FRAMES:
+                self.pairs, self.step = self.pairs[::2], 2 * self.step
+        self.seen += 1
+
+    def frames(self) -> list[tuple[float, np.ndarray]]:
+        picks = np.linspace(0, len(self.pairs) - 1, min(STRIP_FRAMES, len(self.pairs))).round().astype(int)
+        return [self.pairs[i] for i in picks]
+
+
+def check_long_enough(source: str, duration_s: float, spec: PreprocessSpec) -> None:
+    """Refuse a video under MIN_VIDEO_SECONDS or under MIN_CLIP_SHARE of the model's clip."""
+    minimum = max(MIN_VIDEO_SECONDS, MIN_CLIP_SHARE * spec.clip_seconds)
+    if duration_s < minimum:
+        raise TooShortError(source, f"video is too short: {duration_s:.2f} s, the model needs at least "
+                                    f"{minimum:.2f} s (half its {spec.clip_seconds:.2f} s clip, and at least "
+                                    f"{MIN_VIDEO_SECONDS:g} s)")
 
 
 def expand_sources(sources: list[str]) -> Iterator[tuple[str, EchoInputError | None]]:
@@ -155,7 +268,7 @@ class InferencePipeline:
         self.backend = backend
         self.spec = backend.meta.preprocess
         self.class_names = backend.meta.class_names if backend.meta.task == "classification" else []
-        self.stride = stride or max(1, self.spec.clip_span // 2)
+        self.stride = stride or self.spec.default_stride
         if self.stride < 1 or batch < 1:
             raise ValueError(f"stride and batch must be >= 1 (got stride {stride}, batch {batch})")
         self.batch = batch
@@ -177,36 +290,77 @@ class InferencePipeline:
         with self._timed("inference", "batch"):
             out = self.backend.run(clips[:, None])
         self.timings.clips += len(clips)
-        return (softmax(out) if self.class_names else out[:, :1]).tolist()
+        return clip_values(out, self.backend.meta).tolist()
 
     def run_file(self, path: str) -> SourceResult:
-        """Decode, preprocess and analyse one video/DICOM file; a bad file gives a result with .error."""
+        """Decode, preprocess and analyse one video/DICOM file; a bad file gives a result with .error.
+
+        A stream: a thread decodes, crops, resizes and resamples (``stream_to_uint8``) up to PREFETCH_FRAMES
+        ahead while this thread runs the clips, each as soon as its frames are in; only the frames of the
+        clips still to come are kept. A file found bad at its end (cut short) drops the clips it gave.
+        """
         t0 = time.perf_counter()
+        decode, prepare = _Clock(), _Clock()
         try:
-            with self._timed("decode", "video"):
-                video = read_video(path)
-            return self.run_video(video)
+            with decode.timing():  # opening reads headers (and a DICOM file's whole dataset)
+                reader = open_video(path)
+            with reader:
+                source = _clocked(reader.frames(), decode)
+                prepared = _clocked(stream_to_uint8(source, reader.fps, self.spec, reader.meta["region"]), prepare)
+                with contextlib.closing(in_background(prepared, PREFETCH_FRAMES)) as frames:
+                    return self._analyse(path, frames, lambda: reader.num_frames / reader.fps)
         except EchoInputError as e:
             return SourceResult(path, error=str(e))
         finally:
+            self.timings.stage("decode", "video").seconds.append(decode.seconds)
+            self.timings.stage("preprocess", "video").seconds.append(prepare.seconds - decode.seconds)
             self.timings.wall_s += time.perf_counter() - t0
 
-    def run_video(self, video: Video) -> SourceResult:
-        spec = self.spec
-        with self._timed("preprocess", "video"):
-            frames = preprocess(video, spec)
-        result = SourceResult(video.source, duration_s=len(video.frames) / video.fps)
-        starts = sliding_clip_starts(len(frames), spec, self.stride)
-        for i in range(0, len(starts), self.batch):
-            batch_starts = starts[i:i + self.batch]
-            clips = np.stack([frames[sample_clip_indices(len(frames), spec, s)] for s in batch_starts])
-            for start, values in zip(batch_starts, self._run_clips(clips)):
-                result.clips.append(ClipResult(start / spec.fps, (start + spec.clip_span - 1) / spec.fps, values))
-        if self.keep_strip:
-            picks = np.linspace(0, len(frames) - 1, min(STRIP_FRAMES, len(frames))).round().astype(int)
-            result.strip = [(i / spec.fps, frames[i]) for i in picks]
+    def _analyse(self, source: str, frames: Iterable[np.ndarray], duration_s: Callable[[], float]) -> SourceResult:
+        """Clips every `stride` frames of a stream of prepared (uint8, spec.fps) frames, run in batches as
+        their frames arrive; a video shorter than one clip gives one clip that loops it. `duration_s` tells
+        the source's duration once the stream has ended."""
+        spec, span = self.spec, self.spec.clip_span
+        window: deque[np.ndarray] = deque()  # prepared frames first, first + 1, ...
+        first = count = next_start = 0
+        pending: list[tuple[int, np.ndarray, float]] = []  # (start, uint8 clip, share of real frames)
+        result = SourceResult(source)
+        strip = _StripSampler() if self.keep_strip else None
+        for frame in frames:
+            window.append(frame)
+            count += 1
+            if strip:
+                strip.add((count - 1) / spec.fps, frame)
+            while next_start + span <= count:
+                indices = sample_clip_indices(count, spec, next_start) - first
+                pending.append((next_start, np.stack([window[i] for i in indices]), 1.0))
+                next_start += self.stride
+                if len(pending) == self.batch:
+                    self._run_pending(pending, result)
+            while window and first < next_start:
+                window.popleft()
+                first += 1
+        result.duration_s = duration_s()
+        check_long_enough(source, result.duration_s, spec)
+        if next_start == 0:  # shorter than one clip: every frame is still in the window
+            clip = np.stack([window[i] for i in sample_clip_indices(count, spec, 0)])
+            pending.append((0, clip, real_frame_share(count, spec, 0)))
+        self._run_pending(pending, result)
+        if strip:
+            result.strip = strip.frames()
         self.timings.video_s += result.duration_s
         return result
+
+    def _run_pending(self, pending: list[tuple[int, np.ndarray, float]], result: SourceResult) -> None:
+        """Run the pending clips as one batch and empty the list."""
+        if not pending:
+            return
+        spec = self.spec
+        values = self._run_clips(normalise(np.stack([clip for _, clip, _ in pending]), spec))
+        for (start, _, share), outputs in zip(pending, values):
+            result.clips.append(ClipResult(start / spec.fps, (start + spec.clip_span - 1) / spec.fps, outputs,
+                                           share))
+        pending.clear()
 
     def run_live(self, source: str, realtime: bool = False,
                  on_clip: Callable[[ClipResult], None] | None = None) -> SourceResult:
@@ -256,8 +410,9 @@ class InferencePipeline:
                 continue
             with self._timed("preprocess", "clip"):
                 images = np.stack([f.image for f in window])
-                region = region or motion_region(images)
-                resampled = preprocess_frames(images, fps, spec, region)
+                # As stream_to_uint8: the motion in the first frames (here, of the first whole window).
+                region = region or motion_region(images[:motion_window_frames(fps)])
+                resampled = frames_to_input(images, fps, spec, region)
                 start = max(0, len(resampled) - spec.clip_span)
                 clip = resampled[sample_clip_indices(len(resampled), spec, start)]
             (values,) = self._run_clips(clip[None])

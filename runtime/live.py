@@ -20,6 +20,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 from evim3.runtime.errors import EchoInputError
+from evim3.runtime.video import gray_frame
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -77,7 +78,7 @@ class LiveReader:
 
     def _read(self) -> None:
         first_time = None
-        # One reformatter for the stream: frame.to_ndarray(format="gray") builds one per frame (slow).
+        # One reformatter for the stream: frame.to_ndarray(format=...) builds one per frame (slow).
         reformatter = VideoReformatter()
         try:
             decoded = self._container.decode(self._stream)
@@ -86,7 +87,7 @@ class LiveReader:
                 frame = next(decoded, None)
                 if frame is None or self._stop.is_set():
                     break
-                image = reformatter.reformat(frame, format="gray").to_ndarray()
+                image = gray_frame(reformatter, frame)
                 self.decode_seconds.append(time.perf_counter() - t0)
                 stamp = frame.time if frame.time is not None else index / self.fps
                 first_time = stamp if first_time is None else first_time

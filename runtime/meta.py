@@ -18,6 +18,10 @@ ENGINE_MAGIC = b"EVIM3TRT"
 # Graph I/O names shared by export and runtime.
 INPUT_NAME = "clip"  # (N, 1, frames, size, size) float32, already normalised
 OUTPUT_NAME = "output"  # (N, 1) EF in points for task "ef"; (N, K) logits for task "classification"
+PRECISIONS = ("fp32", "fp16")  # of an exported file's weights and compute (checkpoints are fp32)
+# ONNX metadata_props key of the flat copy of the precision (Netron shows it). Files written before precision
+# was a ModelMeta field have it there only.
+PRECISION_PROP = f"{META_KEY}.precision"
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,12 @@ class PreprocessSpec:
     def clip_seconds(self) -> float:
         return self.clip_span / self.fps
 
+    @property
+    def default_stride(self) -> int:
+        """Frames between the starts of consecutive clips when none is asked for: half a clip span, so
+        that clips overlap by half (`evim3 infer`, `evim3 bench`, evaluation's "all" clips)."""
+        return max(1, self.clip_span // 2)
+
 
 @dataclass
 class ModelMeta:
@@ -54,10 +64,13 @@ class ModelMeta:
     class_names: list[str] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)  # training data summary
     version: str = ""
+    precision: str = "fp32"  # one of PRECISIONS: what an exported file computes in
 
     def __post_init__(self) -> None:
         if self.task not in ("ef", "classification"):
             raise ValueError(f"unknown task {self.task!r} (expected 'ef' or 'classification')")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r} (expected {' or '.join(PRECISIONS)})")
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)
@@ -65,9 +78,16 @@ class ModelMeta:
         return json.dumps(d, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> ModelMeta:
+    def from_json(cls, text: str, precision: str = "fp32") -> ModelMeta:
+        """`precision`: for documents written before it was a field (the file's own record of it, if any)."""
         d = json.loads(text)
         if d.pop("format", None) != "evim3":
             raise ValueError("not evim3 metadata (missing format='evim3')")
         d["preprocess"] = PreprocessSpec(**d["preprocess"])
+        d.setdefault("precision", precision)
         return cls(**d)
+
+    @classmethod
+    def from_onnx_props(cls, props: dict[str, str]) -> ModelMeta:
+        """The metadata of an ONNX file's metadata_props (KeyError without META_KEY)."""
+        return cls.from_json(props[META_KEY], precision=props.get(PRECISION_PROP, "fp32"))

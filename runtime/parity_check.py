@@ -19,9 +19,9 @@ from evim3.runtime.atomic import atomic_path
 from evim3.runtime.backends import Backend, open_backend
 from evim3.runtime.engine_file import check_engine_compatible, current_gpu, read_engine_header
 from evim3.runtime.errors import BackendUnavailableError, ModelFileError
-from evim3.runtime.meta import META_KEY, ModelMeta, PreprocessSpec
+from evim3.runtime.meta import ModelMeta, PreprocessSpec
+from evim3.runtime.outputs import class_probabilities
 
-PRECISION_KEY = f"{META_KEY}.precision"  # ONNX metadata_props key: "fp32" | "fp16" (written by evim3.export.onnx)
 REAL_CLIP_NAME = "pydicom ybr_color echo"
 # A reference whose outputs spread (SD over the golden clips) less than this answers about the same for every
 # input: parity with it proves nothing about the exported graph. EF points; logits for classification.
@@ -78,10 +78,10 @@ def random_clips(spec: PreprocessSpec, count: int, seed: int = 0) -> np.ndarray:
 def video_clip(path: str | os.PathLike, spec: PreprocessSpec) -> np.ndarray:
     """(1, frames, size, size): the first clip of a video file, read and preprocessed exactly as `evim3 infer`
     does."""
-    from evim3.runtime.preprocess import preprocess, sample_clip_indices
+    from evim3.runtime.preprocess import sample_clip_indices, video_to_input
     from evim3.runtime.video import read_video
 
-    frames = preprocess(read_video(os.fspath(path)), spec)
+    frames = video_to_input(read_video(os.fspath(path)), spec)
     return frames[sample_clip_indices(len(frames), spec, 0)][None].astype(np.float32)
 
 
@@ -149,18 +149,10 @@ def compare(reference: np.ndarray, candidate: np.ndarray, task: str, backend: st
     if task == "ef":
         ef_diff = float(diff.mean())
     else:
-        ef_diff = float(np.abs(_probabilities(out) - _probabilities(ref)).mean())
+        ef_diff = float(np.abs(class_probabilities(out) - class_probabilities(ref)).mean())
     tol = TOLERANCES[precision]
     passed = bool(np.isfinite(out).all()) and max_abs <= tol.max_abs and cosine >= tol.min_cosine
     return ParityRow(backend, precision, max_abs, max_rel, cosine, ef_diff, passed)
-
-
-def _probabilities(logits: np.ndarray) -> np.ndarray:
-    """Sigmoid of a single logit (binary head), softmax of several."""
-    if logits.shape[1] == 1:
-        return 1.0 / (1.0 + np.exp(-logits))
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def save_golden(path: str | os.PathLike, golden: Golden) -> None:
@@ -200,8 +192,7 @@ def open_for_parity(path: str, provider: str | None = None) -> tuple[Backend, st
         _check_engine_here(path, header)
         return open_backend(path), header.precision
     backend = open_backend(path, provider=provider)
-    props = backend.session.get_modelmeta().custom_metadata_map
-    return backend, props.get(PRECISION_KEY, "fp32")
+    return backend, backend.meta.precision
 
 
 def _check_engine_here(path: str, header) -> None:

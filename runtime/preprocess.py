@@ -1,4 +1,4 @@
-"""The one preprocessing of evim3: training datasets and edge inference both call ``prepare_frames``.
+"""The one preprocessing of evim3: training datasets and edge inference both run it.
 
     frames (T, H, W) uint8 at the source rate
       -> crop to the ultrasound region (the DICOM region, else where pixels move; see ``ultrasound_region``)
@@ -7,11 +7,19 @@
       -> resample to spec.fps (the nearest frame in time)
       -> (x - mean) / std as float32 (T', size, size)
 
-Clip sampling, which frames of the preprocessed video make a model input, is defined here too, once.
-numpy and Pillow only.
+The names say what comes in and what goes out: ``{stream,frames,video}_to_uint8`` run every step but the
+last (uint8 at spec.size and spec.fps: what a dataset caches, a quarter of float32's memory) on an iterator
+of frames, a (T, H, W) array or a decoded ``Video`` (whose DICOM region it uses); ``{frames,video}_to_input``
+add the normalisation: the model's input. Clip sampling, which frames of the preprocessed video make a model
+input, is defined here too, once. numpy and Pillow only.
 """
 
 from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 from evim3.runtime.meta import PreprocessSpec
@@ -25,7 +33,16 @@ LINE_SHARE = 0.02  # a row/column is in the region when this share of it (and at
 MIN_LINE_PIXELS = 2
 GAP_SHARE = 0.02  # still rows/columns inside the region (dark chambers) bridged, as a share of the side
 EDGE_SNAP_SHARE = 0.04  # margins thinner than this share of the side are not cropped
+# A box of motion this share of both sides or more: a picture already cropped to its sector (EchoNet's
+# prepared 112x112 videos, whose still rows above the sector's apex and dark corners are part of what the
+# paper's network saw), kept whole. A scanner screen's sector is well under 80 % of its width: text, scales
+# and menus sit beside it.
+SECTOR_FILL_SHARE = 0.8
 MIN_MOVING_SHARE = 0.01  # less motion than this share of the frame: a still picture, kept whole
+# The motion crop is measured on the video's first frames: a stream cannot look ahead, and until the box is
+# known these frames are held at source resolution (the bound on a stream's memory; see stream_to_uint8).
+MOTION_WINDOW_SECONDS = 2.0  # two heartbeats at 60 bpm
+MOTION_WINDOW_MAX_FRAMES = 100  # at most: 2 s at 50 fps; 207 MB of 1920x1080 gray frames
 
 FPS_TOLERANCE = 0.5  # source rates this close to spec.fps are not resampled
 
@@ -33,28 +50,35 @@ FPS_TOLERANCE = 0.5  # source rates this close to spec.fps are not resampled
 def ultrasound_region(video: Video) -> Region:
     """(y0, y1, x0, x1), half-open: where the ultrasound picture is in `video`'s frames.
 
-    The region the DICOM file states when there is one (``video.meta["region"]``); otherwise found from motion
-    by ``motion_region``.
+    The region the DICOM file states when there is one (``video.meta["region"]``); otherwise found by
+    ``motion_region`` from the motion in the first ``motion_window_frames`` frames.
     """
     region = video.meta.get("region")
-    return tuple(region) if region else motion_region(video.frames)
+    return tuple(region) if region else motion_region(video.frames[:motion_window_frames(video.fps)])
+
+
+def motion_window_frames(fps: float) -> int:
+    """How many of a video's first frames the motion crop is measured on: MOTION_WINDOW_SECONDS of them, at
+    most MOTION_WINDOW_MAX_FRAMES."""
+    return max(2, min(MOTION_WINDOW_MAX_FRAMES, math.ceil(MOTION_WINDOW_SECONDS * fps)))
 
 
 def motion_region(frames: np.ndarray) -> Region:
     """The box around the pixels that change over time, without overlays.
 
-    Rule: a pixel moves when its range (max - min) over up to 32 frames spread over the video exceeds 12
+    Rule: a pixel moves when its range (max - min) over up to 32 frames spread over `frames` exceeds 12
     gray levels. A row is active when at least 2 % of it (and 2 pixels) moves; active rows separated by gaps
     of up to 2 % of the height form runs, and the run holding the most moving pixels gives y0..y1. Columns
     are then found the same way within those rows. So static text and calipers never count, and moving
     things apart from the picture (a blinking cursor, a changing clock or heart rate, an ECG trace below the
-    sector) form their own, smaller runs and are left out. Margins thinner than 4 % of a side are kept, so an
-    already-cropped video (EchoNet) stays whole. A video in which less than 1 % of the frame moves is taken
-    as still, and its whole frame returned.
+    sector) form their own, smaller runs and are left out. A box covering 80 % or more of both sides is a
+    picture already cropped to its sector (EchoNet's videos: still rows above the apex, dark corners) and the
+    whole frame is returned; otherwise margins thinner than 4 % of a side are kept. A video in which less
+    than 1 % of the frame moves is taken as still, and its whole frame returned.
     """
     num_frames, height, width = frames.shape
     whole = (0, height, 0, width)
-    sample = frames[np.unique(np.linspace(0, num_frames - 1, MOTION_SAMPLE_FRAMES).round().astype(int))]
+    sample = frames[motion_sample(num_frames)]
     moving = sample.max(axis=0) - sample.min(axis=0) > MOTION_LEVEL
     if moving.sum() < MIN_MOVING_SHARE * height * width:
         return whole
@@ -62,7 +86,14 @@ def motion_region(frames: np.ndarray) -> Region:
     x0, x1 = _main_run(moving[y0:y1].T)
     if moving[y0:y1, x0:x1].sum() < MIN_MOVING_SHARE * height * width:  # only a cursor blinks
         return whole
+    if y1 - y0 >= SECTOR_FILL_SHARE * height and x1 - x0 >= SECTOR_FILL_SHARE * width:
+        return whole
     return (*_snap_to_edges(y0, y1, height), *_snap_to_edges(x0, x1, width))
+
+
+def motion_sample(num_frames: int) -> np.ndarray:
+    """Indices of the (up to MOTION_SAMPLE_FRAMES) frames, spread over `num_frames`, motion is measured on."""
+    return np.unique(np.linspace(0, num_frames - 1, MOTION_SAMPLE_FRAMES).round().astype(int))
 
 
 def _main_run(moving: np.ndarray) -> tuple[int, int]:
@@ -98,8 +129,12 @@ def resample_indices(num_frames: int, fps: float, target_fps: float) -> np.ndarr
     if abs(fps - target_fps) < FPS_TOLERANCE:
         return np.arange(num_frames)
     count = max(1, round(num_frames * target_fps / fps))
-    centres = (2 * np.arange(count) + 1) * fps / (2 * target_fps)  # in source frames
-    return np.minimum(np.floor(centres).astype(np.int64), num_frames - 1)
+    return np.minimum(_source_index(np.arange(count), fps, target_fps), num_frames - 1)
+
+
+def _source_index(output: np.ndarray | int, fps: float, target_fps: float) -> np.ndarray | int:
+    """Source frame whose span holds the centre of `output` frame(s) at target_fps (unbounded by the end)."""
+    return np.floor((2 * np.asarray(output) + 1) * fps / (2 * target_fps)).astype(np.int64)
 
 
 def square_resize(frames: np.ndarray, size: int) -> np.ndarray:
@@ -123,20 +158,63 @@ def square_resize(frames: np.ndarray, size: int) -> np.ndarray:
     return squared
 
 
-def prepare_frames(frames: np.ndarray, fps: float, spec: PreprocessSpec,
-                   region: Region | None = None) -> np.ndarray:
-    """uint8 frames (T, H, W) at `fps` -> uint8 (T', spec.size, spec.size) at spec.fps: every step of
-    ``preprocess_frames`` but the normalisation (what a dataset keeps in memory: a quarter of float32's).
+def stream_to_uint8(frames: Iterable[np.ndarray], fps: float, spec: PreprocessSpec,
+                    region: Region | None = None) -> Iterator[np.ndarray]:
+    """uint8 frames (H, W) at `fps`, one at a time -> uint8 (spec.size, spec.size) frames at spec.fps, one at
+    a time: crop to `region`, ``square_resize``, ``resample_indices``. The frames at spec.fps are those of
+    ``frames_to_uint8`` on the whole stack (each needed source frame is resized once, as it arrives).
 
-    `region` (y0, y1, x0, x1) is where the picture is; None finds it from the motion in `frames`
-    (``motion_region``), as ``preprocess`` does for a file without a DICOM region.
+    `region` (y0, y1, x0, x1) None: found by ``motion_region`` on the first ``motion_window_frames(fps)``
+    frames, which are held until then. Past them only the current frame is held, so memory does not grow
+    with the length of the stream.
+    """
+    frames = iter(frames)
+    if region is None:
+        window = deque(itertools.islice(frames, motion_window_frames(fps)))
+        if not window:
+            return
+        region = motion_region(np.stack([window[i] for i in motion_sample(len(window))]))  # the same sample
+        frames = itertools.chain(_drain(window), frames)
+    y0, y1, x0, x1 = region
+
+    def resized(frame: np.ndarray) -> np.ndarray:
+        return square_resize(frame[None, y0:y1, x0:x1], spec.size)[0]
+
+    if abs(fps - spec.fps) < FPS_TOLERANCE:  # as resample_indices: every frame, once
+        yield from map(resized, frames)
+        return
+    output, count, last = 0, 0, None
+    for index, frame in enumerate(frames):
+        count, last, out = index + 1, frame, None
+        while _source_index(output, fps, spec.fps) == index:  # upsampling repeats a frame
+            out = resized(frame) if out is None else out
+            yield out
+            output += 1
+    # The last outputs may fall past the last frame (resample_indices clips them to it).
+    remaining = max(1, round(count * spec.fps / fps)) - output if count else 0
+    if remaining > 0:
+        out = resized(last)
+        for _ in range(remaining):
+            yield out
+
+
+def _drain(window: deque) -> Iterator[np.ndarray]:
+    """Yield and forget the held frames, so each is freed once it is processed."""
+    while window:
+        yield window.popleft()
+
+
+def frames_to_uint8(frames: np.ndarray, fps: float, spec: PreprocessSpec,
+                    region: Region | None = None) -> np.ndarray:
+    """uint8 frames (T, H, W) at `fps` -> uint8 (T', spec.size, spec.size) at spec.fps: every step of
+    ``frames_to_input`` but the normalisation (what a dataset keeps in memory: a quarter of float32's).
+
+    `region` (y0, y1, x0, x1) is where the picture is; None finds it from the motion in the first frames
+    (``motion_region``), as ``video_to_uint8`` does for a file without a DICOM region.
     """
     if frames.ndim != 3 or len(frames) == 0:
         raise ValueError(f"expected frames of shape (T, H, W) with T >= 1, got {frames.shape}")
-    y0, y1, x0, x1 = region if region is not None else motion_region(frames)
-    # Resize each needed source frame once, even when upsampling in time repeats it.
-    needed, order = np.unique(resample_indices(len(frames), fps, spec.fps), return_inverse=True)
-    return square_resize(frames[needed, y0:y1, x0:x1], spec.size)[order]
+    return np.stack(list(stream_to_uint8(frames, fps, spec, region)))
 
 
 def normalise(frames: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -148,20 +226,20 @@ def normalise(frames: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return out
 
 
-def preprocess_frames(frames: np.ndarray, fps: float, spec: PreprocessSpec,
-                      region: Region | None = None) -> np.ndarray:
+def frames_to_input(frames: np.ndarray, fps: float, spec: PreprocessSpec,
+                    region: Region | None = None) -> np.ndarray:
     """uint8 frames (T, H, W) at `fps` -> normalised float32 (T', spec.size, spec.size) at spec.fps."""
-    return normalise(prepare_frames(frames, fps, spec, region), spec)
+    return normalise(frames_to_uint8(frames, fps, spec, region), spec)
 
 
-def prepare(video: Video, spec: PreprocessSpec) -> np.ndarray:
-    """``preprocess`` without the normalisation: uint8 (T', spec.size, spec.size)."""
-    return prepare_frames(video.frames, video.fps, spec, ultrasound_region(video))
+def video_to_uint8(video: Video, spec: PreprocessSpec) -> np.ndarray:
+    """``video_to_input`` without the normalisation: uint8 (T', spec.size, spec.size)."""
+    return frames_to_uint8(video.frames, video.fps, spec, ultrasound_region(video))
 
 
-def preprocess(video: Video, spec: PreprocessSpec) -> np.ndarray:
+def video_to_input(video: Video, spec: PreprocessSpec) -> np.ndarray:
     """The pixel path of training and inference: float32 (T', spec.size, spec.size), normalised."""
-    return normalise(prepare(video, spec), spec)
+    return normalise(video_to_uint8(video, spec), spec)
 
 
 def sample_clip_indices(num_frames: int, spec: PreprocessSpec, start: int = 0) -> np.ndarray:
@@ -170,6 +248,12 @@ def sample_clip_indices(num_frames: int, spec: PreprocessSpec, start: int = 0) -
     if num_frames < 1:
         raise ValueError("a clip needs a video of at least one frame")
     return (start + spec.period * np.arange(spec.frames)) % num_frames
+
+
+def real_frame_share(num_frames: int, spec: PreprocessSpec, start: int = 0) -> float:
+    """Share of the clip at `start` made of the video's own frames, not of repeats from looping past its end
+    (``sample_clip_indices``): 1.0 unless the video is shorter than the clip."""
+    return float(np.mean(start + spec.period * np.arange(spec.frames) < num_frames))
 
 
 def sliding_clip_starts(num_frames: int, spec: PreprocessSpec, stride: int) -> list[int]:

@@ -29,7 +29,8 @@ def _short(source: str, width: int = 30) -> str:
 
 def results_table(results: list[SourceResult], class_names: list[str]) -> Table:
     """One row per source: EF (mean, min-max over clips) or class probabilities; 'failed' for a source
-    that could not be used (`evim3 infer` prints its reason on its own line)."""
+    that could not be used (its reason is printed on its own line by `evim3 infer`); the clip count marked
+    'short' for a video shorter than the model's clip (the clip loops it)."""
     table = Table(title="evim3 infer", title_justify="left")
     table.add_column("source", no_wrap=True)
     table.add_column("seconds", justify="right", min_width=7)
@@ -48,15 +49,22 @@ def results_table(results: list[SourceResult], class_names: list[str]) -> Table:
         else:
             efs = [c.values[0] for c in r.clips]
             values = [_fmt(mean[0]), f"{_fmt(min(efs))}-{_fmt(max(efs))}"]
-        table.add_row(_short(r.source), _fmt(r.duration_s) if r.ok else "-", str(len(r.clips)), *values)
+        clips = f"[yellow]{len(r.clips)} short[/yellow]" if r.real_share < 1 else str(len(r.clips))
+        table.add_row(_short(r.source), _fmt(r.duration_s) if r.ok else "-", clips, *values)
+    if any(r.real_share < 1 for r in results):
+        table.caption = ("short: the video is shorter than the model's clip, which repeats its frames "
+                         "(share of real frames: real_frame_share in --json/--csv)")
     return table
 
 
-def stream_notes(results: list[SourceResult]) -> list[str]:
-    """What happened to live sources beyond their numbers: frames dropped by --realtime, Ctrl-C."""
+def source_notes(results: list[SourceResult]) -> list[str]:
+    """What happened to sources beyond their numbers: a clip that loops a short video, frames dropped by
+    --realtime, Ctrl-C."""
     lines = []
     for r in results:
-        notes = [f"dropped {r.dropped_frames} frames to keep up (--realtime)"] if r.dropped_frames else []
+        looped = f"warning: shorter than the model's clip, which loops it ({100 * r.real_share:.0f} % real frames)"
+        notes = [looped] if r.real_share < 1 else []
+        notes += [f"dropped {r.dropped_frames} frames to keep up (--realtime)"] if r.dropped_frames else []
         notes += ["stopped by Ctrl-C"] if r.interrupted else []
         notes += ["no complete clip"] if r.ok and not r.clips else []
         if notes:
@@ -74,8 +82,8 @@ def timing_lines(timings: Timings, device: str) -> list[str]:
     lines.append(f"  {timings.video_s:.1f} s of video in {timings.wall_s:.2f} s: real-time factor "
                  f"{_fmt(timings.realtime_factor, 2)}x, decode+preprocess {_fmt(100 * timings.input_share)} % "
                  f"of wall time, {timings.clips} clips")
-    if "decode per frame" in timings.stages:
-        lines.append("  (live sources decode on a reader thread, alongside inference)")
+    if any(key.startswith("decode") for key in timings.stages):
+        lines.append("  (decoding and preprocessing run on a reader thread, alongside inference)")
     return lines
 
 
@@ -114,7 +122,8 @@ def write_csv(path: str, results: list[SourceResult], class_names: list[str]) ->
     """One row per source; per-clip start times and values as ';'-separated lists in their own columns."""
     value_columns = ["prediction", *(f"p_{n}" for n in class_names)] if class_names else ["ef"]
     clip_columns = ["clip_prediction"] if class_names else ["clip_ef"]
-    header = ["source", "status", "error", "duration_s", "num_clips", *value_columns, "clip_start_s", *clip_columns]
+    header = ["source", "status", "error", "duration_s", "num_clips", "real_frame_share", *value_columns,
+              "clip_start_s", *clip_columns, "clip_real_frame_share"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -131,7 +140,8 @@ def write_csv(path: str, results: list[SourceResult], class_names: list[str]) ->
         else:
             per_clip = ";".join(f"{c.values[0]:.4f}" for c in r.clips)
         writer.writerow([r.source, "ok" if r.ok else "failed", r.error or "", f"{r.duration_s:.3f}", len(r.clips),
-                         *values, ";".join(f"{c.start_s:.3f}" for c in r.clips), per_clip])
+                         f"{r.real_share:.3f}", *values, ";".join(f"{c.start_s:.3f}" for c in r.clips), per_clip,
+                         ";".join(f"{c.real_share:.3f}" for c in r.clips)])
     write_atomic(path, buffer.getvalue())
 
 

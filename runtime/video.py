@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import av
 import numpy as np
@@ -63,13 +64,17 @@ MAX_FRAMES = 20_000
 DEFAULT_FPS = 30.0  # used, with a note in meta, when a file states no frame rate
 TRUNCATION_SLACK = 2  # frames a declared count may overstate (encoder delay, rounded durations) in a whole file
 
-# ITU-R BT.601 luma: the weights of the Y in YCbCr, so gray from RGB matches gray from YBR.
-BT601_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+# Gray from RGB: ITU-R BT.601 luma (the Y of YCbCr, so gray from RGB matches gray from YBR) as torchvision's
+# rgb_to_grayscale rounds it, which the paper's loader applies to OpenCV's RGB frames.
+GRAY_WEIGHTS = np.array([0.2989, 0.587, 0.114], np.float32)
 # Photometric interpretations whose first sample already is BT.601 luma (full range): no conversion needed.
 LUMA_FIRST_PHOTOMETRICS = frozenset({"YBR_FULL", "YBR_FULL_422"})
 # What pydicom needs to know to decode pixel data.
 PIXEL_DESCRIPTION = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation")
 REGION_SPATIAL_FORMAT_2D = 1  # SequenceOfUltrasoundRegions: 1 = 2D image; others are M-mode, spectral, ...
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 Region = tuple[int, int, int, int]  # (y0, y1, x0, x1), half-open like a numpy slice
 
@@ -88,11 +93,52 @@ class Video:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def read_video(path: str | os.PathLike, decode_threads: int = 0) -> Video:
-    """Decode a video or DICOM cine file into grayscale frames.
+class VideoReader:
+    """An opened video or DICOM cine: ``fps``, ``meta`` (Video.meta but ``num_frames``) and ``frames()``, which
+    decodes one gray (H, W) uint8 frame at a time, so that a long video can be processed in bounded memory.
+
+    The checks that need the whole stream (the module's truncation rule, no frame at all, a single frame,
+    more than MAX_FRAMES) raise from ``frames()`` after yielding the frames before them: a caller that
+    processes frames as they come must drop its results when it raises. ``num_frames`` is set at the end.
+    """
+
+    def __init__(self, source: str, fps: float, meta: dict[str, Any], decode: Callable[[], Iterator[np.ndarray]],
+                 close: Callable[[], None] = lambda: None):
+        self.source = source
+        self.fps = fps
+        self.meta = meta
+        self.num_frames: int | None = None
+        self._decode = decode
+        self._close = close
+
+    def frames(self) -> Iterator[np.ndarray]:
+        count = 0
+        for frame in self._decode():
+            if count == 0:
+                _check_size(self.source, 0, *frame.shape)
+            count += 1
+            if count > MAX_FRAMES:
+                raise AbsurdSizeError(self.source, f"more than {MAX_FRAMES} frames")
+            yield frame
+        if count == 1:
+            raise SingleFrameError(self.source, "holds a single frame: a still image, not a cine")
+        self.num_frames = count
+
+    def close(self) -> None:
+        self._close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_video(path: str | os.PathLike, decode_threads: int = 0) -> VideoReader:
+    """Open a video or DICOM cine file for decoding frame by frame (see VideoReader).
 
     `decode_threads` is the FFmpeg decoder thread count (0: FFmpeg's choice); pydicom decodes on one thread.
-    Raises an ``EchoInputError`` subclass for a file that cannot be used.
+    Raises an ``EchoInputError`` subclass for a file that cannot be used, as far as its header tells.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -102,12 +148,14 @@ def read_video(path: str | os.PathLike, decode_threads: int = 0) -> Video:
     if os.path.getsize(path) == 0:
         raise EmptyFileError(path, "file is empty (0 bytes)")
     is_dicom = _has_dicom_magic(path) or os.path.splitext(path)[1].lower() in DICOM_EXTENSIONS
-    video = _read_dicom(path) if is_dicom else _read_with_pyav(path, decode_threads)
-    num_frames, height, width = video.frames.shape  # at least one: the readers raise NoFramesError for none
-    if num_frames == 1:
-        raise SingleFrameError(path, "holds a single frame: a still image, not a cine")
-    _check_size(path, num_frames, height, width)
-    return video
+    return _open_dicom(path) if is_dicom else _open_with_pyav(path, decode_threads)
+
+
+def read_video(path: str | os.PathLike, decode_threads: int = 0) -> Video:
+    """Decode a whole video or DICOM cine file into grayscale frames; errors as ``open_video``."""
+    with open_video(path, decode_threads) as reader:
+        frames = np.stack(list(reader.frames()))
+    return Video(frames, reader.fps, reader.source, {**reader.meta, "num_frames": len(frames)})
 
 
 def iter_video_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
@@ -154,6 +202,16 @@ def _has_dicom_magic(path: str) -> bool:
         return f.read(len(DICOM_MAGIC)) == DICOM_MAGIC
 
 
+def gray_frame(reformatter: VideoReformatter, frame: av.VideoFrame, **size: int) -> np.ndarray:
+    """A decoded frame as (H, W) uint8 gray, as the paper's loader makes it: FFmpeg's RGB, then GRAY_WEIGHTS.
+
+    Not FFmpeg's own gray (the Y plane, range-expanded): where compression leaves colour noise in dark or
+    bright pixels, RGB clips and the two differ by up to 2 gray levels.
+    """
+    rgb = reformatter.reformat(frame, format="rgb24", **size).to_ndarray()
+    return np.rint(rgb @ GRAY_WEIGHTS).astype(np.uint8)
+
+
 def _check_size(path: str, num_frames: int, height: int, width: int) -> None:
     """Reject absurd sizes; 0 means the header does not say, and passes."""
     if height > MAX_SIDE or width > MAX_SIDE:
@@ -164,28 +222,34 @@ def _check_size(path: str, num_frames: int, height: int, width: int) -> None:
         raise AbsurdSizeError(path, f"{num_frames} frames exceed the limit of {MAX_FRAMES}")
 
 
-def _video_meta(frames: np.ndarray, region: Region | None, notes: list[str], **extra: Any) -> dict[str, Any]:
-    return {"original_size": tuple(frames.shape[1:]), "num_frames": len(frames), "region": region,
-            "notes": notes, **extra}
+def _video_meta(region: Region | None, notes: list[str], original_size: tuple[int, int], **extra: Any
+                ) -> dict[str, Any]:
+    return {"original_size": original_size, "region": region, "notes": notes, **extra}
 
 
 # --- PyAV: video files, and MPEG cines inside DICOM ---
 
-def _read_with_pyav(path: str, decode_threads: int) -> Video:
-    with _open_container(path, path) as container:
+def _open_with_pyav(path: str, decode_threads: int) -> VideoReader:
+    container = _open_container(path, path)
+    try:
         stream = _video_stream(container, path)
-        _check_size(path, stream.frames, stream.codec_context.height, stream.codec_context.width)
-        notes = []
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        if rate and rate > 0:
-            fps = float(rate)
-        else:
-            fps = DEFAULT_FPS
-            notes.append(f"the container states no frame rate; assumed {DEFAULT_FPS:g} fps")
-        frames = _decode_gray(container, stream, path, _declared_frames(container, stream, fps),
-                              decode_threads, notes)
-        codec = stream.codec_context.name
-    return Video(frames, fps, path, _video_meta(frames, None, notes, codec=codec))
+        height, width = stream.codec_context.height, stream.codec_context.width
+        _check_size(path, stream.frames, height, width)
+    except BaseException:
+        container.close()
+        raise
+    notes: list[str] = []
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if rate and rate > 0:
+        fps = float(rate)
+    else:
+        fps = DEFAULT_FPS
+        notes.append(f"the container states no frame rate; assumed {DEFAULT_FPS:g} fps")
+    declared = _declared_frames(container, stream, fps)
+    meta = _video_meta(None, notes, (height, width), codec=stream.codec_context.name)
+    return VideoReader(path, fps, meta,
+                       lambda: _gray_frames(container, stream, path, declared, decode_threads, notes),
+                       container.close)
 
 
 def _open_container(path: str, source: str | io.BytesIO) -> av.container.InputContainer:
@@ -214,47 +278,45 @@ def _declared_frames(container: av.container.InputContainer, stream: av.VideoStr
     return 0
 
 
-def _decode_gray(container: av.container.InputContainer, stream: av.VideoStream, path: str,
-                 declared_frames: int, decode_threads: int, notes: list[str]) -> np.ndarray:
-    """Decode every frame to gray (T, H, W) uint8, applying the module's truncation rule."""
+def _gray_frames(container: av.container.InputContainer, stream: av.VideoStream, path: str,
+                 declared_frames: int, decode_threads: int, notes: list[str]) -> Iterator[np.ndarray]:
+    """Decode frame by frame to gray (H, W) uint8; the module's truncation rule is applied at the end."""
     stream.thread_type = "AUTO"
     stream.codec_context.thread_count = decode_threads
-    # One reformatter for all frames: frame.to_ndarray(format="gray") builds a new one per frame (4x slower).
+    # One reformatter for all frames: frame.to_ndarray(format=...) builds a new one per frame (4x slower).
     reformatter = VideoReformatter()
-    frames: list[np.ndarray] = []
+    decoded = container.decode(stream)
+    count = 0
     size: dict[str, int] = {}
     error = None
-    try:
-        for frame in container.decode(stream):
-            # Scale to the first frame's size so that a mid-stream resolution change cannot break the stack.
-            size = size or {"width": frame.width, "height": frame.height}
-            frames.append(reformatter.reformat(frame, format="gray", **size).to_ndarray())
-            if len(frames) > MAX_FRAMES:
-                raise AbsurdSizeError(path, f"more than {MAX_FRAMES} frames")
-    except av.FFmpegError as e:
-        error = e.strerror or str(e)
-    if not frames:
+    while True:
+        try:
+            frame = next(decoded, None)
+        except av.FFmpegError as e:
+            error = e.strerror or str(e)
+            break
+        if frame is None:
+            break
+        # Scale to the first frame's size so that a mid-stream resolution change cannot break the stack.
+        size = size or {"width": frame.width, "height": frame.height}
+        count += 1
+        yield gray_frame(reformatter, frame, **size)
+    if not count:
         raise NoFramesError(path, "no frame could be decoded" + (f" ({error})" if error else ""))
-    missing = declared_frames - len(frames)
+    missing = declared_frames - count
     if missing > max(TRUNCATION_SLACK, declared_frames // 100):
         stop = f"; the decoder stopped with: {error}" if error else ""
-        raise TruncatedVideoError(path, f"file is cut short: decoded {len(frames)} of the {declared_frames} "
+        raise TruncatedVideoError(path, f"file is cut short: decoded {count} of the {declared_frames} "
                                         f"frames the container declares{stop}")
     if error:
-        notes.append(f"decoding stopped after {len(frames)} frames: {error}")
-    return np.stack(frames)
+        notes.append(f"decoding stopped after {count} frames: {error}")
 
 
 # --- pydicom ---
 
-def _read_dicom(path: str) -> Video:
-    try:
-        # force: also read files named .dcm that lack the 128-byte preamble and 'DICM' marker
-        ds = pydicom.dcmread(path, force=True)
-    except (InvalidDicomError, EOFError, ValueError, OSError) as e:
-        raise NotAVideoError(path, f"not a readable DICOM file ({e})") from None
-    if "SOPClassUID" not in ds and "PixelData" not in ds:  # what force=True makes of a non-DICOM file
-        raise NotAVideoError(path, "not a DICOM file (no DICOM marker and no DICOM elements)")
+def _open_dicom(path: str) -> VideoReader:
+    """The dataset is read whole (pydicom), its frames decoded one at a time."""
+    ds, notes = _read_dicom_dataset(path)
     if "PixelData" not in ds:
         raise NoPixelDataError(path, "DICOM file has no pixel data (a report or other non-image object)")
     undescribed = [keyword for keyword in PIXEL_DESCRIPTION if keyword not in ds]
@@ -266,14 +328,43 @@ def _read_dicom(path: str) -> Video:
     if num_frames < 2:
         raise SingleFrameError(path, "single-frame DICOM: a still image, not a cine")
 
-    fps, notes = _dicom_fps(ds)
+    fps, fps_notes = _dicom_fps(ds)
+    notes += fps_notes
     region = _dicom_region(ds, height, width, notes)
     transfer_syntax = _transfer_syntax(ds)
+    meta = _video_meta(region, notes, (height, width), transfer_syntax=transfer_syntax.name)
     if transfer_syntax in MPEGTransferSyntaxes:
-        frames = _decode_dicom_mpeg(ds, path, num_frames, notes)
-    else:
-        frames = _decode_dicom_frames(ds, path, transfer_syntax, (num_frames, height, width))
-    return Video(frames, fps, path, _video_meta(frames, region, notes, transfer_syntax=transfer_syntax.name))
+        return VideoReader(path, fps, meta, lambda: _dicom_mpeg_frames(ds, path, num_frames, notes))
+    decode = _dicom_frame_decoder(ds, path, transfer_syntax, num_frames, notes)
+    return VideoReader(path, fps, meta, decode)
+
+
+def _read_dicom_dataset(path: str) -> tuple[pydicom.Dataset, list[str]]:
+    """The dataset, and pydicom's warnings as notes (they are kept out of the user's terminal).
+
+    A cut file: pydicom reads what is there and warns that the file ended inside an element, or, cut
+    between elements before the pixel data, returns an image object without it. Both are TruncatedVideoError.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            # force: also read files named .dcm that lack the 128-byte preamble and 'DICM' marker
+            ds = pydicom.dcmread(path, force=True)
+        except EOFError as e:
+            raise TruncatedVideoError(path, f"DICOM file is cut short ({e})") from None
+        except (InvalidDicomError, ValueError, OSError) as e:
+            raise NotAVideoError(path, f"not a readable DICOM file ({e})") from None
+    notes = [str(w.message).split(" in file ")[0] for w in caught]
+    ended = [note for note in notes if "end of file" in note.lower()]
+    if ended:
+        raise TruncatedVideoError(path, f"DICOM file is cut short: {ended[0][0].lower()}{ended[0][1:]}")
+    sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
+    if "PixelData" not in ds and sop_class is not None and "Image" in UID(sop_class).name:
+        raise TruncatedVideoError(path, f"DICOM file is cut short: it holds a {UID(sop_class).name} object "
+                                        "but ends before the pixel data")
+    if sop_class is None and "PixelData" not in ds:  # what force=True makes of a non-DICOM file
+        raise NotAVideoError(path, "not a DICOM file (no DICOM marker and no DICOM elements)")
+    return ds, notes
 
 
 def _transfer_syntax(ds: pydicom.Dataset) -> UID:
@@ -320,8 +411,10 @@ def _dicom_region(ds: pydicom.Dataset, height: int, width: int, notes: list[str]
     return None
 
 
-def _decode_dicom_frames(ds: pydicom.Dataset, path: str, transfer_syntax: UID,
-                         shape: tuple[int, int, int]) -> np.ndarray:
+def _dicom_frame_decoder(ds: pydicom.Dataset, path: str, transfer_syntax: UID, num_frames: int,
+                         notes: list[str]) -> Callable[[], Iterator[np.ndarray]]:
+    """A generator function of the frames of native or compressed (non-MPEG) pixel data, after checking
+    that they can be decoded here."""
     try:
         decoder = get_decoder(transfer_syntax)
     except NotImplementedError:
@@ -336,22 +429,30 @@ def _decode_dicom_frames(ds: pydicom.Dataset, path: str, transfer_syntax: UID,
     signed = int(ds.get("PixelRepresentation") or 0) == 1
     # Pillow's libjpeg-turbo decodes baseline JPEG, the usual echo cine, about 4x faster than pylibjpeg.
     plugin = "pillow" if transfer_syntax == JPEGBaseline8Bit and "pillow" in decoder.available_plugins else ""
-    frames = np.empty(shape, np.uint8)
-    try:
-        # One frame at a time: a colour cine as (T, H, W, 3) at once would take three times the memory.
-        # YBR stays YBR (as_rgb=False) because its Y already is the luma we want.
-        as_rgb = photometric not in LUMA_FIRST_PHOTOMETRICS
-        for index, pixels in enumerate(iter_pixels(ds, as_rgb=as_rgb, decoding_plugin=plugin)):
-            frames[index] = _gray_uint8(pixels, photometric, bits_stored, signed)
-    except (ValueError, RuntimeError) as e:  # short pixel data, corrupt compressed frames
-        raise TruncatedVideoError(path, f"pixel data cannot be decoded (cut or corrupt): {e}") from None
+    # YBR stays YBR (as_rgb=False) because its Y already is the luma we want.
+    as_rgb = photometric not in LUMA_FIRST_PHOTOMETRICS
+
+    def frames() -> Iterator[np.ndarray]:
+        pixels = iter_pixels(ds, as_rgb=as_rgb, decoding_plugin=plugin)
+        for _ in range(num_frames):
+            with warnings.catch_warnings(record=True) as caught:  # pydicom's warnings: notes, not terminal output
+                warnings.simplefilter("always")
+                try:
+                    frame = next(pixels, None)
+                except (ValueError, RuntimeError) as e:  # short pixel data, corrupt compressed frames
+                    raise TruncatedVideoError(path, f"pixel data cannot be decoded (cut or corrupt): {e}") from None
+            notes.extend(str(w.message) for w in caught)
+            if frame is None:
+                return
+            yield _gray_uint8(frame, photometric, bits_stored, signed)
+
     return frames
 
 
 def _gray_uint8(pixels: np.ndarray, photometric: str, bits_stored: int, signed: bool) -> np.ndarray:
     """One decoded DICOM frame as (H, W) uint8 gray, bright = echo-bright."""
     if pixels.ndim == 3:
-        pixels = pixels[..., 0] if photometric in LUMA_FIRST_PHOTOMETRICS else pixels @ BT601_LUMA
+        pixels = pixels[..., 0] if photometric in LUMA_FIRST_PHOTOMETRICS else pixels @ GRAY_WEIGHTS
     if pixels.dtype != np.uint8:
         levels = pixels.astype(np.float32)
         if signed:
@@ -361,9 +462,9 @@ def _gray_uint8(pixels: np.ndarray, photometric: str, bits_stored: int, signed: 
     return 255 - pixels if photometric == "MONOCHROME1" else pixels  # MONOCHROME1: 0 is white
 
 
-def _decode_dicom_mpeg(ds: pydicom.Dataset, path: str, num_frames: int, notes: list[str]) -> np.ndarray:
+def _dicom_mpeg_frames(ds: pydicom.Dataset, path: str, num_frames: int, notes: list[str]) -> Iterator[np.ndarray]:
     """MPEG-2/H.264/HEVC cines: the fragments of the single encapsulated item are one bitstream for FFmpeg."""
     bitstream = b"".join(pydicom.encaps.generate_fragments(ds.PixelData))
     with _open_container(path, io.BytesIO(bitstream)) as container:
         stream = _video_stream(container, path)
-        return _decode_gray(container, stream, path, num_frames, 0, notes)
+        yield from _gray_frames(container, stream, path, num_frames, 0, notes)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from evim3.runtime.errors import DatasetError
 from evim3.runtime.meta import PreprocessSpec
-from evim3.runtime.preprocess import preprocess, sample_clip_indices, sliding_clip_starts
+from evim3.runtime.preprocess import sample_clip_indices, sliding_clip_starts, video_to_input
 from evim3.runtime.video import read_video
 from torch.utils.data import DataLoader
 
@@ -38,7 +38,7 @@ def train_names(root: Path) -> list[str]:
 
 def reference_clip(path: str, start: int) -> np.ndarray:
     """The inference path: decode, preprocess, cut a clip."""
-    frames = preprocess(read_video(path), SPEC)
+    frames = video_to_input(read_video(path), SPEC)
     return frames[sample_clip_indices(len(frames), SPEC, start)]
 
 
@@ -79,7 +79,7 @@ def test_item_shapes_and_labels(synth_dataset: Path) -> None:
     assert three["x"].shape == (3, 1, SPEC.frames, SPEC.size, SPEC.size) and len(three["starts"]) == 3
 
     every = EchoNetDataset(synth_dataset, "VAL", SPEC, clips="all")[0]
-    num_frames = len(preprocess(read_video(dataset.paths[0]), SPEC))
+    num_frames = len(video_to_input(read_video(dataset.paths[0]), SPEC))
     expected_starts = sliding_clip_starts(num_frames, SPEC, SPEC.clip_span // 2)
     assert every["starts"].tolist() == expected_starts
     assert every["x"].shape == (len(expected_starts), 1, SPEC.frames, SPEC.size, SPEC.size)
@@ -133,7 +133,7 @@ def test_first_is_fixed_random_varies(synth_dataset: Path) -> None:
 
 def test_evenly_spaced_clips_span_the_video(synth_dataset: Path) -> None:
     dataset = EchoNetDataset(synth_dataset, "TEST", SPEC, clips=4)
-    num_frames = len(preprocess(read_video(dataset.paths[0]), SPEC))
+    num_frames = len(video_to_input(read_video(dataset.paths[0]), SPEC))
     starts = dataset[0]["starts"].tolist()
     assert starts[0] == 0 and starts[-1] == max(0, num_frames - SPEC.clip_span) and starts == sorted(starts)
 

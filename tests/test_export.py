@@ -21,15 +21,8 @@ import pytest
 import torch
 from evim3.cli.main import app
 from evim3.export.onnx import SCAN_TAG, downgrade_to_opset17, graph_stats, read_onnx_meta
-from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, ModelMeta, PreprocessSpec
-from evim3.runtime.parity_check import (
-    PRECISION_KEY,
-    TOLERANCES,
-    load_golden,
-    random_clips,
-    real_clip,
-    reference_spread,
-)
+from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, PRECISION_PROP, ModelMeta, PreprocessSpec
+from evim3.runtime.parity_check import TOLERANCES, load_golden, random_clips, real_clip, reference_spread
 from typer.testing import CliRunner
 
 from evim3.checkpoint import load_model, save_checkpoint
@@ -99,6 +92,21 @@ def test_opset17_rewrite_of_split() -> None:
     np.testing.assert_array_equal(np.concatenate([y0, y1], axis=1), x)
     with pytest.raises(ValueError, match="--opset 18"):
         downgrade_to_opset17(split_model(7, 2))
+
+
+@pytest.mark.parametrize("max_step", [1e-6, 70.0, 2e4])
+def test_exportable_scan_at_long_length_and_extreme_steps(max_step: float) -> None:
+    """L = 5,000 (71 chunks of ~sqrt(L)), dt log-normal (test_scan's heavy-tailed inputs) scaled so that the
+    largest per-step |delta * A| is 1e-6 (no decay: the state integrates all 5,000 steps), 70, or 2e4 (exp
+    underflows to 0). float32 against the float64 reference: relative L2 <= 1e-5, outputs and last state."""
+    from test_scan import F32_REL_TOL, rel_l2, scan_args
+
+    args64 = scan_args(batch=1, d=4, n=4, seqlen=5000, seed=5, max_step=max_step, dtype=torch.float64)
+    args32 = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in args64.items()}
+    y, last = selective_scan_exportable(**args32, return_last_state=True)
+    y_ref, last_ref = selective_scan_ref(**args64, return_last_state=True)
+    assert torch.isfinite(y).all() and torch.isfinite(last).all()
+    assert rel_l2(y, y_ref) <= F32_REL_TOL and rel_l2(last, last_ref) <= F32_REL_TOL
 
 
 # ------------------------------------------------------------------ fixtures: one checkpoint, two exports
@@ -193,7 +201,7 @@ def test_metadata_round_trips(tiny: dict) -> None:
     meta, props = read_onnx_meta(tiny["onnx"])
     assert meta.to_json() == tiny["meta"].to_json()
     assert meta.preprocess.mean == 32.5 and meta.preprocess.std == 48.0 and meta.ef_mean == 55.0
-    assert props[PRECISION_KEY] == "fp32" and props[f"{META_KEY}.preset"] == PRESET
+    assert meta.precision == props[PRECISION_PROP] == "fp32" and props[f"{META_KEY}.preset"] == PRESET
 
 
 def test_onnxruntime_matches_pytorch_on_random_clips(tiny: dict) -> None:
@@ -226,7 +234,8 @@ def test_fp16_keeps_the_scan_in_float32(tiny_fp16: Path) -> None:
         assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in (*body.input, *body.output))
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    assert read_onnx_meta(tiny_fp16)[1][PRECISION_KEY] == "fp16"
+    meta, props = read_onnx_meta(tiny_fp16)
+    assert meta.precision == props[PRECISION_PROP] == "fp16"
 
 
 def test_fp16_matches_pytorch_within_its_tolerance(tiny: dict, tiny_fp16: Path) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from evim3.cli.main import app
 from evim3.runtime.meta import ModelMeta, PreprocessSpec
-from evim3.runtime.preprocess import preprocess, sample_clip_indices
+from evim3.runtime.preprocess import sample_clip_indices, video_to_input
 from evim3.runtime.video import read_video
 from test_runtime import CLASS_META, contract_ef, make_contract_onnx, write_video
 from typer.testing import CliRunner
@@ -60,7 +60,7 @@ def expected_clip_efs(video_path: str, model_path: str, stride: int) -> list[flo
 
     with open_backend(model_path) as backend:
         spec = backend.meta.preprocess
-    frames = preprocess(read_video(video_path), spec)
+    frames = video_to_input(read_video(video_path), spec)
     starts = sliding_clip_starts(len(frames), spec, stride)
     return contract_ef(np.stack([frames[sample_clip_indices(len(frames), spec, s)] for s in starts])).tolist()
 
@@ -146,7 +146,30 @@ def test_live_stream_prints_every_clip_as_it_comes(files: dict[str, str], http_s
     # The stream is at the model's 25 fps: live clips start where the file's do, with the same EF.
     want = expected_clip_efs(files["video"], files["model"], stride=4)
     np.testing.assert_allclose([c["ef"] for c in source["clips"]], want[:source["num_clips"]], atol=1e-4)
-    assert "live sources decode on a reader thread" in result.stdout
+    assert "decoding and preprocessing run on a reader thread" in result.stdout
+
+
+def test_realtime_flag_reaches_the_live_reader(files: dict[str, str], http_server: str, tmp_path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """--realtime makes the reader drop the oldest frames when inference lags (tested on LiveReader itself in
+    test_runtime.py); here: the flag gets there, and only with the flag."""
+    import evim3.runtime.infer
+    from evim3.runtime.live import LiveReader
+
+    made = []
+
+    class RecordingReader(LiveReader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.realtime)
+
+    monkeypatch.setattr(evim3.runtime.infer, "LiveReader", RecordingReader)
+    for flag, realtime in (([], False), (["--realtime"], True)):
+        out = os.fspath(tmp_path / f"rt-{realtime}.json")
+        result = runner.invoke(app, ["infer", f"{http_server}/a.avi", "--model", files["model"], "--json", out, *flag])
+        assert result.exit_code == 0, result.output
+        assert load_json(out)["realtime"] is realtime and load_json(out)["sources"][0]["num_clips"] > 0
+    assert made == [False, True]
 
 
 def test_unreachable_stream_is_a_failed_source(files: dict[str, str], http_server: str) -> None:
@@ -203,6 +226,29 @@ def test_bad_sources_are_reported_one_line_each_and_the_rest_run(files: dict[str
     assert doc["sources"][3]["num_clips"] > 0
 
 
+def test_short_videos_warn_with_their_real_frame_share_and_too_short_ones_are_refused(tmp_path) -> None:
+    """Clip of 8 frames every 3rd at 25 fps: 22 frames, 0.88 s. 16 frames (0.64 s) loop: indices 0, 3, ...,
+    15 are real (6 of 8); 10 frames (0.4 s) are under the 0.5 s minimum; 40 frames are whole clips."""
+    spec = PreprocessSpec(size=16, fps=25.0, frames=8, period=3, mean=100.0, std=50.0)
+    model = make_contract_onnx(tmp_path / "long-clip.onnx", ModelMeta(preset="contract", model={}, preprocess=spec))
+    videos = [write_video(tmp_path / f"{n}.avi", num_frames=n) for n in (16, 10, 40)]
+    out_json, out_csv = os.fspath(tmp_path / "s.json"), os.fspath(tmp_path / "s.csv")
+    proc = _run_cli(["infer", *videos, "--model", model, "--json", out_json, "--csv", out_csv])
+    assert proc.returncode == 1, proc.stderr
+    refusal = (f"error: {videos[1]}: video is too short: 0.40 s, the model needs at least 0.50 s (half its "
+               "0.88 s clip, and at least 0.5 s)")
+    assert proc.stderr.strip().splitlines() == [refusal]
+    assert "1 short" in proc.stdout and "shorter than the model's clip" in proc.stdout
+    assert f"{videos[0]}: warning: shorter than the model's clip, which loops it (75 % real frames)" in proc.stdout
+    short, refused, whole = load_json(out_json)["sources"]
+    assert short["ok"] and short["real_frame_share"] == 0.75 and short["clips"][0]["real_frame_share"] == 0.75
+    assert not refused["ok"] and whole["real_frame_share"] == 1.0
+    assert all(c["real_frame_share"] == 1.0 for c in whole["clips"])
+    rows = read_csv(out_csv)
+    assert [r["real_frame_share"] for r in rows] == ["0.750", "1.000", "1.000"]
+    assert rows[0]["clip_real_frame_share"] == "0.750"
+
+
 # --- end to end with a real exported model ---
 
 @pytest.fixture(scope="module")
@@ -242,7 +288,7 @@ def test_end_to_end_exported_tiny_on_synthetic_avi_and_real_dicom(tiny_onnx: str
 
     for source in doc["sources"]:
         assert source["ok"] and source["num_clips"] >= 1
-        frames = preprocess(read_video(source["source"]), spec)
+        frames = video_to_input(read_video(source["source"]), spec)
         starts = sliding_clip_starts(len(frames), spec, 16)
         assert len(starts) == source["num_clips"]
         direct = [session.run(None, {"clip": frames[sample_clip_indices(len(frames), spec, s)][None, None]})[0][0, 0]

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 from evim3.runtime.meta import PreprocessSpec
 from evim3.runtime.preprocess import (
+    frames_to_input,
     motion_region,
-    preprocess,
-    preprocess_frames,
     resample_indices,
     sample_clip_indices,
     sliding_clip_starts,
     square_resize,
+    stream_to_uint8,
     ultrasound_region,
+    video_to_input,
 )
 from evim3.runtime.video import Video, read_video
 from PIL import Image
@@ -82,7 +83,7 @@ def test_thin_margins_are_not_cropped() -> None:
     assert motion_region(frames) == (0, 112, 0, 112)
     # ... so preprocessing at the video's own size and rate is normalisation alone.
     expected = (frames.astype(np.float32) - np.float32(SPEC.mean)) / np.float32(SPEC.std)
-    np.testing.assert_array_equal(preprocess(Video(frames, 50.0, "echonet", {"region": None}), SPEC), expected)
+    np.testing.assert_array_equal(video_to_input(Video(frames, 50.0, "echonet", {"region": None}), SPEC), expected)
 
 
 # --- square and resize ---
@@ -127,7 +128,7 @@ def test_downsampling_and_rates_within_half_a_frame_per_second() -> None:
 def test_preprocess_resamples_the_frames_themselves() -> None:
     """Each output frame is a normalised source frame: 30 distinct flat frames at 30 fps, whole-frame region."""
     frames = np.repeat(np.arange(0, 240, 8, dtype=np.uint8), 112 * 112).reshape(30, 112, 112)
-    out = preprocess_frames(frames, 30.0, SPEC, region=(0, 112, 0, 112))
+    out = frames_to_input(frames, 30.0, SPEC, region=(0, 112, 0, 112))
     assert out.shape == (50, 112, 112) and out.dtype == np.float32
     source_levels = out[:, 0, 0] * SPEC.std + SPEC.mean
     np.testing.assert_allclose(source_levels, frames[resample_indices(30, 30.0, 50.0), 0, 0], atol=1e-4)
@@ -137,20 +138,33 @@ def test_preprocess_resamples_the_frames_themselves() -> None:
 
 def test_normalisation() -> None:
     frames = np.random.default_rng(4).integers(0, 256, (5, 112, 112), dtype=np.uint8)
-    out = preprocess_frames(frames, 50.0, SPEC, region=(0, 112, 0, 112))
+    out = frames_to_input(frames, 50.0, SPEC, region=(0, 112, 0, 112))
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, (frames - 40.0) / 50.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fps", [30.0, 50.2, 100.0, 24.0, 60.0, 17.3])
+def test_streamed_preparation_equals_resampling_the_whole_stack(fps: float) -> None:
+    """stream_to_uint8, frame by frame, against the whole-array definition: crop, square_resize of the frames
+    resample_indices picks (the rounding at the end included). Exact: the same pixels are chosen."""
+    rng = np.random.default_rng(int(fps * 10))
+    for num_frames in (1, 2, 7, 53):
+        frames = rng.integers(0, 256, (num_frames, 40, 60), dtype=np.uint8)
+        region = (3, 37, 5, 55)
+        streamed = np.stack(list(stream_to_uint8(iter(frames), fps, SPEC, region)))
+        expected = square_resize(frames[resample_indices(num_frames, fps, SPEC.fps), 3:37, 5:55], SPEC.size)
+        np.testing.assert_array_equal(streamed, expected)
 
 
 def test_stream_frames_without_a_region_preprocess_as_a_file_does() -> None:
     frames, _ = echo_screen()
     video = Video(frames, 30.0, "screen", {"region": None})
-    np.testing.assert_array_equal(preprocess_frames(frames, 30.0, SPEC), preprocess(video, SPEC))
+    np.testing.assert_array_equal(frames_to_input(frames, 30.0, SPEC), video_to_input(video, SPEC))
 
 
 def test_frames_must_be_a_stack_of_gray_images() -> None:
     with pytest.raises(ValueError, match=r"\(T, H, W\)"):
-        preprocess_frames(np.zeros((112, 112), np.uint8), 50.0, SPEC)
+        frames_to_input(np.zeros((112, 112), np.uint8), 50.0, SPEC)
 
 
 # --- clips ---
@@ -181,6 +195,6 @@ def test_real_echo_cine_end_to_end() -> None:
     assert x0 > 60 and x1 < 290 and y0 > 15 and y1 < 220
     assert video.frames[:, :, :x0 - 20].mean() < 5 and video.frames[:, :, x1 + 5:290].mean() < 5
 
-    out = preprocess(video, SPEC)
+    out = video_to_input(video, SPEC)
     assert out.shape == (50, 112, 112) and out.dtype == np.float32 and np.isfinite(out).all()
     assert out.std() > 0.3  # a picture, not a blank

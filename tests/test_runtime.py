@@ -8,10 +8,14 @@ closed form of the input (EF = 50 + 10 * mean(clip)), so every test can compute 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import itertools
 import json
 import os
 import shutil
+import threading
 import time
+import tracemalloc
 
 import av
 import numpy as np
@@ -25,10 +29,18 @@ from evim3.runtime.backends import (
     open_backend,
 )
 from evim3.runtime.errors import EchoInputError, ModelFileError
-from evim3.runtime.infer import ClipResult, InferencePipeline, SourceResult, Timings, expand_sources
+from evim3.runtime.infer import (
+    ClipResult,
+    InferencePipeline,
+    SourceResult,
+    Timings,
+    expand_sources,
+    in_background,
+)
 from evim3.runtime.live import LiveFrame, LiveReader, is_live_source
-from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, ModelMeta, PreprocessSpec
-from evim3.runtime.preprocess import preprocess, sample_clip_indices, sliding_clip_starts
+from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, PRECISION_PROP, ModelMeta, PreprocessSpec
+from evim3.runtime.outputs import class_probabilities, meta_output_width
+from evim3.runtime.preprocess import sample_clip_indices, sliding_clip_starts, video_to_input
 from evim3.runtime.report import run_document, write_csv, write_json, write_plot
 from evim3.runtime.video import read_video
 from onnx import TensorProto, helper, numpy_helper
@@ -38,6 +50,8 @@ SPEC = PreprocessSpec(size=16, fps=25.0, frames=8, period=1, mean=100.0, std=50.
 EF_META = ModelMeta(preset="contract", model={}, preprocess=SPEC)
 CLASS_META = ModelMeta(preset="contract", model={}, preprocess=SPEC, task="classification",
                        class_names=["a4c", "a2c", "other"])
+BINARY_META = ModelMeta(preset="contract", model={}, preprocess=SPEC, task="classification",
+                        class_names=["normal", "reduced"])
 
 
 def contract_ef(clips: np.ndarray) -> np.ndarray:
@@ -46,13 +60,15 @@ def contract_ef(clips: np.ndarray) -> np.ndarray:
 
 
 def make_contract_onnx(path: str | os.PathLike, meta: ModelMeta = EF_META, batch: int | str = "N",
-                       input_name: str = INPUT_NAME, metadata: bool = True, frames: int | None = None) -> str:
+                       input_name: str = INPUT_NAME, metadata: bool = True, frames: int | None = None,
+                       outputs: int | None = None) -> str:
     """A real ONNX model with the evim3 contract: EF = 50 + 10 * mean(clip) (task 'ef'), or logits
-    mean(clip) * [1, 2, ..., K] (classification). `frames` overrides the graph's clip length."""
+    mean(clip) * [1, 2, ..., K] (classification; one logit for two classes). `frames` overrides the graph's
+    clip length, `outputs` its output width."""
     spec = meta.preprocess
-    k = 1 if meta.task == "ef" else len(meta.class_names)
+    k = outputs or meta_output_width(meta)
     shape = [batch, 1, frames or spec.frames, spec.size, spec.size]
-    scale, bias = ([[10.0]], [[50.0]]) if k == 1 else ([list(range(1, k + 1))], [[0.0] * k])
+    scale, bias = ([[10.0]], [[50.0]]) if meta.task == "ef" else ([list(range(1, k + 1))], [[0.0] * k])
     graph = helper.make_graph(
         [helper.make_node("ReduceMean", [input_name, "axes"], ["mean"], keepdims=1),
          helper.make_node("Flatten", ["mean"], ["flat"], axis=1),
@@ -99,6 +115,38 @@ def video_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     return write_video(tmp_path_factory.mktemp("videos") / "echo.avi")
 
 
+# --- outputs -> EF or probabilities ---
+
+def test_class_probabilities_of_one_logit_and_of_several() -> None:
+    """Against float64 closed forms on fresh random logits (equal to 1e-12), and finite at extreme logits."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 5, (50, 1))
+    sigmoid = 1 / (1 + np.exp(-x[:, 0]))
+    np.testing.assert_allclose(class_probabilities(x), np.stack([1 - sigmoid, sigmoid], 1), rtol=0, atol=1e-12)
+    logits = rng.normal(0, 5, (50, 4))
+    softmax = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    np.testing.assert_allclose(class_probabilities(logits), softmax, rtol=1e-12, atol=1e-15)
+    extreme = class_probabilities(np.array([[-1000.0], [1000.0], [0.0]]))
+    np.testing.assert_array_equal(extreme, [[1, 0], [0, 1], [0.5, 0.5]])
+    # the small side is not rounded to 1 - 1: sigmoid(-40) = 4.2e-18
+    assert class_probabilities(np.array([[40.0]]))[0, 0] == pytest.approx(np.exp(-40.0), rel=1e-12)
+
+
+def test_binary_model_gives_two_probabilities_from_one_logit(tmp_path, video_file: str) -> None:
+    """A two-class model has one output (the logit of class 1): the pipeline reports [1 - p, p]."""
+    path = make_contract_onnx(tmp_path / "binary.onnx", BINARY_META)
+    with open_backend(path) as backend:
+        pipeline = InferencePipeline(backend, stride=4)
+        result = pipeline.run_file(video_file)
+    assert result.ok and pipeline.class_names == ["normal", "reduced"]
+    frames = video_to_input(read_video(video_file), SPEC)
+    clips = clips_of(frames, sliding_clip_starts(len(frames), SPEC, 4))
+    logit = clips.reshape(len(clips), -1).mean(1, dtype=np.float64)  # the contract graph: mean(clip) * 1
+    p = 1 / (1 + np.exp(-logit))
+    np.testing.assert_allclose([c.values for c in result.clips], np.stack([1 - p, p], 1), atol=1e-6)
+    assert result.to_dict(pipeline.class_names)["prediction"] in ("normal", "reduced")
+
+
 # --- backends ---
 
 def test_onnx_backend_runs_the_graph_and_reads_its_metadata(ef_model: str) -> None:
@@ -133,6 +181,7 @@ def test_backend_rejects_clips_of_another_shape(ef_model: str) -> None:
         ({"metadata": False}, "carries no evim3 metadata"),
         ({"frames": 12}, r"input 'clip' has shape \['N', 1, 12, 16, 16\] but the evim3 metadata"),
         ({"input_name": "video"}, "evim3 models take 'clip'"),
+        ({"meta": BINARY_META, "outputs": 2}, r"'output' has shape \['N', 2\]; .* 2 classes\) says \(N, 1\)"),
     ],
 )
 def test_model_file_that_breaks_the_contract_is_one_line_error(tmp_path, build: dict, message: str) -> None:
@@ -140,6 +189,24 @@ def test_model_file_that_breaks_the_contract_is_one_line_error(tmp_path, build: 
     with pytest.raises(ModelFileError, match=message) as info:
         open_backend(path)
     assert "\n" not in str(info.value) and str(info.value).startswith(path)
+
+
+def test_precision_is_read_from_the_metadata_and_from_files_written_before_it_was_a_field(tmp_path) -> None:
+    fp16 = dataclasses.replace(EF_META, precision="fp16")
+    with open_backend(make_contract_onnx(tmp_path / "new.onnx", fp16)) as backend:
+        assert backend.meta.precision == "fp16"
+    # An older file: the JSON has no precision; the flat metadata_props key is its only record.
+    old_json = json.loads(EF_META.to_json())
+    del old_json["precision"]
+    path = make_contract_onnx(tmp_path / "old.onnx", metadata=False)
+    model = onnx.load(path)
+    helper.set_model_props(model, {META_KEY: json.dumps(old_json), PRECISION_PROP: "fp16"})
+    onnx.save(model, path)
+    with open_backend(path) as backend:
+        assert backend.meta.precision == "fp16"
+    assert ModelMeta.from_json(json.dumps(old_json)).precision == "fp32"  # a checkpoint's JSON
+    with pytest.raises(ValueError, match="unknown precision 'int8'"):
+        dataclasses.replace(EF_META, precision="int8")
 
 
 def test_unusable_model_paths(tmp_path) -> None:
@@ -237,7 +304,7 @@ def clips_of(frames: np.ndarray, starts: list[int]) -> np.ndarray:
 
 
 def test_file_pipeline_runs_every_sliding_clip_in_batches(ef_model: str, video_file: str) -> None:
-    frames = preprocess(read_video(video_file), SPEC)
+    frames = video_to_input(read_video(video_file), SPEC)
     starts = sliding_clip_starts(len(frames), SPEC, 3)
     want = contract_ef(clips_of(frames, starts))
     with open_backend(ef_model) as backend:
@@ -256,11 +323,48 @@ def test_file_pipeline_runs_every_sliding_clip_in_batches(ef_model: str, video_f
     assert timings.realtime_factor > 0 and 0 < timings.input_share < 1
 
 
+def test_peak_memory_of_a_file_does_not_grow_with_its_length(ef_model: str, tmp_path) -> None:
+    """tracemalloc's peak (numpy's buffers are traced, on every thread) over `run_file` of a 4 s and a 24 s
+    video of 256x256 frames at 25 fps: within 2 MB of each other, where keeping every decoded frame would add
+    500 x 64 kB = 33 MB. Both hold the first 2 s at source size for the motion crop (3.3 MB)."""
+    peaks = {}
+    with open_backend(ef_model, threads=1) as backend:
+        for seconds in (4, 24):
+            path = write_video(tmp_path / f"{seconds}s.avi", num_frames=25 * seconds, size=256)
+            pipeline = InferencePipeline(backend)
+            tracemalloc.start()
+            try:
+                result = pipeline.run_file(path)
+                peaks[seconds] = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert result.ok and result.duration_s == pytest.approx(seconds)
+    assert peaks[24] - peaks[4] < 2e6, peaks
+    assert peaks[24] < 3.3e6 + 8e6, peaks  # the motion window and a few clips' float32
+
+
+def test_prefetching_thread_passes_items_and_errors_in_order_and_stops_when_closed() -> None:
+    def produce():
+        yield from range(5)
+        raise EchoInputError("x.avi", "cut short")
+
+    got = []
+    with pytest.raises(EchoInputError, match="cut short"):
+        got.extend(in_background(produce(), depth=2))
+    assert got == [0, 1, 2, 3, 4]
+    endless = in_background(itertools.count(), depth=3)
+    assert [next(endless) for _ in range(4)] == [0, 1, 2, 3]
+    endless.close()  # joins the producer, which was blocked on the full queue
+    assert not [t for t in threading.enumerate() if t.name == "evim3-decode"]
+
+
 def test_default_stride_is_half_a_clip_span(ef_model: str) -> None:
     with open_backend(ef_model) as backend:
         assert InferencePipeline(backend).stride == SPEC.clip_span // 2
+        assert benchmark(backend, runs=1, warmup=0)["stride"] == SPEC.clip_span // 2
         with pytest.raises(ValueError, match="stride and batch must be >= 1"):
             InferencePipeline(backend, batch=0)
+    assert PreprocessSpec(frames=1).default_stride == 1  # a one-frame clip still advances
 
 
 def test_bad_file_is_a_result_with_its_reason_not_an_exception(ef_model: str, tmp_path) -> None:

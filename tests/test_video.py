@@ -6,13 +6,14 @@ bundled apical cine (YBR_FULL_422 JPEG baseline).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 from evim3.runtime import errors
-from evim3.runtime.video import BT601_LUMA, DEFAULT_FPS, iter_video_files, read_video
+from evim3.runtime.video import DEFAULT_FPS, GRAY_WEIGHTS, iter_video_files, read_video
 from pydicom import dcmwrite, examples
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -20,6 +21,7 @@ from pydicom.pixels import pixel_array
 from pydicom.uid import MPEG4HP41, ExplicitVRLittleEndian, generate_uid
 
 ULTRASOUND_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"  # a structured report: no pixel data, by design
 
 
 def moving_frames(num_frames: int = 30, height: int = 48, width: int = 64) -> np.ndarray:
@@ -119,7 +121,7 @@ def test_real_echo_cine_from_pydicom() -> None:
     # Its ultrasound region gives 640x480 coordinates: the file was resized afterwards, so the box is dropped.
     assert video.meta["region"] is None and "outside the 240x320 image" in video.meta["notes"][0]
     # Gray is the BT.601 luma of the colour picture.
-    luma = pixel_array(path) @ BT601_LUMA
+    luma = pixel_array(path) @ GRAY_WEIGHTS
     assert np.abs(video.frames - luma).mean() < 0.5
     # Sensible content: black around the sector, a bright sector that changes from frame to frame.
     assert video.frames[:, 100:140, 20:60].mean() < 5
@@ -127,11 +129,11 @@ def test_real_echo_cine_from_pydicom() -> None:
     assert np.abs(np.diff(video.frames[:, 60:180, 110:230].astype(int), axis=0)).mean() > 2
 
 
-def test_dicom_rgb_becomes_bt601_gray(tmp_path: Path) -> None:
+def test_dicom_rgb_becomes_bt601_gray_as_the_paper_rounds_it(tmp_path: Path) -> None:
     colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [90, 160, 30]], np.uint8)
     pixels = np.broadcast_to(colours[None, :, None, None, :], (2, 4, 16, 16, 3)).reshape(2, 64, 16, 3)
     video = read_video(write_dicom(tmp_path / "rgb.dcm", np.ascontiguousarray(pixels), "RGB", FrameTime=20))
-    expected = np.rint(colours @ BT601_LUMA).astype(np.uint8)  # 76, 150, 29, 124
+    expected = np.rint(colours @ GRAY_WEIGHTS).astype(np.uint8)  # 76, 150, 29, 124
     np.testing.assert_array_equal(video.frames[0, ::16, 0], expected)
     assert video.fps == pytest.approx(50)
 
@@ -204,6 +206,15 @@ def cut_dicom(tmp_path: Path) -> Path:
     return tmp_path / "cut.dcm"
 
 
+def cut_real_dicom(share: float):
+    """pydicom's JPEG echo cine cut: at 2 % before its pixel data, at 60 % inside the encapsulated frames."""
+    def make(tmp_path: Path) -> Path:
+        whole = Path(examples.get_path("ybr_color")).read_bytes()
+        (tmp_path / "cut.dcm").write_bytes(whole[: int(len(whole) * share)])
+        return tmp_path / "cut.dcm"
+    return make
+
+
 def avi_header_only(tmp_path: Path) -> Path:
     """An AVI cut right where the frames start: a valid header, zero frames."""
     whole = write_video(tmp_path / "whole.avi", moving_frames(10)).read_bytes()
@@ -239,9 +250,13 @@ BAD_INPUTS = {
     "cut avi": (cut_avi, errors.TruncatedVideoError, r"decoded \d+ of the 40 frames"),
     "cut mkv": (cut_mkv, errors.TruncatedVideoError, r"decoded \d+ of the 40 frames"),
     "cut dicom": (cut_dicom, errors.TruncatedVideoError, "cut or corrupt"),
+    "dicom cut before its pixel data": (cut_real_dicom(0.02), errors.TruncatedVideoError,
+                                        "it holds a Ultrasound Multi-frame Image Storage object but ends before"),
+    "dicom cut inside its frames": (cut_real_dicom(0.6), errors.TruncatedVideoError,
+                                    r"DICOM file is cut short: end of file reached before delimiter \(FFFE,E0DD\)"),
     "no frames": (avi_header_only, errors.NoFramesError, "no frame could be decoded"),
-    "dicom without pixels": (lambda tmp_path: write_dicom(tmp_path / "sr.dcm", None), errors.NoPixelDataError,
-                             "no pixel data"),
+    "dicom without pixels": (lambda tmp_path: write_dicom(tmp_path / "sr.dcm", None, SOPClassUID=COMPREHENSIVE_SR),
+                             errors.NoPixelDataError, "no pixel data"),
     "single-frame dicom": (lambda tmp_path: write_dicom(tmp_path / "still.dcm", moving_frames(1)),
                            errors.SingleFrameError, "still image"),
     "single-frame video": (lambda tmp_path: write_video(tmp_path / "still.avi", moving_frames(1)),
@@ -265,7 +280,9 @@ BAD_INPUTS = {
 def test_bad_input_raises_its_own_one_line_error(tmp_path: Path, case: str) -> None:
     make, error, problem = BAD_INPUTS[case]
     path = make(tmp_path)
-    with pytest.raises(error, match=problem) as raised:
+    # Library warnings (pydicom's UserWarning on a cut file) would print above the one line: none escapes.
+    with warnings.catch_warnings(), pytest.raises(error, match=problem) as raised:
+        warnings.simplefilter("error")
         read_video(path)
     message = str(raised.value)
     assert message.startswith(f"{path}: ") and "\n" not in message

@@ -1,8 +1,8 @@
 """EchoNet-Dynamic (or the synthetic dataset in its layout) as model input for EF regression.
 
 ``ClipDataset`` is the pixel path every evim3 dataset shares: decode with ``evim3.runtime.video.read_video``,
-one ``evim3.runtime.preprocess.preprocess`` call (crop, resize, resample, normalise: the code the edge
-runtime runs), then clips cut with ``sample_clip_indices``. So a dataset item and the inference path agree
+one ``evim3.runtime.preprocess.video_to_uint8`` call (crop, resize, resample: the code the edge runtime
+runs), then clips cut with ``sample_clip_indices`` and normalised. So a dataset item and the inference path agree
 exactly for the same file and clip start. ``EchoNetDataset`` adds the EchoNet files and the EF labels.
 """
 
@@ -29,7 +29,7 @@ from evim3.data.tables import (
 )
 from evim3.runtime.errors import DatasetError, EchoInputError
 from evim3.runtime.meta import PreprocessSpec
-from evim3.runtime.preprocess import normalise, prepare, sample_clip_indices, sliding_clip_starts
+from evim3.runtime.preprocess import normalise, sample_clip_indices, sliding_clip_starts, video_to_uint8
 from evim3.runtime.video import read_video
 
 # "random": one clip at a random start; "first": one clip from frame 0; k: k clips, evenly spaced starts;
@@ -95,7 +95,7 @@ class ClipDataset(Dataset):
         self.clips = clips
         self.pad = pad if split.upper() == "TRAIN" else 0
         # The inference pipeline's default stride, so "all" means the clips `evim3 infer` runs.
-        self.stride = stride or max(1, spec.clip_span // 2)
+        self.stride = stride or spec.default_stride
         self.cache: dict[int, np.ndarray] | None = {} if cache else None
         self.substitute_unreadable = substitute_unreadable
         self.unreadable: dict[int, EchoInputError] = {}  # this process's failures, so each is decoded once
@@ -143,7 +143,7 @@ class ClipDataset(Dataset):
         if index in self.unreadable:
             raise self.unreadable[index]
         try:
-            frames = prepare(read_video(self.paths[index]), self.spec)
+            frames = video_to_uint8(read_video(self.paths[index]), self.spec)
         except EchoInputError as e:
             self.unreadable[index] = e
             raise

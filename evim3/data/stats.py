@@ -12,7 +12,7 @@ import numpy as np
 from evim3.data.echonet import EchoNetDataset
 from evim3.runtime.errors import DatasetError, EchoInputError
 from evim3.runtime.meta import PreprocessSpec
-from evim3.runtime.preprocess import preprocess
+from evim3.runtime.preprocess import video_to_input
 from evim3.runtime.video import read_video
 
 
@@ -46,7 +46,7 @@ def compute_mean_std(
     total = total_squares = count = 0.0
     for index in sorted(chosen):
         try:
-            frames = preprocess(read_video(paths[index]), unnormalised).astype(np.float64)
+            frames = video_to_input(read_video(paths[index]), unnormalised).astype(np.float64)
         except EchoInputError as e:
             if on_unreadable is None:
                 raise

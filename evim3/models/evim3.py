@@ -35,6 +35,7 @@ from evim3.models.layout import (
     scan_orders,
 )
 from evim3.modules.mamba import ResidualMamba, init_residual_stack
+from evim3.runtime.outputs import output_width
 
 
 class PatchEmbed3D(nn.Module):
@@ -183,13 +184,11 @@ class EViM3(nn.Module):
         super().__init__()
         if task not in ("ef", "classification"):
             raise ValueError(f"unknown task {task!r}: expected 'ef' or 'classification'")
-        if task == "classification" and num_classes < 2:
-            raise ValueError(f"classification needs at least 2 classes, got {num_classes}")
         self.cfg = cfg
         self.task = task
         self.encoder = EViM3Encoder(cfg)
         # Binary classification uses one logit (BCE), as the paper's classification head.
-        num_outputs = 1 if task == "ef" or num_classes == 2 else num_classes
+        num_outputs = output_width(task, num_classes)
         if task == "ef":
             self.head = GlobalTokenHead(cfg, num_outputs, output_bias=ef_mean, output_scale=ef_std)
         else:

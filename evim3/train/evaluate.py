@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from evim3.checkpoint import checkpoint_file, load_model
 from evim3.runtime.atomic import atomic_path, write_atomic
 from evim3.runtime.errors import CheckpointError, DatasetError
+from evim3.runtime.outputs import class_probabilities
 from evim3.train.distributed import resolve_device
 from evim3.train.metrics import classification_report, regression_report
 from evim3.train.tasks import model_outputs
@@ -141,15 +142,18 @@ def _ef_outputs(rows: list[dict[str, Any]], out: str, resamples: int) -> dict[st
 
 
 def _classification_outputs(rows: list[dict[str, Any]], class_names: list[str], out: str) -> dict[str, Any]:
+    """A video's logits are the mean of its clips' logits; its probabilities and prediction follow from
+    them by evim3.runtime.outputs, the rule `evim3 infer` uses."""
     labels = np.array([int(row["target"]) for row in rows])
     logits = np.stack([row["clips"].mean(0) for row in rows])
     report: dict[str, Any] = classification_report(labels, logits)
-    predicted = (logits[:, 0] > 0).astype(int) if logits.shape[1] == 1 else logits.argmax(1)
-    table = [[row["file"], class_names[label], class_names[p], len(row["clips"]),
-              " ".join(f"{v:.4f}" for v in logit)]
-             for row, label, p, logit in zip(rows, labels, predicted, logits)]
+    probabilities = class_probabilities(logits)
+    table = [[row["file"], class_names[label], class_names[int(p.argmax())], len(row["clips"]),
+              " ".join(f"{v:.4f}" for v in logit), *(f"{v:.6f}" for v in p)]
+             for row, label, p, logit in zip(rows, labels, probabilities, logits)]
     write_atomic(os.path.join(out, PREDICTIONS_CSV),
-                 _csv_text(["file", "true", "predicted", "clips", "mean_logits"], table))
+                 _csv_text(["file", "true", "predicted", "clips", "mean_logits", *(f"p_{n}" for n in class_names)],
+                           table))
     report["files"] = [PREDICTIONS_CSV, METRICS_JSON]
     return report
 

@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from evim3.runtime.outputs import class_probabilities
+
 Metric = Callable[[np.ndarray, np.ndarray], float]
 
 
@@ -88,17 +90,20 @@ def binary_auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def classification_report(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
-    """Accuracy and AUC from logits: (N,) or (N, 1) for a binary model (one logit), (N, K) otherwise.
+    """Accuracy and AUC from the network's logits: (N,) or (N, 1) for a binary model (one logit), (N, K)
+    otherwise, read by the rule `evim3 infer` reports with (evim3.runtime.outputs.class_probabilities).
 
-    Several classes: macro one-vs-rest AUC over the classes present both ways."""
+    The prediction is the most probable class. Binary AUC ranks the logit (the order of its probability,
+    without the ties sigmoid's rounding to 1.0 makes of large logits); several classes: macro one-vs-rest
+    AUC of each class's probability over the classes present both ways."""
     labels = np.asarray(labels)
     logits = np.asarray(logits, np.float64)
-    if logits.ndim == 1 or logits.shape[1] == 1:
-        scores = logits.reshape(-1)
-        predicted = (scores > 0).astype(labels.dtype)
-        auc = binary_auc(labels == 1, scores)
+    logits = logits.reshape(-1, 1) if logits.ndim == 1 else logits
+    probabilities = class_probabilities(logits)
+    predicted = probabilities.argmax(1)
+    if logits.shape[1] == 1:
+        auc = binary_auc(labels == 1, logits[:, 0])
     else:
-        predicted = logits.argmax(1)
-        per_class = [binary_auc(labels == k, logits[:, k]) for k in range(logits.shape[1])]
+        per_class = [binary_auc(labels == k, probabilities[:, k]) for k in range(probabilities.shape[1])]
         auc = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
     return {"accuracy": float(np.mean(predicted == labels)), "auc": auc, "n": len(labels)}
