@@ -298,11 +298,17 @@ def test_pretrain_round_trip_is_bitwise_and_predictions_equal(small_mae):
     assert torch.equal(ours["pred"], theirs["pred"]) and torch.equal(ours["loss"], theirs["loss"])
 
 
+# The converted model's EF agrees with the official forward within EF_TOLERANCE points: absolute, because
+# EF is what is compared; the two float32 paths run the same arithmetic in a different memory layout
+# (measured: 0 to 4e-6, about one float32 step at EF ~55, depending on the thread count). A converter that
+# swaps a unit or token moves EF by far more (measured 0.12-0.78 over SWAPS): test_a_swap_is_caught.
+EF_TOLERANCE = 1e-4
+
+
 def test_converted_model_matches_the_official_forward(small_model):
     """The argument for output equality with the paper's model: its forward, written from its source over
-    the official names, against evim3's converted model -- encoded volume (LHW-flattened) and EF. Tolerance
-    1e-5 relative and absolute, float32: the two paths run the same arithmetic in a different memory layout
-    (measured: 4e-6 on an EF of ~55; a swapped unit or token gives 0.1-0.9)."""
+    the official names, against evim3's converted model -- encoded volume (LHW-flattened, 1e-5 relative and
+    absolute) and EF (EF_TOLERANCE)."""
     official = to_official(small_model.state_dict(), "finetune")
     converted = _convert_back(official, small_model, "finetune")
     clip = torch.randn(2, 1, SMALL.frames, SMALL.img_size, SMALL.img_size, generator=torch.Generator().manual_seed(1))
@@ -312,7 +318,35 @@ def test_converted_model_matches_the_official_forward(small_model):
         ours, theirs = converted.head(features), official_head(official, SMALL, official_features)
     torch.testing.assert_close(features, official_features.flatten(1, 3), rtol=1e-5, atol=1e-5)
     assert ours.shape == theirs.shape == (2, 1)
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=EF_TOLERANCE)
+
+
+# Mistakes a converter could make: two units of a block, or two tokens of a kind, exchanged.
+SWAPS = [*((f"net.encoder.{i}.{d}_mamba", f"net.encoder.{i}.r_{d}_mamba") for i in range(SMALL.depth) for d in DIRECTIONS),
+         *((f"net.encoder.{i}.hwl_mamba", f"net.encoder.{i}.lwh_mamba") for i in range(SMALL.depth)),
+         *((f"net.global_{kind}_token", "0<->1") for kind in ("faces", "edges", "corners"))]
+
+
+@pytest.mark.parametrize(("first", "second"), SWAPS)
+def test_a_swap_is_caught(small_model, first, second):
+    """Each swap in SWAPS, converted, moves EF from the official forward by over 100x EF_TOLERANCE, so the
+    comparison above would catch a converter that made it."""
+    official = to_official(small_model.state_dict(), "finetune")
+    swapped = dict(official)
+    if second == "0<->1":  # two tokens of one kind
+        swapped[first] = official[first][[1, 0, *range(2, len(official[first]))]]
+    else:  # two units: every tensor of one under the other's name
+        for key in official:
+            if key.startswith(first + "."):
+                partner = second + key[len(first):]
+                swapped[key], swapped[partner] = official[partner], official[key]
+    _, state = convert_state_dict(swapped, SMALL)
+    converted = build_target(SMALL, "finetune")
+    converted.load_state_dict(state, strict=True)
+    clip = torch.randn(2, 1, SMALL.frames, SMALL.img_size, SMALL.img_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        moved = (converted.eval()(clip) - official_head(official, SMALL, official_encode(official, SMALL, clip))).abs()
+    assert moved.max() > 100 * EF_TOLERANCE
 
 
 @pytest.mark.parametrize("kind", ["finetune", "pretrain"])

@@ -61,8 +61,10 @@ def test_all_four_packages_import(where: str, tmp_path: Path) -> None:
     [
         ["evim3"],
         ["evim3.runtime", "evim3.runtime.meta", "evim3.runtime.errors", "evim3.runtime.atomic"],
+        # What the CLI reads at start-up (`evim3 train`'s flags) or runs without torch (`evim3 data check`).
+        ["evim3.train.recipe", "evim3.data.check"],
     ],
-    ids=["evim3", "runtime-core"],
+    ids=["evim3", "runtime-core", "cli-startup"],
 )
 def test_import_without_torch(modules: list[str], tmp_path: Path) -> None:
     imports = "".join(f"import {m}\n" for m in modules)

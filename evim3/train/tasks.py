@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from evim3.checkpoint import checkpoint_file, load_checkpoint
 from evim3.models.evim3 import EViM3
@@ -70,7 +70,7 @@ class Task:
         raise NotImplementedError
 
     @torch.no_grad()
-    def validate(self, model: nn.Module, loader: DataLoader, ctx: DistContext) -> dict[str, float]:
+    def validate(self, model: nn.Module, loader: Iterable[dict], ctx: DistContext) -> dict[str, float]:
         raise NotImplementedError
 
     def meta(self, spec: PreprocessSpec, data: dict[str, Any]) -> ModelMeta:
@@ -116,7 +116,7 @@ def _csv_datasets(cfg: TrainConfig, spec: PreprocessSpec) -> Datasets:
     return Datasets(train, val, os.path.abspath(cfg.csv))
 
 
-def _gather_validation(model: nn.Module, loader: DataLoader, ctx: DistContext, target_key: str
+def _gather_validation(model: nn.Module, loader: Iterable[dict], ctx: DistContext, target_key: str
                        ) -> tuple[np.ndarray, np.ndarray]:
     """(targets, outputs (N, K)) over the whole validation split, on every rank: each rank predicts its
     shard, rows are gathered and the padding DistributedSampler added (repeated indices) is dropped, as
@@ -172,7 +172,7 @@ class EFTask(Task):
         return ef_loss(predicted, batch["ef"].to(device), self.info["ef_std"], self.cfg.ef_loss)
 
     @torch.no_grad()
-    def validate(self, model: nn.Module, loader: DataLoader, ctx: DistContext) -> dict[str, float]:
+    def validate(self, model: nn.Module, loader: Iterable[dict], ctx: DistContext) -> dict[str, float]:
         true, outputs = _gather_validation(model, loader, ctx, "ef")
         report = regression_report(true, outputs[:, 0], resamples=0)
         val_loss = float(np.mean((outputs[:, 0] - true) ** 2)) / self.info["ef_std"] ** 2  # the MSE of `loss`
@@ -205,7 +205,7 @@ class ClassificationTask(Task):
         return F.cross_entropy(logits, labels)
 
     @torch.no_grad()
-    def validate(self, model: nn.Module, loader: DataLoader, ctx: DistContext) -> dict[str, float]:
+    def validate(self, model: nn.Module, loader: Iterable[dict], ctx: DistContext) -> dict[str, float]:
         labels, logits = _gather_validation(model, loader, ctx, "label")
         labels = labels.astype(np.int64)
         if logits.shape[1] == 1:
@@ -241,7 +241,7 @@ class PretrainTask(Task):
             return model(batch["x"].to(device, non_blocking=True))["loss"].float()
 
     @torch.no_grad()
-    def validate(self, model: nn.Module, loader: DataLoader, ctx: DistContext) -> dict[str, float]:
+    def validate(self, model: nn.Module, loader: Iterable[dict], ctx: DistContext) -> dict[str, float]:
         """Mean loss over the validation clips under the same masks every time (a fixed seed, the
         caller's random streams untouched), so epochs compare. Stand-ins for undecodable videos are left out."""
         devices = [ctx.device] if ctx.device.type == "cuda" else []
