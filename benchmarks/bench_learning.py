@@ -50,7 +50,7 @@ CLIP = {"frames": 16, "period": 4}
 BATCH = 8
 LR = 1e-3  # bench_train's 4e-3 at batch 32, scaled to batch 8
 WARMUP_STEPS = 37  # one epoch of 300 TRAIN videos
-EVALS = 8  # validations per arm, evenly spaced in training time
+EVALS = 6  # validations per arm, evenly spaced in training time
 # network:EF loss (recipe.EF_LOSSES). evim3-tiny with the paper's MSE and with the default mse+corr; the anchor
 # with the default.
 ARMS = ("evim3-tiny:mse", "evim3-tiny:mse+corr", "r2plus1d-18:mse+corr")
