@@ -111,9 +111,11 @@ def finetune(model: nn.Module, train: ClipSet, val: ClipSet, *, budget_s: float 
     excluded) or `steps` optimizer steps; validate `evals` times, evenly spaced in training time (budget) or
     steps. Returns the curve."""
     cfg = TrainConfig(stage="finetune", out="unused")  # the recipe's AdamW groups, weight decay and eps
-    total = steps or 10**9  # a time budget: constant lr after the warm-up (no schedule length to know)
+    # A time budget has no schedule length to know: the cosine then spans 10^9 steps, i.e. a constant lr after
+    # the warm-up.
+    total = steps or 10**9
     optimizer = build_optimizer(model, LR, cfg)
-    scheduler = build_scheduler(optimizer, WARMUP_STEPS, total if steps else WARMUP_STEPS, cfg.min_lr_factor)
+    scheduler = build_scheduler(optimizer, WARMUP_STEPS, total, cfg.min_lr_factor)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed + 1)  # random clip starts
     order: list[int] = []
@@ -139,7 +141,7 @@ def finetune(model: nn.Module, train: ClipSet, val: ClipSet, *, budget_s: float 
             report = regression_report(true_val, predicted, resamples=0)
             curve.append({"step": step, "train_s": round(trained_s, 1), "val_mae": report["mae"],
                           "mean_predictor_mae": mean_predictor, "pred_std": report["pred_std"],
-                          "true_std": report["true_std"], "loss": float(loss)})
+                          "true_std": report["true_std"], "loss": loss.item()})
             print(f"   step {step:5d}  {trained_s / 60:5.1f} min  val MAE {report['mae']:.2f} (mean predictor "
                   f"{mean_predictor:.2f})  spread {report['pred_std']:.2f} / {report['true_std']:.2f}", flush=True)
             next_eval += 1
