@@ -17,7 +17,10 @@ META_KEY = "evim3"
 ENGINE_MAGIC = b"EVIM3TRT"
 # Graph I/O names shared by export and runtime.
 INPUT_NAME = "clip"  # (N, 1, frames, size, size) float32, already normalised
-OUTPUT_NAME = "output"  # (N, 1) EF in points for task "ef"; (N, K) logits for task "classification"
+# (N, 1) EF in points for task "ef"; (N, K) logits for task "classification"; (N, 2, frames, size, size)
+# background/LV logits for every pixel of every frame for task "seg" (runtime/outputs.py reads them)
+OUTPUT_NAME = "output"
+TASKS = ("ef", "classification", "seg")
 PRECISIONS = ("fp32", "fp16")  # of an exported file's weights and compute (checkpoints are fp32)
 # ONNX metadata_props key of the flat copy of the precision (Netron shows it). Files written before precision
 # was a ModelMeta field have it there only.
@@ -56,7 +59,7 @@ class ModelMeta:
     preset: str
     model: dict[str, Any]  # evim3.config.ModelConfig as a dict
     preprocess: PreprocessSpec
-    task: str = "ef"  # "ef" | "classification"
+    task: str = "ef"  # one of TASKS
     ef_mean: float | None = None
     # EF = ef_std * (network output): the network regresses EF in units of the training set's spread, so
     # fine-tuning from scratch is not stuck predicting the mean. 1.0 for the paper's checkpoints (raw EF).
@@ -67,8 +70,8 @@ class ModelMeta:
     precision: str = "fp32"  # one of PRECISIONS: what an exported file computes in
 
     def __post_init__(self) -> None:
-        if self.task not in ("ef", "classification"):
-            raise ValueError(f"unknown task {self.task!r} (expected 'ef' or 'classification')")
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r} (expected one of {', '.join(TASKS)})")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r} (expected {' or '.join(PRECISIONS)})")
 

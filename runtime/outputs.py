@@ -50,3 +50,13 @@ def clip_values(outputs: np.ndarray, meta: ModelMeta) -> np.ndarray:
         raise ValueError(f"model outputs have shape {outputs.shape}; task {meta.task!r} with "
                          f"{len(meta.class_names)} classes gives (N, {expected})")
     return class_probabilities(outputs) if meta.task == "classification" else outputs.astype(np.float64)
+
+
+SEG_CLASSES = 2  # task "seg": background and left ventricle, as the paper's segmentation head
+
+
+def lv_masks(outputs: np.ndarray) -> np.ndarray:
+    """Backend outputs (N, 2, T, H, W) of a seg model -> LV masks (N, T, H, W) bool: where the LV logit wins."""
+    if outputs.ndim != 5 or outputs.shape[1] != SEG_CLASSES:
+        raise ValueError(f"seg model outputs have shape {outputs.shape}; expected (N, {SEG_CLASSES}, T, H, W)")
+    return outputs[:, 1] > outputs[:, 0]
