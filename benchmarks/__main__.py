@@ -38,7 +38,11 @@ def machine() -> str:
     except OSError:
         pass
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {platform.system()} {platform.release()}"
+    described = f"{cpu}, {os.cpu_count()} cores, {mem_gib:.0f} GiB, {platform.system()} {platform.release()}"
+    torch = sys.modules.get("torch")  # imported by the benchmark that ran, if it used torch
+    if torch is not None and torch.cuda.is_available():
+        described += f"; GPU {torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return described
 
 
 def _markdown(name: str, result: dict, seconds: float, command: str) -> str:

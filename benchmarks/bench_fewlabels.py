@@ -13,7 +13,8 @@ then EF fine-tuning on 10 % of the labels, against the same fine-tuning from scr
     python -m benchmarks fewlabels                                # ~70 minutes on 2 cores
     EVIM3_BENCH_FEWLABELS_SCALE=0.1 python -m benchmarks fewlabels  # every step count x 0.1 (smoke run)
 
-Environment: EVIM3_BENCH_FEWLABELS_SCALE (default 1), EVIM3_BENCH_TRAIN_VIDEOS / EVIM3_BENCH_TRAIN_DATA.
+Environment: EVIM3_BENCH_FEWLABELS_SCALE (default 1), EVIM3_BENCH_TRAIN_VIDEOS / EVIM3_BENCH_TRAIN_DATA,
+EVIM3_BENCH_DEVICE (bench_learning's: cuda when there is one; `scripts/gpu_check.sh fewlabels` runs it there).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.bench_learning import SEED, ClipSet, build, finetune, probe_rows, test_report
+from benchmarks.bench_learning import DEVICE, SEED, ClipSet, build, finetune, probe_rows, test_report
 from benchmarks.bench_train import PRETRAIN, dataset_folder
 from evim3.checkpoint import read_meta
 from evim3.train.loop import train
@@ -55,8 +56,9 @@ def run() -> dict[str, Any]:
     data = dataset_folder(int(os.environ.get("EVIM3_BENCH_TRAIN_VIDEOS", "400")))
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
+        recipe = {**PRETRAIN, "device": DEVICE.type}
         pretrain_cfg = TrainConfig(stage="pretrain", data=str(data), out=tmp, seed=SEED, epochs=10**4,
-                                   max_steps=pretrain_steps, **PRETRAIN)
+                                   max_steps=pretrain_steps, **recipe)
         summary = train(pretrain_cfg)
         pretrain_min = (time.perf_counter() - started) / 60
         checkpoint = init_checkpoint_file(tmp)
@@ -92,7 +94,7 @@ def run() -> dict[str, Any]:
         "test_mae_difference_scratch_minus_pretrained": difference,
         "pre-training helped (95 % interval above 0)": difference["lo"] > 0,
         "pretraining": {"steps": pretrain_steps, "minutes": pretrain_min, "val_loss": summary["best"].get("val_loss"),
-                        "recipe": PRETRAIN},
+                        "recipe": recipe},
         "probes (ridge on frozen evim3-tiny features, all 300 TRAIN labels -> TEST)": probes,
-        "scale": scale, "dataset": str(data),
+        "scale": scale, "dataset": str(data), "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
     }

@@ -18,7 +18,7 @@ sees), beside the same statistic on the pixels.
 
 Environment: EVIM3_BENCH_LEARNING_MIN (training minutes per arm, default 10), EVIM3_BENCH_LEARNING_ARMS
 (network:loss pairs, default ARMS), EVIM3_BENCH_TRAIN_VIDEOS / EVIM3_BENCH_TRAIN_DATA (the dataset, as
-bench_train).
+bench_train), EVIM3_BENCH_DEVICE (default: cuda when there is one, else cpu; float32 either way).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ ARMS = ("evim3-tiny:mse", "evim3-tiny:mse+corr", "r2plus1d-18:mse+corr")
 LEFT_MEAN = 0.9  # "left the mean predictor": val MAE <= 0.9 x the mean predictor's, with a spread
 MIN_SPREAD = 0.25  # ... of at least this share of the true EF spread
 RESULTS = Path(__file__).resolve().parent / "results"
+DEVICE = torch.device(os.environ.get("EVIM3_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 class ClipSet:
@@ -90,18 +91,20 @@ def clip_spec(data: Path) -> PreprocessSpec:
 def build(arm: str, train: ClipSet) -> nn.Module:
     torch.manual_seed(SEED)
     if arm == "evim3-tiny":
-        return EViM3(get_preset("evim3-tiny").replace(frames=CLIP["frames"]), ef_mean=train.ef_mean, ef_std=train.ef_std)
-    if arm == "r2plus1d-18":
-        return R2Plus1D18EF(train.ef_mean, train.ef_std)
-    raise ValueError(f"unknown arm {arm!r}")
+        model = EViM3(get_preset("evim3-tiny").replace(frames=CLIP["frames"]), ef_mean=train.ef_mean, ef_std=train.ef_std)
+    elif arm == "r2plus1d-18":
+        model = R2Plus1D18EF(train.ef_mean, train.ef_std)
+    else:
+        raise ValueError(f"unknown arm {arm!r}")
+    return model.to(DEVICE)
 
 
 @torch.no_grad()
 def predict(model: nn.Module, clips: Tensor, batch: int = 8) -> np.ndarray:
     model.eval()
-    out = torch.cat([model(clips[i:i + batch])[:, 0] for i in range(0, len(clips), batch)])
+    out = torch.cat([model(clips[i:i + batch].to(DEVICE))[:, 0] for i in range(0, len(clips), batch)])
     model.train()
-    return out.double().numpy()
+    return out.double().cpu().numpy()
 
 
 def finetune(model: nn.Module, train: ClipSet, val: ClipSet, *, budget_s: float | None = None,
@@ -127,13 +130,15 @@ def finetune(model: nn.Module, train: ClipSet, val: ClipSet, *, budget_s: float 
         if len(order) < BATCH:
             order += torch.randperm(len(train), generator=generator).tolist()
         x, y = train.batch([order.pop() for _ in range(BATCH)])
-        loss = ef_loss(model(x)[:, 0], y, train.ef_std, loss_kind)
+        loss = ef_loss(model(x.to(DEVICE))[:, 0], y.to(DEVICE), train.ef_std, loss_kind)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
         optimizer.step()
         scheduler.step()
         step += 1
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()  # the step's time, not its launch
         trained_s += time.perf_counter() - started
         progress = trained_s / budget_s if budget_s else step / total
         if progress >= next_eval / evals or progress >= 1:
@@ -180,7 +185,7 @@ def probe_features(model: EViM3, clips: Tensor, batch: int = 16) -> dict[str, Te
     rows: dict[str, list[Tensor]] = {"head input (enclosure mean)": [], "27 crossing tokens (concat)": [],
                                      "real tokens: temporal SD per patch": [], "pixels: temporal SD per patch": []}
     for i in range(0, len(clips), batch):
-        x = clips[i:i + batch]
+        x = clips[i:i + batch].to(DEVICE)
         tokens = model.head.norm(model.encoder(x).float())
         rows["head input (enclosure mean)"].append(tokens[:, where["global"]].mean(1))
         rows["27 crossing tokens (concat)"].append(tokens[:, where["cross"]].flatten(1))
@@ -189,7 +194,7 @@ def probe_features(model: EViM3, clips: Tensor, batch: int = 16) -> dict[str, Te
         pixels = x[:, 0].std(1)  # (N, size, size): temporal SD per pixel
         p = cfg.patch
         rows["pixels: temporal SD per patch"].append(pixels.reshape(len(x), H, p, W, p).mean((2, 4)).flatten(1))
-    return {k: torch.cat(v).double() for k, v in rows.items()}
+    return {k: torch.cat(v).double().cpu() for k, v in rows.items()}
 
 
 def ridge_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor) -> dict[str, float]:
@@ -252,14 +257,15 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
         axes[0].plot([p["step"] for p in curve], [p["val_mae"] for p in curve], "o-", label=arm)
         axes[1].plot([p["train_s"] / 60 for p in curve], [p["val_mae"] for p in curve], "o-", label=arm)
     mean_predictor = next(iter(curves.values()))[0]["mean_predictor_mae"]
-    for ax, xlabel in zip(axes, ("optimizer step (batch 8)", "training wall time, minutes (2 CPU cores)")):
+    where = torch.cuda.get_device_name() if DEVICE.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    for ax, xlabel in zip(axes, ("optimizer step (batch 8)", f"training wall time, minutes ({where})")):
         ax.axhline(mean_predictor, color="grey", ls="--", label="mean predictor")
         ax.axhline(LEFT_MEAN * mean_predictor, color="grey", ls=":", label=f"{LEFT_MEAN} x mean predictor")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("VAL MAE (EF points, 50 videos)")
     axes[1].legend()
-    fig.suptitle("EF fine-tuning from scratch on synthetic echo, same clips and CPU budget (arm = network:loss)")
+    fig.suptitle(f"EF fine-tuning from scratch on synthetic echo, same clips and {DEVICE.type} budget (arm = network:loss)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -296,6 +302,6 @@ def run() -> dict[str, Any]:
     return {"rows": rows, "probes (ridge on frozen evim3-tiny features, TEST)": probes,
             "curves": "benchmarks/results/learning_curves.json", "png": "benchmarks/results/learning_curves.png", "dataset": str(data),
             "recipe": {**CLIP, "batch": BATCH, "lr": LR, "warmup_steps": WARMUP_STEPS, "pad": 0,
-                       "threads": torch.get_num_threads()},
+                       "threads": torch.get_num_threads(), "device": str(DEVICE)},
             "left_mean_rule": f"val MAE <= {LEFT_MEAN} x mean predictor and spread >= {MIN_SPREAD} x true spread",
             "mean_predictor": "the TRAIN mean EF", "budget_min_per_arm": budget_s / 60}
