@@ -14,12 +14,14 @@ then EF fine-tuning on 10 % of the labels, against the same fine-tuning from scr
     EVIM3_BENCH_FEWLABELS_SCALE=0.1 python -m benchmarks fewlabels  # every step count x 0.1 (smoke run)
 
 Environment: EVIM3_BENCH_FEWLABELS_SCALE (default 1), EVIM3_BENCH_TRAIN_VIDEOS / EVIM3_BENCH_TRAIN_DATA,
-EVIM3_BENCH_DEVICE (bench_learning's: cuda when there is one; `scripts/gpu_check.sh fewlabels` runs it there).
+EVIM3_BENCH_DEVICE (bench_learning's: cuda when there is one; `scripts/gpu_check.sh fewlabels` runs it there),
+EVIM3_BENCH_FEWLABELS_KEEP (a folder the pre-trained checkpoint is copied to; gpu_check.sh sets it to $OUT).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -82,12 +84,18 @@ def run() -> dict[str, Any]:
             models[arm] = model
         difference = paired_difference(errors["scratch"], errors["pre-trained"])
 
-        probes = []
+        probes, few_label_probes = [], []
         for label, init in (("random init", None), ("MAE pre-trained", checkpoint)):
             model = build("evim3-tiny", every_train)
             if init:
                 load_encoder_weights(model, init)
             probes += probe_rows(model, label, every_train, test)
+            # The data-efficiency question for a frozen encoder: a linear head fit on the 30 labelled videos only.
+            few_label_probes += probe_rows(model, label, labelled, test)
+        keep = os.environ.get("EVIM3_BENCH_FEWLABELS_KEEP")
+        if keep:  # the pre-trained checkpoint outlives the run (a GPU lease ends with its machine)
+            os.makedirs(keep, exist_ok=True)
+            shutil.copy(checkpoint, keep)
 
     return {
         "rows": rows,
@@ -96,5 +104,6 @@ def run() -> dict[str, Any]:
         "pretraining": {"steps": pretrain_steps, "minutes": pretrain_min, "val_loss": summary["best"].get("val_loss"),
                         "recipe": recipe},
         "probes (ridge on frozen evim3-tiny features, all 300 TRAIN labels -> TEST)": probes,
+        "probes (the same, fit on the 30 labelled videos only)": few_label_probes,
         "scale": scale, "dataset": str(data), "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
     }

@@ -31,7 +31,7 @@ fi
 
 if [ "${1:-}" = fewlabels ]; then
     set -o pipefail
-    python -m benchmarks fewlabels 2>&1 | tee "${OUT:-/tmp}/fewlabels.log"
+    EVIM3_BENCH_FEWLABELS_KEEP="${OUT:-/tmp}" python -m benchmarks fewlabels 2>&1 | tee "${OUT:-/tmp}/fewlabels.log"
     status=$?
     cp BENCHMARKS.md "${OUT:-/tmp}/BENCHMARKS.md"
     exit $status
