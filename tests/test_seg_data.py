@@ -93,5 +93,5 @@ def test_resampled_frame():
     assert resampled_frame(10, 40, 25.0, 50.0) == 20
     # 60 fps to 50 fps drops frames: a dropped one maps to a neighbour's.
     shown = np.floor((2 * np.arange(50) + 1) * 60 / 100).astype(int)
-    dropped = sorted(set(range(60)) - set(shown.tolist()))[0]
+    dropped = min(set(range(60)) - set(shown.tolist()))
     assert abs(shown[resampled_frame(dropped, 60, 60.0, 50.0)] - dropped) == 1
