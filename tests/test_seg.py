@@ -110,6 +110,38 @@ def test_segmentation_report_by_hand():
     assert overlap_counts(predicted[:, None], true[:, None]).tolist() == [[1, 1, 1]]
 
 
+def test_validation_counts_judged_frames_once():
+    """SegTask.validate over batches holding a frame outside its clip (-1), a stand-in for an undecodable
+    video and a repeated video (DistributedSampler's padding): each traced frame of each video counts once."""
+    from evim3.train.distributed import DistContext
+    from evim3.train.recipe import TrainConfig
+    from evim3.train.tasks import SegTask
+
+    class Identity(torch.nn.Module):  # the batch's x is already the logits
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    rng = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 2, 3, 4, 4, generator=rng)
+    masks = (torch.rand(4, 2, 4, 4, generator=rng) > 0.5).to(torch.uint8)
+    positions = torch.tensor([[0, 2], [1, -1], [2, 0], [0, 2]])
+    batch = {"x": logits, "masks": masks, "positions": positions, "index": torch.tensor([0, 1, 2, 0]),
+             "unreadable": ["", "", "cannot decode", ""]}  # video 2 is a stand-in; video 0 comes twice
+    task = SegTask(TrainConfig(stage="finetune", out="unused", task="seg"))
+    metrics = task.validate(Identity(), [batch], DistContext(0, 1, 0, torch.device("cpu")))
+    totals = np.zeros((2, 3))
+    losses = []
+    for n, k in ((0, 0), (0, 1), (1, 0)):
+        frame = logits[n, :, positions[n, k]]
+        predicted, true = (frame[1] > frame[0]).numpy(), masks[n, k].numpy().astype(bool)
+        totals[k] += overlap_counts(predicted, true)
+        losses.append(seg_frame_losses(frame[None], masks[n, k][None].long()).item())
+    assert metrics["val_dice_ed"] == pytest.approx(pooled_dice(totals[0]))
+    assert metrics["val_dice_es"] == pytest.approx(pooled_dice(totals[1]))
+    assert metrics["val_dice"] == pytest.approx(pooled_dice(totals))
+    assert metrics["val_loss"] == pytest.approx(np.mean(losses))
+
+
 # --- traced clips ---------------------------------------------------------------------------------------------
 def test_traced_clip_holds_both_frames():
     spec = PreprocessSpec(frames=8, period=2)  # span 15

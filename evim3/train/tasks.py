@@ -286,23 +286,24 @@ class SegTask(Task):
             logits = model_outputs(model, batch["x"], ctx.device)
             frame_logits, targets, row, which = traced_frame_logits(logits, batch["positions"].to(ctx.device),
                                                                     batch["masks"].to(ctx.device))
-            losses = seg_frame_losses(frame_logits, targets).double().cpu()
             predicted = lv_masks(frame_logits[:, :, None].cpu().numpy())[:, 0]  # the edge's rule
-            counts = torch.from_numpy(overlap_counts(predicted, targets.cpu().numpy().astype(bool))).double()
+            # One row per video: ED then ES, each (judged, TP, FP, FN, loss); a frame not in its clip is all
+            # zeros. Equal rows per video keep every rank's block the same size for the gather.
+            per_frame = torch.zeros(len(logits), 2, 5, dtype=torch.float64)
+            per_frame[row.cpu(), which.cpu()] = torch.cat([
+                torch.ones(len(row), 1, dtype=torch.float64),
+                torch.from_numpy(overlap_counts(predicted, targets.cpu().numpy().astype(bool))).double(),
+                seg_frame_losses(frame_logits, targets).double().cpu()[:, None]], 1)
             stand_in = torch.tensor([bool(error) for error in batch["unreadable"]])
-            index = torch.where(stand_in, -1, batch["index"])[row.cpu()]
-            rows.append(torch.cat([index[:, None].double(), which.cpu()[:, None].double(), counts,
-                                   losses[:, None]], 1))
+            index = torch.where(stand_in, -1, batch["index"])
+            rows.append(torch.cat([index[:, None].double(), per_frame.flatten(1)], 1))
         gathered = all_gather_rows(torch.cat(rows), ctx).numpy()
         gathered = gathered[gathered[:, 0] >= 0]
-        _, first = np.unique(gathered[:, :2], axis=0, return_index=True)  # DistributedSampler's repeats
-        gathered = gathered[first]
-        videos = {index: k for k, index in enumerate(np.unique(gathered[:, 0]))}
-        counts = np.zeros((len(videos), 2, 3), np.int64)
-        for index, which, *frame_counts, _ in gathered:
-            counts[videos[index], int(which)] = frame_counts
-        report = segmentation_report(counts, resamples=0)
-        return {"val_loss": float(gathered[:, 5].mean()), "val_dice": report["dice"],
+        _, first = np.unique(gathered[:, 0], return_index=True)  # DistributedSampler's repeats
+        per_frame = gathered[first, 1:].reshape(-1, 2, 5)
+        judged = per_frame[..., 0] > 0
+        report = segmentation_report(per_frame[..., 1:4].astype(np.int64), resamples=0)
+        return {"val_loss": float(per_frame[..., 4][judged].mean()), "val_dice": report["dice"],
                 "val_dice_ed": report["dice_ed"], "val_dice_es": report["dice_es"]}
 
 
