@@ -87,7 +87,8 @@ class EchoNetSegDataset(EchoNetDataset):
             raise ValueError(f"segmentation clips are 'random' or 'first' (the traced clip), got {clips!r}")
         super().__init__(root, split, spec, clips=clips, pad=pad, keep_ratio=keep_ratio, drop_untraced=True,
                          max_videos=max_videos, cache=cache, substitute_unreadable=substitute_unreadable)
-        tracings = read_tracings(os.path.join(os.fspath(root), TRACINGS_NAME))
+        self.tracings_path = os.path.join(os.fspath(root), TRACINGS_NAME)
+        tracings = read_tracings(self.tracings_path)
         self.tracings = [tracings[video_name(name)] for name in self.files]
         self.traced: dict[int, TracedFrames] = {}  # filled as videos are decoded (kept with the cache)
 
@@ -95,14 +96,18 @@ class EchoNetSegDataset(EchoNetDataset):
         video = read_video(self.paths[index])
         region = ultrasound_region(video)
         tracings = self.tracings[index]
-        ed, es = ed_es_frames(tracings)
         count = len(video.frames)
-        if max(ed, es) >= count:
-            raise DatasetError(self.paths[index], f"traced frame {max(ed, es)} is past the video's {count} frames")
+        try:
+            ed, es = ed_es_frames(tracings)
+            if max(ed, es) >= count:
+                raise ValueError(f"traced frame {max(ed, es)} is past the video's {count} frames")
+            masks = np.stack([traced_mask(tracings[frame], region, self.spec.size) for frame in (ed, es)])
+        except ValueError as e:
+            raise DatasetError(self.tracings_path, f"{self.files[index]}: {e}") from None
         self.traced[index] = TracedFrames(
             frames=(resampled_frame(ed, count, video.fps, self.spec.fps),
                     resampled_frame(es, count, video.fps, self.spec.fps)),
-            masks=np.stack([traced_mask(tracings[frame], region, self.spec.size) for frame in (ed, es)]),
+            masks=masks,
         )
         return frames_to_uint8(video.frames, video.fps, self.spec, region)
 
