@@ -198,6 +198,26 @@ def test_padding_moves_masks_with_their_frames(synth_dataset: Path):
         assert torch.equal(masks[..., dy:dy + 32, dx:dx + 32], b["masks"])
 
 
+def test_unusable_tracing_is_a_one_line_dataset_error(synth_dataset: Path, tmp_path: Path):
+    import shutil
+
+    from evim3.runtime.errors import DatasetError
+
+    root = tmp_path / "data"
+    shutil.copytree(synth_dataset, root)
+    dataset = EchoNetSegDataset(root, "VAL", SPEC, clips="first")
+    name = dataset.files[0]
+    header, *rows = (root / "VolumeTracings.csv").read_text().splitlines()
+    first_frame = next(row.split(",")[-1] for row in rows if row.startswith(name))
+    ours = [row for row in rows if row.startswith(name) and row.endswith("," + first_frame)]
+    dropped = set(ours[2:])  # that frame keeps only its long axis and one chord
+    kept = [header, *(row for row in rows if row not in dropped)]
+    (root / "VolumeTracings.csv").write_text("\n".join(kept) + "\n")
+    dataset = EchoNetSegDataset(root, "VAL", SPEC, clips="first")
+    with pytest.raises(DatasetError, match=f"VolumeTracings.csv: {name}: a tracing needs the long axis"):
+        dataset[0]
+
+
 # --- training ---------------------------------------------------------------------------------------------------
 def test_a_few_steps_lower_the_seg_loss(synth_dataset: Path):
     dataset = EchoNetSegDataset(synth_dataset, "TRAIN", SPEC, clips="first", pad=0)
