@@ -13,11 +13,12 @@ from evim3.runtime.parity_check import (
     FLAT_SPREAD,
     check_files,
     dataset_videos,
+    flat_reason,
     format_table,
-    is_flat,
     load_golden,
     reference_spread,
     save_golden,
+    spread_unit,
 )
 
 
@@ -66,13 +67,13 @@ def check(
     typer.echo(f"reference: {source} ({golden.meta.preset}, task {golden.meta.task}); "
                f"clips: {', '.join(golden.names)}")
     typer.echo(format_table(rows, golden.meta.task))
-    unit = "EF points" if golden.meta.task == "ef" else "logits"
     spread, bound = reference_spread(golden), FLAT_SPREAD[golden.meta.task]
-    typer.echo(f"reference spread over the {len(golden.names)} clips: SD {spread:.3g} {unit} (flat below {bound:g})")
-    if is_flat(golden):
-        message = (f"parity INCONCLUSIVE: the reference answers nearly the same for every clip (SD {spread:.3g} "
-                   f"{unit} < {bound:g}), so agreement proves nothing about the exported graph; check a model "
-                   "that responds to its input, or pass --allow-flat")
+    typer.echo(f"reference spread over the {len(golden.names)} clips: SD {spread:.3g} {spread_unit(golden.meta.task)}"
+               f" (flat below {bound:g})")
+    reason = flat_reason(golden)
+    if reason:
+        message = (f"parity INCONCLUSIVE: {reason}, so agreement proves nothing about the exported graph; check a "
+                   "model that responds to its input, or pass --allow-flat")
         if not allow_flat:
             typer.secho(message, fg=typer.colors.RED, err=True)
             raise typer.Exit(EXIT_INCONCLUSIVE)

@@ -25,7 +25,8 @@ def convert(
         help="Input normalisation std, 0..255 units [default: the official EchoNet-Dynamic STD_GRAY['train']]."
     )] = None,
 ) -> None:
-    """Convert an official E-ViM3 checkpoint (fine-tuned EF model or pre-training MAE) into an evim3 checkpoint."""
+    """Convert an official E-ViM3 checkpoint (fine-tuned EF or LV segmentation model, or pre-training MAE) into
+    an evim3 checkpoint."""
     from evim3.convert import OFFICIAL_MEAN, OFFICIAL_STD, UNUSED, convert_checkpoint
 
     kind, meta, written = convert_checkpoint(
@@ -33,8 +34,9 @@ def convert(
         mean=OFFICIAL_MEAN if mean is None else mean, std=OFFICIAL_STD if std is None else std,
     )
     spec = meta.preprocess
+    described = {"finetune": "fine-tuned EF", "seg": "LV segmentation", "pretrain": "pre-training"}[kind]
     typer.echo(
-        f"{official} -> {written}: official {'fine-tuned EF' if kind == 'finetune' else 'pre-training'} model, "
+        f"{official} -> {written}: official {described} model, "
         f"{'EMA' if ema else 'raw'} weights, preset {preset}; input: {spec.frames} frames, every {spec.period}"
         f" at {spec.fps:g} fps, {spec.size}x{spec.size}, mean {spec.mean:g}, std {spec.std:g}"
     )

@@ -12,7 +12,7 @@ from evim3.cli.common import cli_errors
 @cli_errors
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint .safetensors, or a run folder (uses best.safetensors).")],
-    data: Annotated[Path | None, typer.Option("--data", help="EchoNet-Dynamic-layout folder (EF models).")] = None,
+    data: Annotated[Path | None, typer.Option("--data", help="EchoNet-Dynamic-layout folder (EF and seg models).")] = None,
     csv: Annotated[Path | None, typer.Option("--csv", help="CSV of path,label,split (classification models).")] = None,
     split: Annotated[str, typer.Option("--split", help="train, val, test or all.")] = "test",
     clips: Annotated[str, typer.Option(
@@ -23,8 +23,10 @@ def evaluate(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     resamples: Annotated[int, typer.Option("--bootstrap", min=0, help="Bootstrap resamples for the 95 % intervals.")] = 1000,
 ) -> None:
-    """Evaluate a checkpoint on one split: EF MAE/RMSE/R² (or AUC/accuracy) with bootstrap 95 % intervals,
-    predictions.csv (per-video and per-clip values), metrics.json, scatter and Bland-Altman plots."""
+    """Evaluate a checkpoint on one split: EF MAE/RMSE/R² (or AUC/accuracy, or LV Dice at ED, ES and overall)
+    with bootstrap 95 % intervals, predictions.csv (per-video and per-clip values), metrics.json, scatter and
+    Bland-Altman plots (seg: overlays of the worst and best videos; --clips does not apply: one clip holding
+    the traced frames per video)."""
     from evim3.train.evaluate import evaluate_checkpoint, parse_clips
     from evim3.train.metrics import is_collapsed
 
@@ -41,6 +43,11 @@ def evaluate(
         typer.echo(f"  (a mean predictor: MAE {report['mean_predictor_mae']:.3f})")
         typer.echo(f"  spread of predicted EF {report['pred_std']:.2f} vs true {report['true_std']:.2f} (SD over videos)"
                    + ("  -- collapsed: the model barely responds to its input" if is_collapsed(report) else ""))
+    elif "dice" in report:
+        typer.echo(f"  {report['frames_judged']} traced frames (ED and ES) judged")
+        for name, label in (("dice", "Dice (overall)"), ("dice_ed", "Dice ED"), ("dice_es", "Dice ES")):
+            interval = f"  (95% CI {report[name + '_lo']:.4f} to {report[name + '_hi']:.4f})" if resamples else ""
+            typer.echo(f"  {label:<15} {report[name]:.4f}{interval}")
     else:
         typer.echo(f"  AUC {report['auc']:.4f}  accuracy {report['accuracy']:.4f}")
     typer.echo(f"  wrote {', '.join(report['files'])} to {report['out']}")

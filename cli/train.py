@@ -80,7 +80,8 @@ PRETRAIN = (
     Flag("norm_pix_loss", "Per-patch normalised targets."),
 )
 FINETUNE = (
-    Flag("task", "ef (regression, --data) or classification (--csv)."),
+    Flag("task", "ef (regression, --data), classification (--csv) or seg (LV segmentation, --data: Dice + CE "
+                 "on the traced ED and ES frames)."),
     Flag("ef_loss", "EF loss: mse+corr (MSE plus 1 - batch correlation: does not collapse to the mean) or mse "
                     "(the paper's)."),
     Flag("init", "Checkpoint (or pre-training run folder) whose encoder weights start the encoder.",
@@ -134,7 +135,8 @@ pretrain = app.command("pretrain")(_command("pretrain", SHARED + PRETRAIN, """Ma
     (STC masking, token-skipping encoder). Writes pretrain.safetensors (EMA weights, best validation loss) for
     `evim3 train finetune --init`."""))
 finetune = app.command("finetune")(_command("finetune", SHARED + FINETUNE, """Fine-tune for EF regression (--ef-loss;
-    MAE/RMSE/R² and the prediction spread on validation) or video classification (AUC). Writes best.safetensors (EMA weights of the best
+    MAE/RMSE/R² and the prediction spread on validation), video classification (AUC) or LV segmentation
+    (--task seg: ED, ES and overall Dice). Writes best.safetensors (EMA weights of the best
     validation epoch) and last.safetensors."""))
 
 

@@ -1,8 +1,9 @@
 """Import checkpoints trained with the paper's public code (github.com/HenryZhou19/E-ViM3).
 
 The official trainer saves ``{'model': state_dict, 'ema_container': EMA state_dict or None, ...}`` with
-``torch.save``. The model is either the fine-tuned EF regressor (``net.*``, ``final.*``, ``ef_head.*``) or the
-masked-autoencoder pre-training model (``net.*``, ``pretrain_decoder*``, two ``*_mask_maker.mask_token``).
+``torch.save``. The model is the fine-tuned EF regressor (``net.*``, ``final.*``, ``ef_head.*``), the LV
+segmentation model (``net.*``, ``final.final_norm``, ``final.patch_reconstruct``) or the masked-autoencoder
+pre-training model (``net.*``, ``pretrain_decoder*``, two ``*_mask_maker.mask_token``).
 evim3's modules have the same structure and parameter shapes under shorter names, so conversion is a pure
 renaming: one table of name templates (below), read left to right to import and right to left to export.
 Every tensor is checked against the evim3 model it is meant for -- each used exactly once, with the right shape
@@ -32,7 +33,7 @@ from evim3.models.pretrain import EViM3MAE
 from evim3.runtime.errors import CheckpointError
 from evim3.runtime.meta import ModelMeta, PreprocessSpec
 
-Kind = Literal["finetune", "pretrain"]
+Kind = Literal["finetune", "seg", "pretrain"]
 
 # The official EchoNet-Dynamic recipe (src/datasets/echo_dynamic_dataset.py): every split is normalised with
 # the TRAIN split's grey-level statistics, MEAN_GRAY / STD_GRAY (0..255 pixel units), and the EF head's output
@@ -92,6 +93,13 @@ RULES: dict[str, tuple[tuple[str, str], ...]] = {
         ("final.final_linear.mlp.0.{param}", "head.proj.0.{param}"),  # Linear + SiLU (final_activation)
         ("ef_head.net.mlp.{j}.{param}", "head.mlp.{j}.{param}"),  # Linear, SiLU, Linear, SiLU, Linear
     ),
+    # EchoDynamicVideoMamba3DSegModel: net and final (VideoMamba3DSegFinal: LayerNorm, then a Linear to the
+    # 2-class logits of every pixel of a tubelet, in (class, t, p, p) order, the order SegHead reads).
+    "seg": (
+        *_encoder("encoder"),
+        ("final.final_norm.{param}", "head.norm.{param}"),
+        ("final.patch_reconstruct.{param}", "head.proj.{param}"),
+    ),
     # PretrainVideoMamba3DEfficientModel: net, the decoder's positional embeddings, its
     # VideoMamba3DDecoderForPretraining (Mamba-3D blocks, LayerNorm, Linear to pixels in (C, t, p, p) order,
     # the order evim3.models.pretrain.patchify uses) and the decoder's RandomPatchMaskMaker token.
@@ -109,6 +117,7 @@ RULES: dict[str, tuple[tuple[str, str], ...]] = {
 # into the hidden patches and then skipped: the efficient encoder only runs the visible tokens.
 UNUSED: dict[str, tuple[str, ...]] = {
     "finetune": (),
+    "seg": (),
     "pretrain": ("encoder_random_patch_mask_maker.mask_token",),
 }
 
@@ -237,18 +246,21 @@ def read_official(path: str | os.PathLike, ema: bool = False) -> dict[str, Tenso
 
 # --- checking and converting ---------------------------------------------------------------------------
 def detect_kind(keys: Iterable[str], path: str | None = None) -> Kind:
-    """'finetune' for the EF model (EF head present), 'pretrain' for the MAE (pre-training decoder present)."""
+    """'finetune' for the EF model (EF head present), 'seg' for the segmentation model (its patch
+    reconstruction head present), 'pretrain' for the MAE (pre-training decoder present)."""
     keys = list(keys)
     has_head = any(k.startswith(("final.", "ef_head.")) for k in keys)
+    has_seg_head = any(k.startswith("final.patch_reconstruct.") for k in keys)
     has_decoder = any(k.startswith("pretrain_decoder") for k in keys)
     if has_head and not has_decoder:
-        return "finetune"
+        # A file with both heads is refused by the key check (the seg table has no ef_head.* rule).
+        return "seg" if has_seg_head else "finetune"
     if has_decoder and not has_head:
         return "pretrain"
     both, conj = ("both", "and") if has_head else ("neither", "nor")
     raise CheckpointError(
-        path, f"not an official E-ViM3 model: it has {both} an EF head (final.*, ef_head.*) {conj} "
-        "a pre-training decoder (pretrain_decoder*)")
+        path, f"not an official E-ViM3 model: it has {both} an EF or segmentation head (final.*, ef_head.*) "
+        f"{conj} a pre-training decoder (pretrain_decoder*)")
 
 
 Geometry = tuple[int, int, int, int, tuple[int, int, int]]  # dim, channels, time patch, patch, padded grid
@@ -294,9 +306,11 @@ def check_geometry(official: Mapping[str, Tensor], cfg: ModelConfig, preset: str
 
 
 def build_target(cfg: ModelConfig, kind: Kind) -> nn.Module:
-    """The evim3 model an official model of `kind` converts into: EViM3 (EF) or EViM3MAE."""
+    """The evim3 model an official model of `kind` converts into: EViM3 (EF or seg) or EViM3MAE."""
     if kind == "finetune":
         return EViM3(cfg, task="ef", ef_mean=OFFICIAL_EF_MEAN)
+    if kind == "seg":
+        return EViM3(cfg, task="seg")
     return EViM3MAE(cfg)
 
 
@@ -356,7 +370,7 @@ def convert_checkpoint(
 ) -> tuple[Kind, ModelMeta, str]:
     """Convert the official checkpoint `source` into the evim3 checkpoint `out` (".safetensors" is added when
     missing): an EF model for `evim3 eval/export/infer`, or a pre-training model (EViM3MAE, what `evim3 train
-    pretrain` writes) for `evim3 train finetune --init`. Returns (kind, metadata, path written); the written
+    pretrain` writes) for `evim3 train finetune --init`, or an LV segmentation model. Returns (kind, metadata, path written); the written
     file is read back and loaded strictly."""
     source, out = os.fspath(source), os.fspath(out)
     if not out.endswith(".safetensors"):
@@ -367,13 +381,13 @@ def convert_checkpoint(
     provenance = {"converted_from": os.path.basename(source), "weights": "ema" if ema else "model"}
     # Pre-training checkpoints carry the EF task and data['stage'] = 'pretrain', as evim3's own do.
     meta = ModelMeta(
-        preset=preset, model=cfg.to_dict(), preprocess=spec, task="ef",
+        preset=preset, model=cfg.to_dict(), preprocess=spec, task="seg" if kind == "seg" else "ef",
         ef_mean=OFFICIAL_EF_MEAN if kind == "finetune" else None,
-        data={"stage": kind, **provenance},
+        data={"stage": "pretrain" if kind == "pretrain" else "finetune", **provenance},
     )
     save_checkpoint(out, state, meta)
     try:  # read back as its users will; a file that does not load is not left behind
-        if kind == "finetune":
+        if kind != "pretrain":
             load_model(out, preset=preset)
         else:
             build_target(cfg, kind).load_state_dict(load_checkpoint(out)[0], strict=True)

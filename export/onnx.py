@@ -1,4 +1,4 @@
-"""PyTorch -> ONNX for E-ViM3: one graph from a preprocessed clip to EF (or class logits).
+"""PyTorch -> ONNX for E-ViM3: one graph from a preprocessed clip to EF (or class logits, or LV logits).
 
 How the graph is made, and why:
 
@@ -306,14 +306,23 @@ def set_metadata(proto: onnx.ModelProto, meta: ModelMeta) -> None:
         f"{META_KEY}.input": f"{INPUT_NAME} ({batch.dim_param or batch.dim_value}, 1, {spec.frames}, "
                              f"{spec.size}, {spec.size}) float32, (pixel - {spec.mean:g}) / {spec.std:g}",
         f"{META_KEY}.video": f"resampled to {spec.fps:g} fps, every {spec.period}th frame",
-        f"{META_KEY}.output": (f"{OUTPUT_NAME} (N, 1) EF in points" if meta.task == "ef"
-                               else f"{OUTPUT_NAME} (N, K) logits of {', '.join(meta.class_names)}"),
+        f"{META_KEY}.output": _output_description(meta),
         PRECISION_PROP: meta.precision,
         f"{META_KEY}.version": meta.version or __version__,
     }
     del proto.metadata_props[:]
     for key, value in flat.items():
         proto.metadata_props.add(key=key, value=value)
+
+
+def _output_description(meta: ModelMeta) -> str:
+    if meta.task == "ef":
+        return f"{OUTPUT_NAME} (N, 1) EF in points"
+    if meta.task == "seg":
+        spec = meta.preprocess
+        return (f"{OUTPUT_NAME} (N, 2, {spec.frames}, {spec.size}, {spec.size}) background/LV logits of every "
+                "pixel of every frame")
+    return f"{OUTPUT_NAME} (N, K) logits of {', '.join(meta.class_names)}"
 
 
 def read_onnx_meta(path: str | os.PathLike) -> tuple[ModelMeta, dict[str, str]]:

@@ -55,6 +55,15 @@ def clip_values(outputs: np.ndarray, meta: ModelMeta) -> np.ndarray:
 SEG_CLASSES = 2  # task "seg": background and left ventricle, as the paper's segmentation head
 
 
+def clip_output_shape(meta: ModelMeta) -> tuple[int, ...]:
+    """The shape of one clip's output, without the batch: (width,) for EF and classification
+    (``meta_output_width``), (SEG_CLASSES, frames, size, size) for seg."""
+    if meta.task == "seg":
+        spec = meta.preprocess
+        return (SEG_CLASSES, spec.frames, spec.size, spec.size)
+    return (meta_output_width(meta),)
+
+
 def lv_masks(outputs: np.ndarray) -> np.ndarray:
     """Backend outputs (N, 2, T, H, W) of a seg model -> LV masks (N, T, H, W) bool: where the LV logit wins."""
     if outputs.ndim != 5 or outputs.shape[1] != SEG_CLASSES:

@@ -137,6 +137,24 @@ def _source_index(output: np.ndarray | int, fps: float, target_fps: float) -> np
     return np.floor((2 * np.asarray(output) + 1) * fps / (2 * target_fps)).astype(np.int64)
 
 
+def square_resize_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """Where ``square_resize`` puts a (height, width) picture in its size x size output: (new height,
+    new width, top, left)."""
+    longer = max(height, width)
+    new_height, new_width = max(1, round(height * size / longer)), max(1, round(width * size / longer))
+    return new_height, new_width, (size - new_height) // 2, (size - new_width) // 2
+
+
+def preprocessed_points(points: np.ndarray, region: Region, size: int) -> np.ndarray:
+    """(P, 2) x, y pixel coordinates of a source frame (pixel centres at integers, as EchoNet's tracings)
+    -> the same points in the preprocessed size x size frame: crop to `region`, then ``square_resize``."""
+    y0, y1, x0, x1 = region
+    new_height, new_width, top, left = square_resize_geometry(y1 - y0, x1 - x0, size)
+    scale = np.array([new_width / (x1 - x0), new_height / (y1 - y0)])
+    # Resizing maps pixel edges onto pixel edges, so a centre at c maps to (c + 0.5) * scale - 0.5.
+    return (np.asarray(points, np.float64) - [x0, y0] + 0.5) * scale - 0.5 + [left, top]
+
+
 def square_resize(frames: np.ndarray, size: int) -> np.ndarray:
     """(T, H, W) uint8 -> (T, size, size) uint8: scale the longer side to `size`, centre, pad with black.
 
@@ -144,8 +162,8 @@ def square_resize(frames: np.ndarray, size: int) -> np.ndarray:
     surrounds an ultrasound sector anyway. Area averaging (Pillow BOX) when shrinking, bicubic when enlarging.
     """
     num_frames, height, width = frames.shape
+    new_height, new_width, top, left = square_resize_geometry(height, width, size)
     longer = max(height, width)
-    new_height, new_width = max(1, round(height * size / longer)), max(1, round(width * size / longer))
     if (new_height, new_width) != (height, width):
         method = Image.Resampling.BOX if longer > size else Image.Resampling.BICUBIC
         frames = np.stack([np.asarray(Image.fromarray(frame).resize((new_width, new_height), method))
@@ -153,7 +171,6 @@ def square_resize(frames: np.ndarray, size: int) -> np.ndarray:
     if new_height == new_width == size:
         return frames
     squared = np.zeros((num_frames, size, size), np.uint8)
-    top, left = (size - new_height) // 2, (size - new_width) // 2
     squared[:, top:top + new_height, left:left + new_width] = frames
     return squared
 

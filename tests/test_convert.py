@@ -63,8 +63,9 @@ def _mamba3d_shapes(prefix: str, cfg: ModelConfig) -> dict[str, tuple[int, ...]]
 
 
 def official_shapes(cfg: ModelConfig, kind: str) -> dict[str, tuple[int, ...]]:
-    """Every parameter of the official EchoDynamicVideoMamba3DModel ('finetune') or
-    PretrainVideoMamba3DEfficientModel ('pretrain') with config `cfg`, by name."""
+    """Every parameter of the official EchoDynamicVideoMamba3DModel ('finetune'),
+    EchoDynamicVideoMamba3DSegModel ('seg') or PretrainVideoMamba3DEfficientModel ('pretrain') with config
+    `cfg`, by name."""
     D = cfg.dim
     L, H, W = cfg.grid
     r = cfg.reg
@@ -91,6 +92,10 @@ def official_shapes(cfg: ModelConfig, kind: str) -> dict[str, tuple[int, ...]]:
             "pretrain_decoder.patch_reconstruct.weight": (pixels, D), "pretrain_decoder.patch_reconstruct.bias": (pixels,),
             "encoder_random_patch_mask_maker.mask_token": (1, D), "decoder_random_patch_mask_maker.mask_token": (1, D),
         }
+    if kind == "seg":  # VideoMamba3DSegFinal(out_channels=2)
+        logits = 2 * cfg.time_patch * cfg.patch**2
+        return shapes | {"final.final_norm.weight": (D,), "final.final_norm.bias": (D,),
+                         "final.patch_reconstruct.weight": (logits, D), "final.patch_reconstruct.bias": (logits,)}
     F_ = cfg.final_dim
     shapes |= {"final.final_norm.weight": (D,), "final.final_norm.bias": (D,),
                "final.final_linear.mlp.0.weight": (F_, (2 + r) ** 3 * D), "final.final_linear.mlp.0.bias": (F_,)}
@@ -203,6 +208,18 @@ def official_head(sd: dict[str, torch.Tensor], cfg: ModelConfig, volume: torch.T
     return x
 
 
+def official_seg_head(sd: dict[str, torch.Tensor], cfg: ModelConfig, volume: torch.Tensor) -> torch.Tensor:
+    """VideoMamba3DSegFinal: LayerNorm over the whole volume, the real tokens by the boolean mask, the Linear,
+    then _restore_3d_structure's reshape and permute: (N, Lp, Hp, Wp, D) -> (N, 2, T, H, W)."""
+    N, D = volume.shape[0], cfg.dim
+    x = F.layer_norm(volume, (D,), sd["final.final_norm.weight"], sd["final.final_norm.bias"])
+    x = x[_real_mask(cfg).expand(N, -1, -1, -1)].reshape(N, *cfg.grid, D)
+    x = F.linear(x, sd["final.patch_reconstruct.weight"], sd["final.patch_reconstruct.bias"])
+    L, H, W = cfg.grid
+    x = x.reshape(N, L, H, W, 2, cfg.time_patch, cfg.patch, cfg.patch).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return x.reshape(N, 2, cfg.frames, cfg.img_size, cfg.img_size)
+
+
 # --- helpers ----------------------------------------------------------------------------------------------
 def _trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Perturb every parameter: zero-initialised tokens and biases would hide a swapped mapping, and keeping
@@ -241,6 +258,12 @@ def small_mae() -> EViM3MAE:
     return _trained_like(EViM3MAE(SMALL))
 
 
+@pytest.fixture(scope="module")
+def small_seg() -> EViM3:
+    torch.manual_seed(0)
+    return _trained_like(EViM3(SMALL, task="seg"))
+
+
 def _official_pretrain(mae: EViM3MAE) -> dict[str, torch.Tensor]:
     """The official pre-training state dict of `mae`, with the encoder mask token it also saves."""
     return to_official(mae.state_dict(), "pretrain") | {
@@ -252,17 +275,22 @@ def _run_cli(*args: str):
 
 
 # --- the name table -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["finetune", "pretrain"])
-def test_table_produces_exactly_the_official_names_and_shapes(kind, small_model, small_mae):
-    official = _official_pretrain(small_mae) if kind == "pretrain" else to_official(small_model.state_dict(), kind)
+def _small(kind: str, small_model, small_mae, small_seg) -> torch.nn.Module:
+    return {"finetune": small_model, "seg": small_seg, "pretrain": small_mae}[kind]
+
+
+@pytest.mark.parametrize("kind", ["finetune", "seg", "pretrain"])
+def test_table_produces_exactly_the_official_names_and_shapes(kind, small_model, small_mae, small_seg):
+    model = _small(kind, small_model, small_mae, small_seg)
+    official = _official_pretrain(small_mae) if kind == "pretrain" else to_official(model.state_dict(), kind)
     expected = official_shapes(SMALL, kind)
     assert sorted(official) == sorted(expected)
     assert {k: tuple(v.shape) for k, v in official.items()} == expected
 
 
-@pytest.mark.parametrize("kind", ["finetune", "pretrain"])
-def test_every_key_is_claimed_by_exactly_one_rule(kind, small_model, small_mae):
-    ours = (small_mae if kind == "pretrain" else small_model).state_dict()
+@pytest.mark.parametrize("kind", ["finetune", "seg", "pretrain"])
+def test_every_key_is_claimed_by_exactly_one_rule(kind, small_model, small_mae, small_seg):
+    ours = _small(kind, small_model, small_mae, small_seg).state_dict()
     for keys, side in ((to_official(ours, kind), 0), (ours, 1)):
         for key in keys:
             claims = [rule for rule in RULES[kind] if _template_regex(rule[side]).fullmatch(key)]
@@ -321,6 +349,33 @@ def test_converted_model_matches_the_official_forward(small_model):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=EF_TOLERANCE)
 
 
+# The seg head's logits against the official forward: absolute, in logits (measured ~1e-6 as for EF).
+SEG_TOLERANCE = 1e-4
+
+
+def test_seg_round_trip_and_official_forward(small_seg):
+    """An official seg state dict converts to the evim3 seg model bit for bit, and the converted model's
+    logits are the official forward's (encoder and VideoMamba3DSegFinal written from the source)."""
+    official = to_official(small_seg.state_dict(), "seg")
+    converted = _convert_back(official, small_seg, "seg")
+    clip = torch.randn(2, 1, SMALL.frames, SMALL.img_size, SMALL.img_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = converted(clip)
+        theirs = official_seg_head(official, SMALL, official_encode(official, SMALL, clip))
+        assert torch.equal(ours, small_seg(clip))
+    assert ours.shape == theirs.shape == (2, 2, SMALL.frames, SMALL.img_size, SMALL.img_size)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=SEG_TOLERANCE)
+    # A converter that read the Linear's outputs in another order (rows and columns of a patch exchanged)
+    # would be caught: the same weights with the patch transposed move the logits far past the tolerance.
+    p = SMALL.patch
+    rows = torch.arange(2 * SMALL.time_patch * p * p).reshape(2, SMALL.time_patch, p, p).transpose(2, 3).flatten()
+    transposed = dict(official, **{k: official[k][rows] for k in ("final.patch_reconstruct.weight",
+                                                                   "final.patch_reconstruct.bias")})
+    with torch.no_grad():
+        moved = official_seg_head(transposed, SMALL, official_encode(official, SMALL, clip)) - ours
+    assert moved.abs().max() > 100 * SEG_TOLERANCE
+
+
 # Mistakes a converter could make: two units of a block, or two tokens of a kind, exchanged.
 SWAPS = [*((f"net.encoder.{i}.{d}_mamba", f"net.encoder.{i}.r_{d}_mamba") for i in range(SMALL.depth) for d in DIRECTIONS),
          *((f"net.encoder.{i}.hwl_mamba", f"net.encoder.{i}.lwh_mamba") for i in range(SMALL.depth)),
@@ -349,7 +404,7 @@ def test_a_swap_is_caught(small_model, first, second):
     assert moved.max() > 100 * EF_TOLERANCE
 
 
-@pytest.mark.parametrize("kind", ["finetune", "pretrain"])
+@pytest.mark.parametrize("kind", ["finetune", "seg", "pretrain"])
 @pytest.mark.parametrize("preset", ["evim3", "evim3-p4"])
 def test_full_size_presets_are_complete(preset, kind):
     """The paper's two geometries: every official parameter maps onto the evim3 model with the same shape
@@ -424,7 +479,7 @@ def test_wrong_shape_or_type_is_listed(small_model):
 def test_neither_head_nor_decoder_is_refused(small_model):
     encoder_only = {k: v for k, v in to_official(small_model.state_dict(), "finetune").items()
                     if k.startswith("net.")}
-    with pytest.raises(CheckpointError, match="neither an EF head .* nor a pre-training decoder"):
+    with pytest.raises(CheckpointError, match="neither an EF or segmentation head .* nor a pre-training decoder"):
         convert_state_dict(encoder_only, SMALL)
 
 
@@ -525,6 +580,23 @@ def test_cli_converts_the_ema_weights(tmp_path):
     # Bitwise-equal weights in the same architecture: the same outputs (test_round_trip runs them).
     expected = ema_model.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+
+
+def test_cli_converts_a_seg_model_and_back(tmp_path):
+    """An official seg checkpoint becomes an evim3 checkpoint of task 'seg' with the same weights, and its
+    state dict under the official names is the file's again (both ways, one to one)."""
+    cfg = get_preset("evim3-tiny")
+    model = _trained_like(EViM3(cfg, task="seg"), seed=3)
+    official = to_official(model.state_dict(), "seg")
+    path = tmp_path / "seg.pth"
+    torch.save({"model": official, "ema_container": None, "epoch": 49}, path)
+    result = _run_cli(str(path), "--preset", "evim3-tiny", "--out", str(tmp_path / "seg"))
+    assert result.exit_code == 0, result.output
+    assert "official LV segmentation model, raw weights" in result.output
+    loaded, meta = load_model(tmp_path / "seg.safetensors", preset="evim3-tiny")
+    assert meta.task == "seg" and meta.ef_mean is None and meta.data["stage"] == "finetune"
+    back = to_official(loaded.state_dict(), "seg")
+    assert back.keys() == official.keys() and all(torch.equal(back[k], official[k]) for k in official)
 
 
 def test_cli_converted_pretraining_initialises_finetuning(tmp_path):

@@ -63,8 +63,10 @@ def test_all_four_packages_import(where: str, tmp_path: Path) -> None:
         ["evim3.runtime", "evim3.runtime.meta", "evim3.runtime.errors", "evim3.runtime.atomic"],
         # What the CLI reads at start-up (`evim3 train`'s flags) or runs without torch (`evim3 data check`).
         ["evim3.train.recipe", "evim3.data.check"],
+        # `evim3 data synth` (its per-frame LV truth included) and the tracing masks.
+        ["evim3.data.synth", "evim3.data.tracings"],
     ],
-    ids=["evim3", "runtime-core", "cli-startup"],
+    ids=["evim3", "runtime-core", "cli-startup", "synth-and-tracings"],
 )
 def test_import_without_torch(modules: list[str], tmp_path: Path) -> None:
     imports = "".join(f"import {m}\n" for m in modules)

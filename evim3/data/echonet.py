@@ -143,13 +143,17 @@ class ClipDataset(Dataset):
         if index in self.unreadable:
             raise self.unreadable[index]
         try:
-            frames = video_to_uint8(read_video(self.paths[index]), self.spec)
+            frames = self.decode(index)
         except EchoInputError as e:
             self.unreadable[index] = e
             raise
         if self.cache is not None:
             self.cache[index] = frames
         return frames
+
+    def decode(self, index: int) -> np.ndarray:
+        """Read and preprocess the item's video (no cache): uint8 (T', size, size)."""
+        return video_to_uint8(read_video(self.paths[index]), self.spec)
 
     def preload(self) -> int:
         """Decode every video into the cache (which must be on) now; returns the cache's size in bytes.
@@ -172,14 +176,15 @@ class ClipDataset(Dataset):
                           self.spec)
         x = torch.from_numpy(clips).unsqueeze(1)  # (clips, 1, frames, size, size)
         if self.pad:
-            x = self._pad_and_crop(x)
+            (x,) = self._pad_and_crop(x)
         return (x[0] if self.clips in ("random", "first") else x), torch.tensor(starts)
 
-    def _pad_and_crop(self, x: torch.Tensor) -> torch.Tensor:
+    def _pad_and_crop(self, *images: torch.Tensor) -> list[torch.Tensor]:
+        """Each of `images` (..., size, size) zero-padded by `pad` and cropped back at one random offset."""
         size = self.spec.size
-        padded = F.pad(x, (self.pad,) * 4)
         top, left = torch.randint(2 * self.pad + 1, (2,)).tolist()
-        return padded[..., top : top + size, left : left + size].contiguous()
+        return [F.pad(image, (self.pad,) * 4)[..., top : top + size, left : left + size].contiguous()
+                for image in images]
 
 
 class EchoNetDataset(ClipDataset):

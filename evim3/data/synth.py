@@ -6,6 +6,8 @@ sampled per video. The right ventricle and both atria beat with it. The picture 
 speckle, gain and depth attenuation. Labels are measured on what was drawn: the LV area in pixels and the
 apex-to-base length at the traced end-diastolic (ED) and end-systolic (ES) frames give the volumes by the
 area-length method V = 8 A^2 / (3 pi L). So EF, ESV, EDV and the traced chords agree with the pixels.
+Beside EchoNet's files, ``Masks/<name>.npz`` holds the LV cavity as drawn in every frame (``read_truth_masks``),
+so segmentation can be judged on every frame, not only on the two traced ones.
 
 Brightness (gain, wall and blood levels, attenuation) and heart size are drawn independently of EF, so EF
 can only be learned from motion. Everything comes from numpy random generators seeded by (seed, video
@@ -28,13 +30,15 @@ from typing import NamedTuple
 import av
 import numpy as np
 
-from evim3.runtime.atomic import write_atomic
+from evim3.runtime.atomic import atomic_path, write_atomic
 from evim3.runtime.errors import DatasetError
 
 # The EchoNet-Dynamic layout, which the loaders in evim3.data also read.
 FILELIST_NAME = "FileList.csv"
 TRACINGS_NAME = "VolumeTracings.csv"
 VIDEOS_DIR = "Videos"
+# Not part of EchoNet's layout: the generator's per-frame LV truth, (T, H, W) bool at the video's own geometry.
+MASKS_DIR = "Masks"
 FILELIST_COLUMNS = ("FileName", "EF", "ESV", "EDV", "FrameHeight", "FrameWidth", "FPS", "NumberOfFrames", "Split")
 TRACING_COLUMNS = ("FileName", "X1", "Y1", "X2", "Y2", "Frame")
 SPLITS = ("TRAIN", "VAL", "TEST")
@@ -365,8 +369,9 @@ def _correlated_noise(rng: np.random.Generator, shape: tuple[int, ...], response
     return blurred / np.sqrt(np.mean(response**2) * 2)
 
 
-def _render(heart: _Heart, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The video as uint8 (T, H, W), and the LV cavity area (px^2) drawn in each frame."""
+def _render(heart: _Heart, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The video as uint8 (T, H, W), the LV cavity area (px^2) drawn in each frame, and the LV truth mask
+    (T, H, W) bool: pixels at least half covered by the cavity (the LV is carved first, so it is all blood)."""
     h, w = heart.height, heart.width
     ys, xs = (grid[None].astype(np.float32) for grid in np.mgrid[0:h, 0:w])
     dx, dy = xs - heart.origin[0], ys - heart.origin[1]
@@ -384,6 +389,7 @@ def _render(heart: _Heart, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
 
     video = np.empty((heart.num_frames, h, w), np.uint8)
     lv_area = np.empty(heart.num_frames)
+    lv_mask = np.empty((heart.num_frames, h, w), bool)
     for start in range(0, heart.num_frames, RENDER_CHUNK):
         frames = slice(start, min(start + RENDER_CHUNK, heart.num_frames))
         count = frames.stop - frames.start
@@ -401,6 +407,7 @@ def _render(heart: _Heart, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
             if chamber_masks.valve is not None:
                 np.maximum(reflectivity, heart.valve_level * chamber_masks.valve, out=reflectivity)
         lv_area[frames] = masks[0].cavity.sum(axis=(1, 2), dtype=np.float64)
+        lv_mask[frames] = masks[0].cavity >= 0.5
 
         fresh = _correlated_noise(rng, (count, h, w), speckle_response)
         persistence = heart.speckle_persistence
@@ -408,7 +415,7 @@ def _render(heart: _Heart, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
         echo = (amplification * reflectivity + near_field) * speckle
         # Compress the echo amplitude into 0..255 the way a scanner's display map does: bright walls saturate.
         video[frames] = np.rint(255 * (1 - np.exp(-1.8 * echo)) * sector).astype(np.uint8)
-    return video, lv_area
+    return video, lv_area, lv_mask
 
 
 def _write_avi(path: str, video: np.ndarray, fps: int) -> None:
@@ -423,6 +430,27 @@ def _write_avi(path: str, video: np.ndarray, fps: int) -> None:
         container.mux(stream.encode())
 
 
+def mask_path(root: str | os.PathLike, file_name: str) -> str:
+    """Where the per-frame LV truth of video `file_name` (with or without .avi) lives in dataset `root`."""
+    return os.path.join(os.fspath(root), MASKS_DIR, os.path.splitext(os.path.basename(file_name))[0] + ".npz")
+
+
+def _write_masks(path: str, masks: np.ndarray) -> None:
+    """(T, H, W) bool as packed bits (1/8 of a byte per pixel) plus the shape to unpack them."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, bits=np.packbits(masks, axis=None), shape=np.array(masks.shape))
+
+
+def read_truth_masks(root: str | os.PathLike, file_name: str) -> np.ndarray:
+    """The generator's LV truth of one synthetic video: (T, H, W) bool, at the video's own size and rate."""
+    path = mask_path(root, file_name)
+    if not os.path.isfile(path):
+        raise DatasetError(path, "no LV truth masks (only `evim3 data synth` datasets have them)")
+    with np.load(path, allow_pickle=False) as data:
+        shape = tuple(int(n) for n in data["shape"])
+        return np.unpackbits(data["bits"], count=int(np.prod(shape))).astype(bool).reshape(shape)
+
+
 def _area_length_volume(area_px: float, length_px: float, cm_per_px: float) -> float:
     """Area-length LV volume in mL (cm^3): V = 8 A^2 / (3 pi L)."""
     return float(8 * area_px**2 / (3 * math.pi * length_px) * cm_per_px**3)
@@ -432,6 +460,7 @@ class _VideoJob(NamedTuple):
     seed: int
     index: int
     videos_dir: str
+    root: str  # the dataset folder (masks: mask_path)
     height: int
     width: int
     fps: int
@@ -444,8 +473,9 @@ def _make_video(job: _VideoJob) -> tuple[SynthVideo, list[list[str]]]:
     rng = np.random.default_rng(np.random.SeedSequence(job.seed, spawn_key=(job.index,)))
     num_frames = int(rng.integers(job.frame_range[0], job.frame_range[1] + 1))
     heart = _sample_heart(rng, job.height, job.width, job.fps, num_frames)
-    video, lv_area = _render(heart, rng)
+    video, lv_area, lv_mask = _render(heart, rng)
     _write_avi(os.path.join(job.videos_dir, heart.name + ".avi"), video, job.fps)
+    _write_masks(mask_path(job.root, heart.name), lv_mask)
 
     lv = heart.chambers[0]
     volumes, tracings = {}, []
@@ -528,9 +558,10 @@ def generate_dataset(
         raise DatasetError(out_dir, "exists and is not empty; choose a new folder")
     videos_dir = os.path.join(out_dir, VIDEOS_DIR)
     os.makedirs(videos_dir, exist_ok=True)
+    os.makedirs(os.path.join(out_dir, MASKS_DIR), exist_ok=True)
 
     jobs = [
-        _VideoJob(seed, index, videos_dir, *size, fps, frame_range, split)
+        _VideoJob(seed, index, videos_dir, out_dir, *size, fps, frame_range, split)
         for index, (split, size, fps) in enumerate(_plan(num_videos, seed, other_format_share))
     ]
     results = []

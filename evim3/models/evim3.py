@@ -10,6 +10,7 @@ Read top to bottom:
          HWL, reversed HWL, LWH, reversed LWH, LHW, reversed LHW (each direction one static Gather)
       -> the 27 tokens where the global planes cross -> LayerNorm -> concat -> Linear + SiLU
       -> MLP -> EF (bias initialised to the training EF mean) or class logits
+      (task "seg" instead: every real token -> LayerNorm -> Linear -> its patch's background/LV logits)
 
 Module structure and parameter shapes follow the paper's code (github.com/HenryZhou19/E-ViM3); the
 parameter names are evim3's own (``evim3 convert`` maps the official names onto them).
@@ -32,10 +33,12 @@ from evim3.models.layout import (
     global_positions,
     intersection_positions,
     permute_tokens,
+    real_positions,
     scan_orders,
 )
 from evim3.modules.mamba import ResidualMamba, init_residual_stack
-from evim3.runtime.outputs import output_width
+from evim3.runtime.meta import TASKS
+from evim3.runtime.outputs import SEG_CLASSES, output_width
 
 
 class PatchEmbed3D(nn.Module):
@@ -174,25 +177,54 @@ class GlobalTokenHead(nn.Module):
         return out if self.output_scale == 1.0 else out * self.output_scale
 
 
+class SegHead(nn.Module):
+    """The paper's segmentation head (VideoMamba3DSegFinal): LayerNorm, then one Linear that turns each real
+    token into its tubelet's logits, SEG_CLASSES per pixel of each of its frames; the patches are put back
+    in place: (N, SEG_CLASSES, frames, size, size). The global tokens are not read.
+
+    The Linear's outputs are ordered (class, frame in tubelet, row, column), as the official reshape
+    reads them, so its weight maps one to one (``evim3 convert``).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.patch = (cfg.time_patch, cfg.patch, cfg.patch)
+        self.grid = cfg.grid
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.proj = nn.Linear(cfg.dim, SEG_CLASSES * cfg.time_patch * cfg.patch**2)
+        self.register_buffer("positions", torch.as_tensor(real_positions(cfg)), persistent=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """(N, S, D) encoded volume -> (N, SEG_CLASSES, frames, size, size) logits."""
+        # LayerNorm is per token, so normalising only the real tokens equals the official norm-then-select.
+        x = self.proj(self.norm(tokens.index_select(1, self.positions).float()))
+        N, (L, H, W), (t, p, q) = x.shape[0], self.grid, self.patch
+        x = x.reshape(N, L, H, W, SEG_CLASSES, t, p, q).permute(0, 4, 1, 5, 2, 6, 3, 7)
+        return x.reshape(N, SEG_CLASSES, L * t, H * p, W * q)
+
+
 class EViM3(nn.Module):
-    """The fine-tuned model: clip -> EF (task 'ef') or class logits (task 'classification')."""
+    """The fine-tuned model: clip -> EF (task 'ef'), class logits ('classification') or per-pixel
+    background/LV logits of every frame ('seg')."""
 
     def __init__(
         self, cfg: ModelConfig, task: str = "ef", num_classes: int = 0, ef_mean: float = 55.0, ef_std: float = 1.0
     ):
         """ef_mean starts the EF output there; EF = ef_std * network output (see ModelMeta.ef_std)."""
         super().__init__()
-        if task not in ("ef", "classification"):
-            raise ValueError(f"unknown task {task!r}: expected 'ef' or 'classification'")
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
         self.cfg = cfg
         self.task = task
         self.encoder = EViM3Encoder(cfg)
-        # Binary classification uses one logit (BCE), as the paper's classification head.
-        num_outputs = output_width(task, num_classes)
-        if task == "ef":
-            self.head = GlobalTokenHead(cfg, num_outputs, output_bias=ef_mean, output_scale=ef_std)
+        self.head: nn.Module
+        if task == "seg":
+            self.head = SegHead(cfg)
+        elif task == "ef":
+            self.head = GlobalTokenHead(cfg, output_width(task), output_bias=ef_mean, output_scale=ef_std)
         else:
-            self.head = GlobalTokenHead(cfg, num_outputs)
+            # Binary classification uses one logit (BCE), as the paper's classification head.
+            self.head = GlobalTokenHead(cfg, output_width(task, num_classes))
 
     def forward(self, clip: Tensor) -> Tensor:
         return self.head(self.encoder(clip))

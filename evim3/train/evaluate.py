@@ -4,6 +4,9 @@
 EF: one clip per video ("first") or several averaged (k evenly spaced, or "all" = the sliding clips
 `evim3 infer` runs); MAE, RMSE, R^2; predicted-vs-true scatter and Bland-Altman plots.
 Classification: logits averaged over the clips; AUC and accuracy.
+LV segmentation: the traced clip of each video (evim3.data.segmentation); ED, ES and overall Dice with
+bootstrap intervals over videos, and overlay PNGs (the traced frames with the true and predicted LV
+outlines) of the worst and best videos.
 """
 
 from __future__ import annotations
@@ -21,15 +24,25 @@ from torch.utils.data import DataLoader
 from evim3.checkpoint import checkpoint_file, load_model
 from evim3.runtime.atomic import atomic_path, write_atomic
 from evim3.runtime.errors import CheckpointError, DatasetError
-from evim3.runtime.outputs import class_probabilities
+from evim3.runtime.meta import PreprocessSpec
+from evim3.runtime.outputs import class_probabilities, lv_masks
 from evim3.train.distributed import resolve_device
-from evim3.train.metrics import classification_report, regression_report
-from evim3.train.tasks import model_outputs
+from evim3.train.metrics import (
+    SEG_FRAMES,
+    classification_report,
+    overlap_counts,
+    pooled_dice,
+    regression_report,
+    segmentation_report,
+)
+from evim3.train.tasks import model_outputs, traced_frame_logits
 
 PREDICTIONS_CSV = "predictions.csv"
 METRICS_JSON = "metrics.json"
 SCATTER_PNG = "scatter.png"
 BLAND_ALTMAN_PNG = "bland_altman.png"
+OVERLAYS = 3  # worst and best videos drawn by a seg evaluation, each
+SEG_CLIPS = "traced"  # what a seg evaluation reports as its clips: one clip holding ED and ES per video
 
 
 def parse_clips(text: str) -> str | int:
@@ -76,14 +89,24 @@ def evaluate_checkpoint(
     path = checkpoint_file(checkpoint)
     torch_device = resolve_device(device)
     model, meta = load_model_for_eval(path, torch_device)
+    clips = SEG_CLIPS if meta.task == "seg" else clips
     out = out or os.path.join(os.path.dirname(os.path.abspath(path)), f"eval_{split.lower()}_{clips}")
+    if meta.task == "seg":
+        from evim3.data.segmentation import EchoNetSegDataset
+
+        _check_data_folder(data, "a seg")
+        dataset = EchoNetSegDataset(data, split, meta.preprocess, clips="first", max_videos=max_videos)
+        os.makedirs(out, exist_ok=True)
+        report = _seg_outputs(model, dataset, DataLoader(dataset, batch_size=batch, num_workers=workers),
+                              torch_device, meta.preprocess, out, resamples)
+        report.update({"checkpoint": os.path.abspath(path), "split": split.upper(), "clips": clips,
+                       "out": os.path.abspath(out)})
+        write_atomic(os.path.join(out, METRICS_JSON), json.dumps(report, indent=2) + "\n")
+        return report
     if meta.task == "ef":
         from evim3.data.echonet import EchoNetDataset
 
-        if not data:
-            raise DatasetError(None, "an EF checkpoint is evaluated on an EchoNet-layout folder: give --data")
-        if not os.path.isdir(data):
-            raise DatasetError(data, "not a folder (expected an EchoNet-Dynamic-layout dataset)")
+        _check_data_folder(data, "an EF")
         dataset = EchoNetDataset(data, split, meta.preprocess, clips=clips, max_videos=max_videos)
     else:
         from evim3.data.classification import VideoClassificationDataset
@@ -106,6 +129,13 @@ def evaluate_checkpoint(
                    "out": os.path.abspath(out)})
     write_atomic(os.path.join(out, METRICS_JSON), json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _check_data_folder(data: str | None, what: str) -> None:
+    if not data:
+        raise DatasetError(None, f"{what} checkpoint is evaluated on an EchoNet-layout folder: give --data")
+    if not os.path.isdir(data):
+        raise DatasetError(data, "not a folder (expected an EchoNet-Dynamic-layout dataset)")
 
 
 def load_model_for_eval(path: str, device: torch.device):
@@ -156,6 +186,81 @@ def _classification_outputs(rows: list[dict[str, Any]], class_names: list[str], 
                            table))
     report["files"] = [PREDICTIONS_CSV, METRICS_JSON]
     return report
+
+
+@torch.no_grad()
+def _seg_masks(model: torch.nn.Module, batch: dict, device: torch.device) -> tuple[np.ndarray, ...]:
+    """(predicted (M, H, W) bool, true (M, H, W) bool, row (M,), which (M,)) for the traced frames of a batch;
+    the prediction by the edge's rule (evim3.runtime.outputs.lv_masks)."""
+    logits = model_outputs(model, batch["x"], device).cpu()
+    frame_logits, targets, row, which = traced_frame_logits(logits, batch["positions"], batch["masks"])
+    return (lv_masks(frame_logits[:, :, None].numpy())[:, 0], targets.numpy().astype(bool), row.numpy(),
+            which.numpy())
+
+
+def _seg_outputs(model: torch.nn.Module, dataset, loader: DataLoader, device: torch.device, spec: PreprocessSpec,
+                 out: str, resamples: int) -> dict[str, Any]:
+    """Per-video overlap counts of the traced frames -> Dice report, predictions.csv, overlay PNGs."""
+    counts = np.zeros((len(dataset), 2, 3), np.int64)  # videos x (ED, ES) x (TP, FP, FN)
+    judged = np.zeros((len(dataset), 2), bool)
+    files: list[str] = []
+    for batch in loader:
+        predicted, true, row, which = _seg_masks(model, batch, device)
+        first = len(files)
+        counts[first + row, which] = overlap_counts(predicted, true)
+        judged[first + row, which] = True
+        files += batch["file"]
+    video_dice = np.array([pooled_dice(c) for c in counts])
+    table = [[name, *(f"{pooled_dice(c[k]):.4f}" if judged[i, k] else "" for k in SEG_FRAMES.values()),
+              f"{video_dice[i]:.4f}", *(int(c[k, 0] + c[k, 2]) for k in SEG_FRAMES.values()),
+              *(int(c[k, 0] + c[k, 1]) for k in SEG_FRAMES.values())]
+             for i, (name, c) in enumerate(zip(files, counts))]
+    write_atomic(os.path.join(out, PREDICTIONS_CSV), _csv_text(
+        ["file", "dice_ed", "dice_es", "dice", "lv_px_true_ed", "lv_px_true_es", "lv_px_pred_ed", "lv_px_pred_es"],
+        table))
+    report: dict[str, Any] = segmentation_report(counts, resamples=resamples)
+    report["frames_judged"] = int(judged.sum())
+    overlays = []
+    ranked = [int(i) for i in np.argsort(video_dice, kind="stable") if np.isfinite(video_dice[i])]
+    shown = max(1, min(OVERLAYS, len(ranked) // 2)) if ranked else 0
+    for label, picks in (("worst", ranked[:shown]), ("best", ranked[::-1][:shown])):
+        for rank, index in enumerate(picks, start=1):
+            name = f"overlay_{label}_{rank}.png"
+            plot_overlay(model, dataset, index, device, spec, os.path.join(out, name),
+                         f"{label} {rank}: {files[index]}  Dice {video_dice[index]:.3f}")
+            overlays.append(name)
+    report["overlays"] = overlays
+    report["files"] = [PREDICTIONS_CSV, METRICS_JSON, *overlays]
+    return report
+
+
+def plot_overlay(model: torch.nn.Module, dataset, index: int, device: torch.device, spec: PreprocessSpec,
+                 path: str, title: str) -> None:
+    """The traced frames of video `index`, as the model saw them, with the true LV outline (green) and the
+    predicted one (red)."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    from evim3.data.segmentation import TRACED
+
+    item = dataset[index]
+    batch = {"x": item["x"][None], "positions": item["positions"][None], "masks": item["masks"][None]}
+    predicted, true, _, which = _seg_masks(model, batch, device)
+    pixels = (item["x"][0].numpy() * spec.std + spec.mean).clip(0, 255)
+    figure = Figure(figsize=(3.2 * len(which), 3.6))
+    axes = np.atleast_1d(figure.subplots(1, len(which)))
+    for ax, k, p, t in zip(axes, which, predicted, true):
+        frame = int(item["positions"][k])
+        ax.imshow(pixels[frame], cmap="gray", vmin=0, vmax=255)
+        for mask, colour in ((t, "lime"), (p, "red")):
+            if mask.any():
+                ax.contour(mask.astype(float), levels=[0.5], colors=colour, linewidths=1.2)
+        ax.set_title(f"{TRACED[k]} (clip frame {frame})  Dice {pooled_dice(overlap_counts(p, t)):.3f}", fontsize=8)
+        ax.set_axis_off()
+    figure.legend([Line2D([], [], color="lime"), Line2D([], [], color="red")], ["true LV", "predicted LV"],
+                  loc="lower center", ncol=2, fontsize=8)
+    figure.suptitle(title, fontsize=9)
+    _save_figure(figure, path)
 
 
 def _save_figure(figure, path: str) -> None:

@@ -1,5 +1,5 @@
-"""Evaluation metrics on numpy arrays: EF regression (MAE, RMSE, R^2 with bootstrap 95 % intervals) and
-classification (ROC AUC, accuracy)."""
+"""Evaluation metrics on numpy arrays: EF regression (MAE, RMSE, R^2 with bootstrap 95 % intervals),
+classification (ROC AUC, accuracy) and LV segmentation (ED, ES and overall Dice with bootstrap intervals)."""
 
 from __future__ import annotations
 
@@ -107,3 +107,39 @@ def classification_report(labels: np.ndarray, logits: np.ndarray) -> dict[str, f
         per_class = [binary_auc(labels == k, probabilities[:, k]) for k in range(probabilities.shape[1])]
         auc = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
     return {"accuracy": float(np.mean(predicted == labels)), "auc": auc, "n": len(labels)}
+
+
+def overlap_counts(predicted: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """(true positives, false positives, false negatives) of the LV pixels of masks (..., H, W) bool:
+    (..., 3) int64."""
+    predicted, true = np.asarray(predicted, bool), np.asarray(true, bool)
+    return np.stack([(predicted & true).sum((-2, -1)), (predicted & ~true).sum((-2, -1)),
+                     (~predicted & true).sum((-2, -1))], axis=-1).astype(np.int64)
+
+
+def pooled_dice(counts: np.ndarray) -> float:
+    """Foreground Dice 2 TP / (2 TP + FP + FN) of the pixels of every frame in `counts` (..., 3) together:
+    the paper's "global" Dice (its criterion sums TP, FP, FN over the epoch); nan without any LV pixel."""
+    tp, fp, fn = np.asarray(counts, np.float64).reshape(-1, 3).sum(0)
+    return float(2 * tp / (2 * tp + fp + fn)) if 2 * tp + fp + fn > 0 else float("nan")
+
+
+SEG_FRAMES = {"dice_ed": 0, "dice_es": 1}  # column of a video's (ED, ES) counts
+
+
+def segmentation_report(counts: np.ndarray, *, resamples: int = 1000, seed: int = 0) -> dict[str, float]:
+    """{dice, dice_ed, dice_es, each with _lo/_hi 95 % bootstrap bounds when resamples > 0, n}: pooled Dice
+    over the videos' traced frames, `counts` (videos, 2, 3) = per video, (ED, ES) x (TP, FP, FN); a frame not
+    judged has zero counts. Videos are resampled whole, as for EF."""
+    counts = np.asarray(counts, np.int64)
+    metrics: dict[str, Metric] = {"dice": lambda c, _: pooled_dice(c)}
+    for name, column in SEG_FRAMES.items():
+        metrics[name] = lambda c, _, column=column: pooled_dice(c[:, column])
+    report: dict[str, float] = {"n": len(counts)}
+    unused = np.zeros(len(counts))  # bootstrap_ci resamples (truth, prediction) pairs: the counts hold both
+    for name, metric in metrics.items():
+        report[name] = metric(counts, unused)
+        if resamples:
+            report[f"{name}_lo"], report[f"{name}_hi"] = bootstrap_ci(metric, counts, unused, resamples=resamples,
+                                                                      seed=seed)
+    return report

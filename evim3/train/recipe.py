@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from evim3.config import ModelConfig, get_preset
-from evim3.runtime.meta import PreprocessSpec
+from evim3.runtime.meta import TASKS, PreprocessSpec
 
 # torch is imported inside the functions that use it: `evim3 train` builds its flags and their defaults from
 # TrainConfig when the CLI starts, and the CLI must start without torch (`evim3 infer` on an edge box).
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from torch.optim.swa_utils import AveragedModel
 
 STAGES = ("pretrain", "finetune")
-TASKS = ("ef", "classification")
+# Fine-tuning tasks: evim3.runtime.meta.TASKS, the one list (ef, classification, seg).
 MASK_STRATEGIES = ("stc", "random", "tube")
 # EF fine-tuning losses: "mse" is the paper's; "mse+corr" adds 1 - r, the batch's Pearson correlation between
 # predicted and true EF. MSE alone rewards answering the mean while the features do not yet carry EF: the head
@@ -52,9 +52,9 @@ class TrainConfig:
 
     stage: str  # "pretrain" | "finetune"
     out: str  # run folder: checkpoints, logs, summary
-    data: str | None = None  # EchoNet-Dynamic-layout folder (EF, pre-training)
+    data: str | None = None  # EchoNet-Dynamic-layout folder (EF, seg, pre-training)
     csv: str | None = None  # CSV of path,label,split (classification; pre-training may use it too)
-    task: str = "ef"  # "ef" | "classification" (fine-tuning)
+    task: str = "ef"  # TASKS: "ef" | "classification" | "seg" (fine-tuning)
     ef_loss: str = "mse+corr"  # EF_LOSSES
     preset: str = "evim3"
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields (tests, experiments)

@@ -1,5 +1,6 @@
-"""What differs between pre-training, EF regression and classification: the datasets, the model, the loss,
-the validation metrics and which of them picks the best checkpoint. The loop (evim3.train.loop) is shared.
+"""What differs between pre-training, EF regression, classification and LV segmentation: the datasets, the
+model, the loss, the validation metrics and which of them picks the best checkpoint. The loop
+(evim3.train.loop) is shared.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from torch import Tensor, nn
 from evim3.checkpoint import checkpoint_file, load_checkpoint
 from evim3.models.evim3 import EViM3
 from evim3.runtime.errors import CheckpointError, DatasetError
-from evim3.runtime.meta import ModelMeta, PreprocessSpec
+from evim3.runtime.meta import TASKS, ModelMeta, PreprocessSpec
+from evim3.runtime.outputs import lv_masks
 from evim3.train.distributed import DistContext, all_gather_rows
-from evim3.train.metrics import classification_report, regression_report
+from evim3.train.metrics import classification_report, overlap_counts, regression_report, segmentation_report
 from evim3.train.recipe import TrainConfig
 
 PRETRAIN_FILE = "pretrain.safetensors"
@@ -76,7 +78,7 @@ class Task:
     def meta(self, spec: PreprocessSpec, data: dict[str, Any]) -> ModelMeta:
         return ModelMeta(
             preset=self.cfg.preset, model=self.cfg.model_config().to_dict(), preprocess=spec,
-            task="classification" if self.name == "classification" else "ef",
+            task=self.name if self.name in TASKS else "ef",  # pre-training checkpoints carry "ef"
             ef_mean=self.info.get("ef_mean"), ef_std=self.info.get("ef_std", 1.0),
             class_names=self.info.get("class_names", []),
             data={"stage": self.cfg.stage, **data},
@@ -216,6 +218,95 @@ class ClassificationTask(Task):
         return {"val_loss": float(loss), "val_auc": report["auc"], "val_accuracy": report["accuracy"]}
 
 
+def traced_frame_logits(logits: Tensor, positions: Tensor, masks: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The traced frames of a seg batch: logits (N, 2, T, H, W), positions (N, 2) (clip frame of ED, ES; -1
+    absent), masks (N, 2, H, W) -> (frame logits (M, 2, H, W), targets (M, H, W) long, video row (M,),
+    which (M,): 0 ED, 1 ES), for the M traced frames in the clips."""
+    row, which = torch.nonzero(positions >= 0, as_tuple=True)
+    return logits[row, :, positions[row, which]], masks[row, which].long(), row, which
+
+
+SEG_SMOOTH = 1e-5  # the paper's soft Dice smoothing (nnU-Net's SoftDiceLoss, smooth=1e-5)
+
+
+def seg_frame_losses(frame_logits: Tensor, targets: Tensor) -> Tensor:
+    """Per traced frame (M,): cross-entropy over its pixels + 1 - the soft Dice of the LV (softmax
+    probabilities), as the paper's dc_and_ce (nnU-Net's DC_and_CE_loss with per-sample Dice, background left
+    out), whose Dice term is -Dice: the 1 keeps the loss positive and changes no gradient."""
+    ce = F.cross_entropy(frame_logits.float(), targets, reduction="none").mean((1, 2))
+    lv = frame_logits.float().softmax(1)[:, 1]
+    truth = targets.float()
+    tp = (lv * truth).sum((1, 2))
+    fp = (lv * (1 - truth)).sum((1, 2))
+    fn = ((1 - lv) * truth).sum((1, 2))
+    dice = (2 * tp + SEG_SMOOTH) / (2 * tp + fp + fn + SEG_SMOOTH)
+    return ce + 1 - dice
+
+
+class SegTask(Task):
+    """LV segmentation: Dice + cross-entropy on the traced ED and ES frames of each clip (the others have no
+    truth), as the paper. The paper sums the ED and ES terms; here the loss is their mean over the batch's
+    traced frames (half the paper's scale, the same direction), so a clip that misses a frame weighs less."""
+
+    name = "seg"
+    monitor = "val_dice"
+    higher_is_better = True
+
+    def datasets(self, spec: PreprocessSpec) -> Datasets:
+        from evim3.data.segmentation import EchoNetSegDataset
+
+        cfg = self.cfg
+        if not cfg.data:
+            raise DatasetError(None, "segmentation needs --data (an EchoNet-Dynamic-layout folder with "
+                                     "VolumeTracings.csv)")
+        if not os.path.isdir(cfg.data):
+            raise DatasetError(cfg.data, "not a folder (expected an EchoNet-Dynamic-layout dataset)")
+        common = {"max_videos": cfg.max_videos, "cache": cfg.cache_videos, "substitute_unreadable": True}
+        train = EchoNetSegDataset(cfg.data, "TRAIN", spec, clips="random", pad=cfg.pad, keep_ratio=cfg.keep_ratio,
+                                  **common)
+        val = EchoNetSegDataset(cfg.data, "VAL", spec, clips="first", **common)
+        return Datasets(train, val, os.path.abspath(cfg.data))
+
+    def build_model(self) -> nn.Module:
+        return EViM3(self.cfg.model_config(), task="seg")
+
+    def loss(self, model: nn.Module, batch: dict, device: torch.device) -> Tensor:
+        logits = model_outputs(model, batch["x"], device)
+        frame_logits, targets, _, _ = traced_frame_logits(logits, batch["positions"].to(device),
+                                                          batch["masks"].to(device))
+        if not len(targets):
+            return logits.sum() * 0  # no traced frame in these clips; keeps the graph for DDP
+        return seg_frame_losses(frame_logits, targets).mean()
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, loader: Iterable[dict], ctx: DistContext) -> dict[str, float]:
+        """Pooled Dice of the ED frames, the ES frames and both (the paper's global Dice), and the loss."""
+        rows = []
+        for batch in loader:
+            logits = model_outputs(model, batch["x"], ctx.device)
+            frame_logits, targets, row, which = traced_frame_logits(logits, batch["positions"].to(ctx.device),
+                                                                    batch["masks"].to(ctx.device))
+            predicted = lv_masks(frame_logits[:, :, None].cpu().numpy())[:, 0]  # the edge's rule
+            # One row per video: ED then ES, each (judged, TP, FP, FN, loss); a frame not in its clip is all
+            # zeros. Equal rows per video keep every rank's block the same size for the gather.
+            per_frame = torch.zeros(len(logits), 2, 5, dtype=torch.float64)
+            per_frame[row.cpu(), which.cpu()] = torch.cat([
+                torch.ones(len(row), 1, dtype=torch.float64),
+                torch.from_numpy(overlap_counts(predicted, targets.cpu().numpy().astype(bool))).double(),
+                seg_frame_losses(frame_logits, targets).double().cpu()[:, None]], 1)
+            stand_in = torch.tensor([bool(error) for error in batch["unreadable"]])
+            index = torch.where(stand_in, -1, batch["index"])
+            rows.append(torch.cat([index[:, None].double(), per_frame.flatten(1)], 1))
+        gathered = all_gather_rows(torch.cat(rows), ctx).numpy()
+        gathered = gathered[gathered[:, 0] >= 0]
+        _, first = np.unique(gathered[:, 0], return_index=True)  # DistributedSampler's repeats
+        per_frame = gathered[first, 1:].reshape(-1, 2, 5)
+        judged = per_frame[..., 0] > 0
+        report = segmentation_report(per_frame[..., 1:4].astype(np.int64), resamples=0)
+        return {"val_loss": float(per_frame[..., 4][judged].mean()), "val_dice": report["dice"],
+                "val_dice_ed": report["dice_ed"], "val_dice_es": report["dice_es"]}
+
+
 class PretrainTask(Task):
     """Masked video modelling: the loss is the MSE of reconstructed masked patches."""
 
@@ -259,7 +350,7 @@ class PretrainTask(Task):
 def make_task(cfg: TrainConfig) -> Task:
     if cfg.stage == "pretrain":
         return PretrainTask(cfg)
-    return ClassificationTask(cfg) if cfg.task == "classification" else EFTask(cfg)
+    return {"ef": EFTask, "classification": ClassificationTask, "seg": SegTask}[cfg.task](cfg)
 
 
 def init_checkpoint_file(path: str) -> str:

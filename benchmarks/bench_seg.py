@@ -1,0 +1,140 @@
+"""Acceptance run for LV segmentation (issue 17): evim3-tiny fine-tuned for segmentation on the built-in
+synthetic dataset on the CPU should reach overall Dice >= 0.85 on TEST (EchoNet-Dynamic's DeepLabV3: 0.92 on
+real data), and its ONNX export should give PyTorch's masks (Dice >= 0.999 in fp32).
+
+    python -m benchmarks seg                                     # the real thing (1,500 steps)
+    EVIM3_BENCH_SEG_STEPS=5 python -m benchmarks seg --no-record  # a smoke run
+    EVIM3_BENCH_SEG_OUT=runs/seg-bench python -m benchmarks seg   # keep the checkpoint and the ONNX file
+
+Steps: fine-tune from scratch (Dice + CE on the traced ED/ES frames), `evim3 eval` on TEST (ED, ES and
+overall Dice with bootstrap 95 % intervals), the Dice of every frame of each TEST video's first clip against
+the generator's own LV (Masks/, when the dataset has it: the frames the tracings never judge), export to
+ONNX (fp32) and `evim3 check`'s comparison of ONNX Runtime's masks with PyTorch's on its clips and 4 TEST
+videos.
+
+Environment: EVIM3_BENCH_SEG_STEPS (optimizer steps, default 1500), EVIM3_BENCH_SEG_OUT (a folder to keep
+best.safetensors and seg.onnx in, e.g. for beat-to-beat EF at the edge; default: a temporary folder),
+EVIM3_BENCH_TRAIN_DATA / EVIM3_BENCH_TRAIN_VIDEOS (the dataset, as for `python -m benchmarks train`).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from evim3.export.onnx import export_checkpoint
+from evim3.export.parity import make_golden
+from evim3.runtime.outputs import lv_masks
+from evim3.runtime.parity_check import check_files, dataset_videos
+from evim3.runtime.preprocess import (
+    normalise,
+    resample_indices,
+    sample_clip_indices,
+    square_resize,
+    ultrasound_region,
+)
+from evim3.runtime.video import read_video
+
+from benchmarks.bench_train import SEED, dataset_folder
+from evim3.checkpoint import load_model
+from evim3.data.echonet import EchoNetDataset
+from evim3.data.synth import MASKS_DIR, read_truth_masks
+from evim3.train.evaluate import evaluate_checkpoint
+from evim3.train.loop import train
+from evim3.train.metrics import overlap_counts, pooled_dice
+from evim3.train.recipe import TrainConfig
+
+DEFAULT_STEPS = 1500
+# The tiny CPU recipe of bench_train (lr 1e-3 at batch 8, cached videos, no loader workers, EMA every step),
+# with 16-frame clips at the paper's period 2: 0.62 s at 50 fps, which holds the traced ED and ES frames of
+# the synthetic hearts (at most 0.38 s apart), so every clip is judged on both.
+RECIPE = {"task": "seg", "preset": "evim3-tiny", "frames": 16, "period": 2, "batch": 8, "accum": 1, "lr": 4e-3,
+          "pad": 0, "warmup_steps": 50, "ema_start": 50, "ema_every": 1, "workers": 0, "cache_videos": True,
+          "device": "cpu", "log_every": 25, "stats_videos": 32}
+
+
+def seconds_per_step(steps_csv: Path) -> float | None:
+    """Optimizer-step time from the run's log: elapsed time between its first and last rows per step (the
+    epoch ends between them included, as a share); None with fewer than two rows."""
+    if not steps_csv.is_file():
+        return None
+    with open(steps_csv, newline="") as f:
+        rows = [(int(row["step"]), float(row["elapsed_s"])) for row in csv.DictReader(f)]
+    if len(rows) < 2:
+        return None
+    (first_step, first_s), (last_step, last_s) = rows[0], rows[-1]
+    return (last_s - first_s) / (last_step - first_step)
+
+
+def every_frame_dice(checkpoint: Path, data: Path) -> float | None:
+    """Pooled Dice, against the generator's LV truth, of every frame of the first clip of each TEST video
+    (the truth carried through the same crop, resize and resampling as the pixels); None without Masks/."""
+    if not (data / MASKS_DIR).is_dir():
+        return None
+    model, meta = load_model(checkpoint)
+    spec = meta.preprocess
+    dataset = EchoNetDataset(data, "TEST", spec, clips="first")
+    counts = []
+    for index, (path, name) in enumerate(zip(dataset.paths, dataset.files)):
+        video = read_video(path)
+        y0, y1, x0, x1 = ultrasound_region(video)
+        frames = dataset.decode(index)
+        clip = sample_clip_indices(len(frames), spec, 0)
+        with torch.no_grad():
+            predicted = lv_masks(model(torch.from_numpy(normalise(frames[clip], spec))[None, None]).numpy())[0]
+        source = resample_indices(len(video.frames), video.fps, spec.fps)[clip]
+        truth = read_truth_masks(data, name)[source, y0:y1, x0:x1]
+        true = square_resize(truth * np.uint8(255), spec.size) >= 128
+        counts.append(overlap_counts(predicted, true))
+    return pooled_dice(np.stack(counts))
+
+
+def run() -> dict[str, Any]:
+    steps = int(os.environ.get("EVIM3_BENCH_SEG_STEPS", str(DEFAULT_STEPS)))
+    data = dataset_folder(int(os.environ.get("EVIM3_BENCH_TRAIN_VIDEOS", "400")))
+    keep = os.environ.get("EVIM3_BENCH_SEG_OUT")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(keep) if keep else Path(tmp) / "seg"
+        cfg = TrainConfig(stage="finetune", data=str(data), out=str(out), seed=SEED, max_steps=steps, epochs=10_000,
+                          **RECIPE)
+        started = time.perf_counter()
+        summary = train(cfg)
+        train_s = time.perf_counter() - started
+        step_s = seconds_per_step(out / "steps.csv")
+        report = evaluate_checkpoint(out, data=str(data), split="TEST", workers=0, device="cpu", resamples=1000)
+        checkpoint = out / "best.safetensors"
+        all_frames = every_frame_dice(checkpoint, data)
+
+        onnx_path = out / "seg.onnx"
+        export = export_checkpoint(checkpoint, onnx_path)
+        golden = make_golden(checkpoint, clips=4, seed=SEED, videos=dataset_videos(data))
+        parity = check_files(golden, onnx=str(onnx_path))[0]
+
+    row = {
+        "steps": summary["step"], "train_videos": summary["train_videos"], "train_min": train_s / 60,
+        "s_per_step": step_s,
+        # Includes the epoch ends (validation, checkpoints) and the start (statistics, video cache).
+        "s_per_step_all_in": train_s / max(1, summary["step"]),
+        "best_val_dice": summary["best"].get("val_dice"),
+        "test_dice": report["dice"], "test_dice_95ci": f"{report['dice_lo']:.3f} to {report['dice_hi']:.3f}",
+        "test_dice_ed": report["dice_ed"], "test_dice_es": report["dice_es"],
+        "test_every_frame_dice": all_frames if all_frames is not None else "n/a (no Masks/)",
+        "onnx_vs_torch_mask_dice_fp32": parity.dice, "onnx_vs_torch_max_logit_diff": parity.max_abs,
+        "onnx_parity": "pass" if parity.passed else "FAIL",
+    }
+    return {
+        "rows": [row],
+        "dataset": str(data),
+        "recipe": RECIPE,
+        "export_s": export.seconds,
+        "kept": str(out) if keep else None,
+        "acceptance_test_dice_ge_0.85": bool(report["dice"] >= 0.85),
+        "acceptance_onnx_mask_dice_ge_0.999": bool(parity.dice is not None and parity.dice >= 0.999),
+        "note": "timings on a shared machine; the lead re-records in a quiet run",
+    }
