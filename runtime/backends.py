@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from evim3.runtime.errors import BackendUnavailableError, ModelFileError
 from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, ModelMeta
-from evim3.runtime.outputs import meta_output_width
+from evim3.runtime.outputs import output_shape
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -40,8 +40,8 @@ def available_cpus() -> int:
 
 
 class Backend(abc.ABC):
-    """A loaded model: ``run(clips (N, 1, T, S, S) float32) -> (N, K) float32``: the raw graph output (EF
-    points or logits; evim3.runtime.outputs says what they mean)."""
+    """A loaded model: ``run(clips (N, 1, T, S, S) float32) -> (N, K) or (N, 2, T, S, S) float32``: the raw
+    graph output (EF points or logits; evim3.runtime.outputs says what they mean)."""
 
     meta: ModelMeta
     path: str
@@ -115,13 +115,14 @@ def check_input_shape(path: str, shape: tuple, meta: ModelMeta, where: str) -> i
 
 
 def check_output_shape(path: str, shape: tuple, meta: ModelMeta, where: str) -> None:
-    """The model output must be (N, width) with the width the metadata's task implies (evim3.runtime.outputs)."""
-    width = meta_output_width(meta)
-    fixed = shape[1] if len(shape) == 2 and isinstance(shape[1], int) and shape[1] > 0 else None
-    if len(shape) != 2 or (fixed is not None and fixed != width):
+    """The model output must be (N, *per clip) with the per-clip shape the metadata's task implies
+    (evim3.runtime.outputs.output_shape); symbolic dimensions pass."""
+    expected = output_shape(meta)
+    fixed = [d if isinstance(d, int) and d > 0 else None for d in shape[1:]]
+    if len(shape) != 1 + len(expected) or any(f is not None and f != e for f, e in zip(fixed, expected)):
         classes = f" with {len(meta.class_names)} classes" if meta.task == "classification" else ""
         raise ModelFileError(path, f"{where} output '{OUTPUT_NAME}' has shape {list(shape)}; the metadata "
-                                   f"(task {meta.task!r}{classes}) says (N, {width})")
+                                   f"(task {meta.task!r}{classes}) says (N, {', '.join(map(str, expected))})")
 
 
 class OnnxBackend(Backend):
