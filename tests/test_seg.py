@@ -46,9 +46,10 @@ def contraction(phase: np.ndarray, systole_share: float = 0.35) -> np.ndarray:
 
 
 def beating(beat_seconds: list[float], efs: list[float], fps: float = FPS, start_phase: float = 0.5,
-            a0: float = 36.0, b0: float = 13.0) -> tuple[list[np.ndarray], list[int], list[int], list[float]]:
+            a0: float = 36.0, b0: float = 13.0, **shape) -> tuple[list[np.ndarray], list[int], list[int], list[float]]:
     """Masks of an LV beating with the given beat lengths and EFs, starting `start_phase` into a beat before
-    the first; the ED and ES frames (nearest) of each whole beat and its exact area-length EF.
+    the first; the ED and ES frames (nearest) of each whole beat and its exact area-length EF. `shape`: more
+    arguments of ellipse_mask (angle, centre, size, spacing).
 
     The ellipse shrinks evenly (a and b by the same factor), so its area-length volume (8 A^2 / (3 pi L) with
     A = pi a b, L = 2 a: the prolate spheroid 4/3 pi a b^2) falls by the cube of that factor.
@@ -63,7 +64,7 @@ def beating(beat_seconds: list[float], efs: list[float], fps: float = FPS, start
     phase = (times - eds[beat_of]) / np.array(lengths)[beat_of]
     scale = 1 - np.array(shrink)[beat_of] * contraction(phase)
     for s in scale:
-        masks.append(ellipse_mask(a0 * s, b0 * s))
+        masks.append(ellipse_mask(a0 * s, b0 * s, **shape))
     for k in range(1, len(lengths)):
         ed, es = round(eds[k] * fps), round((eds[k] + 0.35 * lengths[k]) * fps)
         if es < len(masks):
