@@ -19,7 +19,7 @@ from evim3.cli.common import EXIT_FAILED, EXIT_USAGE, cli_errors, echo_err, fail
 from evim3.runtime.backends import Backend, open_backend
 from evim3.runtime.infer import ClipResult, InferencePipeline, SourceResult, expand_sources
 from evim3.runtime.live import is_live_source
-from evim3.runtime.overlay import write_overlay
+from evim3.runtime.overlay import check_overlay_path, write_overlay
 from evim3.runtime.report import (
     beats_tables,
     check_plot_available,
@@ -134,8 +134,15 @@ def _check_outputs(seg_backend: Backend | None, overlay: str | None, items: list
     """Refuse, before any work, an overlay the models or sources cannot give."""
     if overlay and seg_backend is None:
         fail("--overlay draws a seg model's LV: give a seg model with --model", EXIT_USAGE)
-    if overlay and (len(items) != 1 or is_live_source(items[0][0])):
+    if overlay and len(items) != 1:
         fail(f"--overlay takes one video file; got {len(items)} sources", EXIT_USAGE)
+    if overlay and is_live_source(items[0][0]):
+        fail(f"--overlay takes one video file, not a live source ({items[0][0]})", EXIT_USAGE)
+    if overlay:
+        try:
+            check_overlay_path(overlay)
+        except ValueError as e:
+            fail(str(e), EXIT_USAGE)
 
 
 def _model_info(pipeline: InferencePipeline, path: str, device: str, load_s: float) -> dict:

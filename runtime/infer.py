@@ -362,7 +362,8 @@ class InferencePipeline:
         """Clips every `stride` frames of a stream of prepared (uint8, spec.fps) frames, run in batches as
         their frames arrive; a video shorter than one clip gives one clip that loops it. `duration_s` tells
         the source's duration once the stream has ended. A seg model's clips go to `stitcher`, which settles
-        each frame once no clip still to come holds it."""
+        each frame once no clip still to come holds it; its last clip is aligned to the video's end, so that
+        the frames after the last clip of the stride have masks too."""
         spec, span = self.spec, self.spec.clip_span
         window: deque[np.ndarray] = deque()  # prepared frames first, first + 1, ...
         first = count = next_start = 0
@@ -381,8 +382,8 @@ class InferencePipeline:
                 pending.append((indices, np.stack([window[i] for i in indices - first]), 1.0))
                 next_start += self.stride
                 if len(pending) == self.batch:
-                    self._run_pending(pending, result, stitcher, settled=next_start)
-            while window and first < next_start:
+                    self._run_pending(pending, result, stitcher, settled=self._kept_from(next_start, count))
+            while window and first < self._kept_from(next_start, count):
                 window.popleft()
                 first += 1
         result.duration_s = duration_s()
@@ -390,11 +391,19 @@ class InferencePipeline:
         if next_start == 0:  # shorter than one clip: every frame is still in the window
             indices = sample_clip_indices(count, spec, 0)
             pending.append((indices, np.stack([window[i] for i in indices]), real_frame_share(count, spec, 0)))
+        elif stitcher and next_start - self.stride + span < count:  # the last clip ended before the video
+            indices = sample_clip_indices(count, spec, count - span)
+            pending.append((indices, np.stack([window[i] for i in indices - first]), 1.0))
         self._run_pending(pending, result, stitcher, settled=count)
         if strip:
             result.strip = strip.frames()
         self.timings.video_s += result.duration_s
         return result
+
+    def _kept_from(self, next_start: int, count: int) -> int:
+        """The first of `count` frames so far that a clip still to come may hold: the next clip's start, and
+        for a seg model that of a last clip aligned to the video's end (at most one clip span back)."""
+        return min(next_start, count - self.spec.clip_span) if self.task == "seg" else next_start
 
     def _run_pending(self, pending: list[tuple[np.ndarray, np.ndarray, float]], result: SourceResult,
                      stitcher: FrameStitcher | None, settled: int) -> None:

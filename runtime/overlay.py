@@ -22,6 +22,13 @@ ED_RGB = (255, 60, 60)  # the LV at end-diastole ...
 ES_RGB = (60, 160, 255)  # ... and at end-systole of a beat
 TEXT_RGB = (255, 255, 0)
 CODECS = ("libx264", "mpeg4")  # first that this FFmpeg build can encode
+EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi")  # containers that take both codecs
+
+
+def check_overlay_path(path: str) -> None:
+    """Refuse, before any work, a file name whose container the overlay cannot be written in."""
+    if os.path.splitext(path)[1].lower() not in EXTENSIONS:
+        raise ValueError(f"{path}: --overlay writes {', '.join(EXTENSIONS)} files")
 
 
 def write_overlay(path: str | os.PathLike, frames: list[np.ndarray], masks: list[np.ndarray | None],

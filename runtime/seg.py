@@ -327,10 +327,10 @@ def analyse_lv(masks: list[np.ndarray | None], fps: float, spacing_cm: tuple[flo
     pixel spacing areas stay in pixels and volumes are not reported (EF, a ratio, needs none)."""
     measures = [None if m is None else measure_lv(m, spacing_cm) for m in masks]
     covered = np.array([i for i, m in enumerate(measures) if m is not None and m.area_px > 0], dtype=int)
-    notes = []
-    if len(covered) < len(masks):
-        notes.append(f"{len(masks) - len(covered)} of {len(masks)} frames have no LV area: no clip covered them "
-                     "or the mask was empty")
+    uncovered = sum(m is None for m in measures)
+    empty = len(masks) - uncovered - len(covered)
+    notes = [f"{uncovered} of {len(masks)} frames are in no clip: no mask"] if uncovered else []
+    notes += [f"{empty} of {len(masks)} frames have an empty mask: no LV found"] if empty else []
     area = np.array([measures[i].area_px for i in covered])
     search = find_beats(covered / fps, area)
     beats = [_beat(int(covered[ed]), int(covered[es]), measures, fps, spacing_cm) for ed, es in search.pairs]

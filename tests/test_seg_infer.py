@@ -23,10 +23,17 @@ from evim3.runtime.backends import open_backend
 from evim3.runtime.errors import ModelFileError
 from evim3.runtime.infer import InferencePipeline
 from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, ModelMeta, PreprocessSpec
-from evim3.runtime.preprocess import sliding_clip_starts, video_to_uint8
+from evim3.runtime.preprocess import (
+    resized_shape,
+    resized_spacing,
+    sample_clip_indices,
+    sliding_clip_starts,
+    video_to_uint8,
+)
 from evim3.runtime.seg import largest_component
 from evim3.runtime.video import read_video
 from onnx import TensorProto, helper, numpy_helper
+from test_infer_cli import _run_cli
 from test_runtime import make_contract_onnx
 from test_seg import beating
 from test_video import ultrasound_region_item, write_dicom, write_video
@@ -75,11 +82,13 @@ def echo_frames(masks: list[np.ndarray], seed: int = 0) -> np.ndarray:
 
 
 def reference_areas(path: str, spec: PreprocessSpec, stride: int) -> list[float | None]:
-    """The LV area of every preprocessed frame that a clip covers: the largest region under THRESHOLD."""
+    """The LV area of every preprocessed frame that a clip covers (the clips every `stride` frames, and one
+    aligned to the video's end): the largest region under THRESHOLD."""
     frames = video_to_uint8(read_video(path), spec)
-    covered = set()
-    for start in sliding_clip_starts(len(frames), spec, stride):
-        covered.update(start + spec.period * np.arange(spec.frames))
+    starts = sliding_clip_starts(len(frames), spec, stride)
+    if starts[-1] + spec.clip_span < len(frames):
+        starts.append(len(frames) - spec.clip_span)
+    covered = {int(i) for start in starts for i in sample_clip_indices(len(frames), spec, start)}
     return [float(largest_component(f < THRESHOLD).sum()) if i in covered else None for i, f in enumerate(frames)]
 
 
@@ -98,21 +107,40 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
 
 
-def test_pipeline_masks_are_the_segmenters_and_beats_are_the_drawn_ones(files: dict) -> None:
+# Odd strides (the default is 31): with period 2, clips alternate between the even and the odd frames, so every
+# frame after the first half clip has a mask. An even stride leaves the odd frames to none (a 25 fps curve).
+@pytest.mark.parametrize("stride,batch", [(None, 1), (7, 3), (13, 2)])
+def test_pipeline_masks_are_the_segmenters_and_beats_are_the_drawn_ones(files: dict, stride: int | None,
+                                                                        batch: int) -> None:
     """Every covered frame's LV area equals the threshold applied to the same preprocessed frame (exact: the
-    overlapping clips average identical logits); frames no clip covers have none; every beat's ED and ES
-    within a frame of the drawn ones and its EF within 2.5 points of the exact area-length EF (64-px frames)."""
+    overlapping clips average identical logits), whatever the stride and batch; frames no clip covers have
+    none; every beat's ED and ES within a frame of the drawn ones and its EF within 2.5 points of the exact
+    area-length EF (64-px frames)."""
     with open_backend(files["seg"]) as backend:
-        result = InferencePipeline(backend).run_file(files["video"])
+        pipeline = InferencePipeline(backend, stride=stride, batch=batch)
+        result = pipeline.run_file(files["video"])
     assert result.ok and result.lv is not None and "ef" not in result.to_dict([])
-    assert result.lv.area_px == reference_areas(files["video"], SPEC, SPEC.default_stride)
-    assert 0 < result.lv.covered_frames < len(result.lv.area_px)  # the odd frames of the first half clip
+    assert result.lv.area_px == reference_areas(files["video"], SPEC, pipeline.stride)
+    # Period 2: the odd frames of the first half clip have no mask; the last ones do (a clip aligned to the end).
+    assert result.lv.area_px[1] is None and result.lv.area_px[-1] is not None
     eds, ess, efs = files["truth"]
     got = [(b.ed_frame, b.es_frame) for b in result.lv.beats]
     assert len(got) == len(eds)
     assert np.abs(np.subtract(got, list(zip(eds, ess)))).max() <= 1
     assert [b.ef for b in result.lv.beats] == pytest.approx(efs, abs=2.5)
     assert result.lv.spacing_cm is None and result.lv.clips == len(result.clips)
+
+
+def test_a_video_shorter_than_a_clip_is_looped_onto_its_own_frames(files: dict, tmp_path) -> None:
+    """28 frames (0.56 s) under the 31-frame clip: one looped clip, its frames stitched back onto the video's
+    own (the even ones and, wrapped, the odd ones up to 2 * 15 - 28), and no beat in half a beat."""
+    masks, *_ = beating(BEATS[:1], [EF], a0=22.0, b0=9.0, centre=(32.0, 32.0), size=64)
+    path = os.fspath(write_video(tmp_path / "short.avi", echo_frames(masks[:28]), fps=50))
+    with open_backend(files["seg"]) as backend:
+        result = InferencePipeline(backend).run_file(path)
+    assert result.ok and len(result.clips) == 1 and result.real_share < 1
+    assert result.lv.area_px == reference_areas(path, SPEC, SPEC.default_stride)
+    assert result.lv.beats == [] and result.lv.no_beat_reason.startswith("no beat found")
 
 
 def test_infer_seg_writes_beats_to_json_csv_overlay_and_plot(files: dict, tmp_path) -> None:
@@ -225,17 +253,46 @@ def test_dicom_spacing_from_pixel_spacing_and_none_from_an_ignored_region(tmp_pa
                       ).meta["spacing_cm"] is None
 
 
-@pytest.mark.parametrize("case", ["two seg models", "overlay without seg", "overlay of two videos"])
-def test_usage_errors_are_one_line(files: dict, tmp_path, case: str) -> None:
+@pytest.mark.parametrize("case", ["two seg models", "overlay without seg", "overlay of two videos",
+                                  "overlay of a stream", "overlay as a picture"])
+def test_usage_errors_are_one_line_before_any_work(files: dict, tmp_path, case: str) -> None:
     overlay = ["--overlay", os.fspath(tmp_path / "o.mp4")]
     args = {"two seg models": [files["video"], "--model", files["seg"], "--model", files["seg"]],
             "overlay without seg": [files["video"], "--model", files["ef"], *overlay],
-            "overlay of two videos": [files["video"], files["still"], "--model", files["seg"], *overlay]}[case]
+            "overlay of two videos": [files["video"], files["still"], "--model", files["seg"], *overlay],
+            "overlay of a stream": ["rtsp://cart/stream", "--model", files["seg"], *overlay],
+            "overlay as a picture": [files["video"], "--model", files["seg"], "--overlay",
+                                     os.fspath(tmp_path / "o.png")]}[case]
     result = runner.invoke(app, ["infer", *args])
     assert result.exit_code == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: ") and ("--model" in line or "--overlay" in line)
-    assert not os.path.exists(tmp_path / "o.mp4")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_seg_model_refuses_live_sources(files: dict) -> None:
+    with open_backend(files["seg"]) as backend:
+        result = InferencePipeline(backend).run_live("rtsp://cart/stream")
+    assert not result.ok and "live sources are not supported" in result.error
+
+
+def test_seg_inference_runs_with_torch_unimportable(files: dict, tmp_path) -> None:
+    out = os.fspath(tmp_path / "nt.json")
+    proc = _run_cli(["infer", files["video"], "--model", files["seg"], "--json", out, "--overlay",
+                     os.fspath(tmp_path / "nt.mp4")], block_torch=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "HEAVY_MODULES ['torch']"  # only the blocked placeholder
+    with open(out) as f:
+        assert json.load(f)["sources"][0]["lv"]["num_beats"] == len(files["truth"][0])
+    assert os.path.getsize(tmp_path / "nt.mp4") > 0
+
+
+def test_pixel_spacing_follows_the_resize_of_a_non_square_region() -> None:
+    """96 x 128 pixels of 0.02 x 0.03 cm, resized to 48 x 64 (then padded to 64^2): 0.04 x 0.06 cm; the
+    picture keeps its physical size (rows x dy, columns x dx)."""
+    region = (10, 106, 0, 128)
+    assert resized_spacing((0.02, 0.03), region, 64) == pytest.approx((0.04, 0.06))
+    assert resized_shape(96, 128, 64) == (48, 64)
 
 
 def test_a_graph_whose_output_is_no_mask_is_refused_as_seg(tmp_path) -> None:
