@@ -1,5 +1,6 @@
 """The inference pipeline: source -> frames -> preprocess -> sliding clips -> backend -> EF per clip and per
-video (or, for a seg model, the LV of every frame, its beats and their EF: evim3.runtime.seg), timing every stage. No torch: numpy, PyAV/pydicom (through evim3.runtime.video) and a Backend.
+video (or, for a seg model, the LV of every frame, its beats and their EF: evim3.runtime.seg), timing every
+stage. No torch: numpy, PyAV/pydicom (through evim3.runtime.video) and a Backend.
 
 Files are streamed: decoded and preprocessed frame by frame on a thread by the same functions as training
 (evim3.runtime.preprocess, with the model's own PreprocessSpec), cut into clips every `stride` resampled
@@ -350,12 +351,11 @@ class InferencePipeline:
         spacing = meta.get("spacing_cm")
         if spacing is not None:
             spacing = resized_spacing(spacing, region, self.spec.size)
-        masks = stitcher.masks()
         with self._timed("LV analysis", "video"):
-            result.lv = analyse_lv(masks, self.spec.fps, spacing, meta.get("spacing_source"))
+            result.lv = analyse_lv(stitcher.masks(), self.spec.fps, spacing, meta.get("spacing_source"))
         result.lv.clips = len(result.clips)
         if self.keep_frames:
-            result.lv_masks = masks
+            result.lv_masks = list(stitcher.masks())
 
     def _analyse(self, source: str, frames: Iterable[np.ndarray], duration_s: Callable[[], float],
                  stitcher: FrameStitcher | None = None) -> SourceResult:

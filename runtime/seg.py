@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,12 +83,13 @@ class FrameStitcher:
             self._masks[index] = np.packbits(self._sums.pop(index) / self._counts.pop(index) > 0)
         self.num_frames = max(self.num_frames, end)
 
-    def masks(self) -> list[np.ndarray | None]:
-        """The settled mask (H, W) bool of every frame 0 .. num_frames - 1; None where no clip held it."""
+    def masks(self) -> Iterator[np.ndarray | None]:
+        """The settled mask (H, W) bool of every frame 0 .. num_frames - 1, unpacked one at a time; None where
+        no clip held the frame."""
         size = None if self.shape is None else self.shape[0] * self.shape[1]
-        return [None if i not in self._masks else
-                np.unpackbits(self._masks[i], count=size).astype(bool).reshape(self.shape)
-                for i in range(self.num_frames)]
+        for i in range(self.num_frames):
+            packed = self._masks.get(i)
+            yield None if packed is None else np.unpackbits(packed, count=size).astype(bool).reshape(self.shape)
 
 
 # --- one mask: the LV, its area and long axis ---
@@ -321,16 +323,16 @@ class LVReport:
                 "frame_area_px": self.area_px, "frame_area_cm2": self.area_cm2()}
 
 
-def analyse_lv(masks: list[np.ndarray | None], fps: float, spacing_cm: tuple[float, float] | None = None,
+def analyse_lv(masks: Iterable[np.ndarray | None], fps: float, spacing_cm: tuple[float, float] | None = None,
                spacing_source: str | None = None) -> LVReport:
     """Per-frame LV masks (None: no mask) of a video at `fps` -> areas, beats and per-beat EF. Without a
     pixel spacing areas stay in pixels and volumes are not reported (EF, a ratio, needs none)."""
     measures = [None if m is None else measure_lv(m, spacing_cm) for m in masks]
     covered = np.array([i for i, m in enumerate(measures) if m is not None and m.area_px > 0], dtype=int)
     uncovered = sum(m is None for m in measures)
-    empty = len(masks) - uncovered - len(covered)
-    notes = [f"{uncovered} of {len(masks)} frames are in no clip: no mask"] if uncovered else []
-    notes += [f"{empty} of {len(masks)} frames have an empty mask: no LV found"] if empty else []
+    empty = len(measures) - uncovered - len(covered)
+    notes = [f"{uncovered} of {len(measures)} frames are in no clip: no mask"] if uncovered else []
+    notes += [f"{empty} of {len(measures)} frames have an empty mask: no LV found"] if empty else []
     area = np.array([measures[i].area_px for i in covered])
     search = find_beats(covered / fps, area)
     beats = [_beat(int(covered[ed]), int(covered[es]), measures, fps, spacing_cm) for ed, es in search.pairs]

@@ -166,7 +166,7 @@ def test_stitcher_averages_overlapping_clips_and_leaves_uncovered_frames_empty()
         counts[indices] += 1
         stitcher.finish_before(start + 3)
     stitcher.finish_before(14)
-    masks = stitcher.masks()
+    masks = list(stitcher.masks())
     assert len(masks) == 14
     for frame, mask in enumerate(masks):
         if counts[frame] == 0:
