@@ -25,8 +25,8 @@ import numpy as np
 # Physiological heart rates: a beat lasts 0.3 s (200 bpm) to 2 s (30 bpm). Two EDs (or two ESs) closer than the
 # shortest beat are one beat; an ES more than the longest beat after its ED belongs to no beat.
 HEART_RATE_BPM = (30.0, 200.0)
-# Gaussian smoothing (sigma) of the area curve before extrema are looked for: a sixth of the shortest systole (~0.12 s
-# at 200 bpm): it irons out one-frame segmentation noise but moves a peak by well under a frame.
+# Gaussian smoothing (sigma) of the area curve before extrema are looked for: a sixth of the shortest systole
+# (~0.12 s at 200 bpm). It irons out one-frame segmentation noise but moves a peak by well under a frame.
 SMOOTH_SECONDS = 0.02
 # A beat's rise and fall must each reach this share of the area curve's 5th-95th percentile range (weaker
 # swings ride on a beat: noise, the atrial kick) ...
@@ -95,7 +95,7 @@ class FrameStitcher:
 # --- one mask: the LV, its area and long axis ---
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected region of a 2-D bool mask (the first in row order on a tie); all False if empty.
+    """The largest 4-connected region of a 2-D bool mask (one of them on a tie); all False if empty.
 
     The LV is one blood pool: islands elsewhere (a flicker in the atrium or the right ventricle) are not it.
     Runs of True pixels per row are joined with the overlapping runs of the next row (union-find over runs:
@@ -252,11 +252,10 @@ def find_beats(times: np.ndarray, area: np.ndarray) -> BeatSearch:
              if curve[ed] > curve[es] and times[es] - times[ed] <= longest]
     if pairs:
         return BeatSearch(pairs, swing)
-    spread = 100 * (curve.max() - curve.min()) / median if median > 0 else 0.0
+    spread, needed = 100 * (curve.max() - curve.min()) / median, 100 * swing / median
     return BeatSearch([], swing, f"no beat found: the LV area varies by {spread:.1f} % of its median over "
-                                 f"{times[-1] - times[0]:.2f} s; a beat must rise and fall by "
-                                 f"{100 * swing / median:.1f} % and last {shortest:g}-{longest:g} s"
-                      if median > 0 else "no beat found: the masks hold no LV")
+                                 f"{times[-1] - times[0]:.2f} s; a beat must rise and fall by {needed:.1f} % "
+                                 f"and last {shortest:g}-{longest:g} s")
 
 
 # --- a whole video ---
