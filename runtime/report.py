@@ -238,9 +238,9 @@ def check_plot_available() -> None:
 
 
 def write_plot(path: str, results: list[SourceResult], class_names: list[str]) -> int:
-    """EF (or class probabilities) per clip over time, or a seg model's LV area curve with its ED and ES
-    marked, above a strip of the source's frames; one row per source with clips, up to PLOT_MAX_SOURCES.
-    Returns how many sources were drawn."""
+    """EF (or class probabilities) per clip over time and a seg model's LV area curve with its ED and ES
+    marked (on a second axis when both ran), above a strip of the source's frames; one row per source with
+    clips, up to PLOT_MAX_SOURCES. Returns how many sources were drawn."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     shown = [r for r in results if r.clips][:PLOT_MAX_SOURCES]
@@ -266,6 +266,8 @@ def write_plot(path: str, results: list[SourceResult], class_names: list[str]) -
             curve.ticklabel_format(axis="y", useOffset=False)
             curve.set_ylabel("EF %")
             curve.legend(loc="upper right", fontsize="small")
+        if r.lv is not None and r.clips[0].values:
+            _draw_lv_curve(curve.twinx(), r.lv, legend="lower right")
         curve.set_title(r.source, fontsize="small", loc="left")
         _draw_strip(strip, r, end=max(r.clips[-1].end_s, r.duration_s))
         strip.set_xlabel("time (s)")
@@ -274,7 +276,7 @@ def write_plot(path: str, results: list[SourceResult], class_names: list[str]) -
     return len(shown)
 
 
-def _draw_lv_curve(ax: Any, lv: LVReport) -> None:
+def _draw_lv_curve(ax: Any, lv: LVReport, legend: str = "upper right") -> None:
     """LV area over time (frames no clip covered left out), ED and ES of every beat marked."""
     frames = [i for i, a in enumerate(lv.area_px) if a is not None]
     pixel = lv.spacing_cm[0] * lv.spacing_cm[1] if lv.spacing_cm else 1.0
@@ -284,7 +286,7 @@ def _draw_lv_curve(ax: Any, lv: LVReport) -> None:
                    [getattr(b, f"{marks}_area_px") * pixel for b in lv.beats], color=colour, label=name, zorder=3)
     ax.set_ylabel("LV area (cm²)" if lv.spacing_cm else "LV area (px)")
     ef = f"EF {lv.ef_mean:.1f} %" if lv.beats else "no beat"
-    ax.legend(loc="upper right", fontsize="small", title=ef, title_fontsize="small")
+    ax.legend(loc=legend, fontsize="small", title=ef, title_fontsize="small")
 
 
 def _draw_strip(ax: Any, result: SourceResult, end: float) -> None:

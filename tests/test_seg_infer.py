@@ -190,8 +190,9 @@ def check_overlay(path: str, lv: dict) -> None:
 
 def test_ef_and_seg_models_report_both_efs_side_by_side(files: dict, tmp_path) -> None:
     out_json, out_csv = os.fspath(tmp_path / "both.json"), os.fspath(tmp_path / "both.csv")
+    out_png = os.fspath(tmp_path / "both.png")
     result = runner.invoke(app, ["infer", files["video"], "--model", files["ef"], "--model", files["seg"],
-                                 "--json", out_json, "--csv", out_csv], env={"COLUMNS": "160"})
+                                 "--json", out_json, "--csv", out_csv, "--plot", out_png], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
     header = next(line for line in result.stdout.splitlines() if "source" in line)
     assert "EF %" in header.replace("EF % (beats)", "") and "EF % (beats)" in header
@@ -203,6 +204,7 @@ def test_ef_and_seg_models_report_both_efs_side_by_side(files: dict, tmp_path) -
     with open(out_csv, newline="") as f:
         (row,) = list(csv.DictReader(f))
     assert float(row["ef"]) == pytest.approx(source["ef"], abs=1e-3) and row["lv_num_beats"] == "5"
+    assert os.path.getsize(out_png) > 0
 
 
 def test_a_still_heart_has_no_beat_and_says_so(files: dict, tmp_path) -> None:
