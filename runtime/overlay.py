@@ -42,6 +42,8 @@ def write_overlay(path: str | os.PathLike, frames: list[np.ndarray], masks: list
         stream = container.add_stream(codec, rate=Fraction(report.fps).limit_denominator(1001))
         stream.height, stream.width = (OVERLAY_SCALE * side for side in frames[0].shape)
         stream.pix_fmt = "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": "18"}  # visually lossless: the contour must not smear into the blocks
         for index, frame in enumerate(frames):
             mask = masks[index] if index < len(masks) else None
             picture = _draw(frame, mask, *roles.get(index, (CONTOUR_RGB, "")), index / report.fps)

@@ -281,9 +281,11 @@ def _draw_lv_curve(ax: Any, lv: LVReport, legend: str = "upper right") -> None:
     frames = [i for i, a in enumerate(lv.area_px) if a is not None]
     pixel = lv.spacing_cm[0] * lv.spacing_cm[1] if lv.spacing_cm else 1.0
     ax.plot([i / lv.fps for i in frames], [lv.area_px[i] * pixel for i in frames], color="gray", label="LV area")
-    for marks, colour, name in (("ed", "tab:red", "ED"), ("es", "tab:blue", "ES")):
-        ax.scatter([getattr(b, f"{marks}_s") for b in lv.beats],
-                   [getattr(b, f"{marks}_area_px") * pixel for b in lv.beats], color=colour, label=name, zorder=3)
+    # The overlay's colours (red ED, blue ES), as triangles: EF per clip draws blue circles on the same axes.
+    for marks, colour, shape, name in (("ed", "tab:red", "v", "ED"), ("es", "tab:blue", "^", "ES")):
+        ax.scatter([getattr(b, f"{marks}_s") for b in lv.beats], [getattr(b, f"{marks}_area_px") * pixel
+                                                                  for b in lv.beats],
+                   color=colour, marker=shape, label=name, zorder=3)
     ax.set_ylabel("LV area (cm²)" if lv.spacing_cm else "LV area (px)")
     ef = f"EF {lv.ef_mean:.1f} %" if lv.beats else "no beat"
     ax.legend(loc=legend, fontsize="small", title=ef, title_fontsize="small")
