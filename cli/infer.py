@@ -1,4 +1,6 @@
-"""`evim3 infer`: EF (or class probabilities) for videos, DICOM cines, folders, streams and cameras.
+"""`evim3 infer`: EF (or class probabilities) for videos, DICOM cines, folders, streams and cameras; with a
+seg model, the LV of every frame, every beat and its EF (evim3.runtime.seg), beside an EF model's if both are
+given.
 
 Runs on the edge runtime only (evim3.runtime: numpy, PyAV, pydicom, ONNX Runtime or TensorRT): never
 imports torch, so it works on a device without a training stack.
@@ -6,17 +8,20 @@ imports torch, so it works on a device without a training stack.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
 import time
 
 import typer
-from evim3.cli.common import EXIT_FAILED, cli_errors, echo_err
-from evim3.runtime.backends import open_backend
+from evim3.cli.common import EXIT_FAILED, EXIT_USAGE, cli_errors, echo_err, fail
+from evim3.runtime.backends import Backend, open_backend
 from evim3.runtime.infer import ClipResult, InferencePipeline, SourceResult, expand_sources
 from evim3.runtime.live import is_live_source
+from evim3.runtime.overlay import check_overlay_path, write_overlay
 from evim3.runtime.report import (
+    beats_tables,
     check_plot_available,
     clip_line,
     results_table,
@@ -46,6 +51,10 @@ THREADS_OPTION = typer.Option(None, "--threads", min=1, help="CPU threads for ON
 PROVIDER_OPTION = typer.Option(
     None, "--provider", case_sensitive=False,
     help="ONNX Runtime execution provider [default: best available, tensorrt > cuda > cpu].")
+MODELS_OPTION = typer.Option(
+    ..., "--model", "-m",
+    help="Model file from `evim3 export`: .onnx or .engine. Give it twice, an EF (or classification) model "
+         "and a seg model, to report both EFs side by side.")
 STRIDE_OPTION = typer.Option(
     None, "--stride", min=1,
     help="Frames (after resampling to the model's fps) between clip starts [default: half a clip's span].")
@@ -54,49 +63,99 @@ STRIDE_OPTION = typer.Option(
 @cli_errors
 def infer(
     sources: list[str] = SOURCES_ARGUMENT,
-    model: str = MODEL_OPTION,
+    models: list[str] = MODELS_OPTION,
     stride: int | None = STRIDE_OPTION,
     batch: int = typer.Option(1, "--batch", min=1, help="Clips per inference call (files)."),
     json_path: str | None = typer.Option(None, "--json", help="Write every result, clips included, as JSON."),
     csv_path: str | None = typer.Option(None, "--csv", help="Write one CSV row per video (clip values included)."),
     plot: str | None = typer.Option(None, "--plot", help="Write a PNG of EF per clip over time (needs matplotlib)."),
+    overlay: str | None = typer.Option(
+        None, "--overlay",
+        help="Seg model, one video: write it (as the model saw it) with the LV contour drawn, e.g. out.mp4."),
     realtime: bool = typer.Option(
         False, "--realtime", help="Live sources: drop the oldest frames when inference falls behind."),
     threads: int | None = THREADS_OPTION,
     provider: Provider | None = PROVIDER_OPTION,
 ) -> None:
-    """Estimate EF per clip and per video with an exported model; a table, a timing summary, optional files."""
+    """Estimate EF per clip and per video with an exported model (with a seg model: the LV area of every
+    frame, every beat and its EF); a table, a timing summary, optional files."""
     if plot:
         check_plot_available()  # fail before the work, not after it
-    t0 = time.perf_counter()
-    backend = open_backend(model, provider=provider.value if provider else None, threads=threads)
-    load_s = time.perf_counter() - t0
-    with backend:
-        pipeline = InferencePipeline(backend, stride=stride, batch=batch, keep_strip=bool(plot))
-        results = _run_sources(pipeline, sources, realtime)
-        device = backend.device
-    class_names = pipeline.class_names
-    Console().print(results_table(results, class_names))
-    typer.echo("\n".join(source_notes(results) + timing_lines(pipeline.timings, device)))
-    info = {"model": model, "preset": backend.meta.preset, "task": backend.meta.task, "device": device,
-            "stride": pipeline.stride, "batch": batch, "realtime": realtime,
-            "preprocess": dataclasses.asdict(pipeline.spec),
-            "model_load_s": load_s}
+    items = list(expand_sources(sources))
+    with contextlib.ExitStack() as stack:
+        t0 = time.perf_counter()
+        backends = [stack.enter_context(open_backend(m, provider=provider.value if provider else None,
+                                                     threads=threads)) for m in models]
+        load_s = time.perf_counter() - t0
+        clip_backend, seg_backend = _split_models(backends)
+        _check_outputs(seg_backend, overlay, items)
+        first = clip_backend or seg_backend  # its results carry the other's (_merge), the --plot strip too
+        pipelines = [InferencePipeline(b, stride=stride, batch=batch, keep_strip=bool(plot) and b is first,
+                                       keep_frames=bool(overlay) and b is seg_backend)
+                     for b in (clip_backend, seg_backend) if b is not None]
+        results = _run_sources(pipelines, items, realtime)
+        devices = [b.device for b in backends]
+    class_names = pipelines[0].class_names
+    clip_model, seg_model = clip_backend is not None, seg_backend is not None
+    Console().print(results_table(results, class_names, clip_model, seg_model))
+    for table in beats_tables(results):
+        Console().print(table)
+    lines = source_notes(results)
+    for pipeline, device in zip(pipelines, devices):
+        lines += timing_lines(pipeline.timings, f"{device}, {pipeline.task} model" if seg_model else device)
+    typer.echo("\n".join(lines))
+    described = [_model_info(p, models[backends.index(p.backend)], d, load_s) for p, d in zip(pipelines, devices)]
+    info = {**described[0], "models": described, "batch": batch, "realtime": realtime}
     if json_path:
-        write_json(json_path, run_document(results, pipeline.timings, info, class_names))
+        write_json(json_path, run_document(results, pipelines[0].timings, info, class_names))
     if csv_path:
-        write_csv(csv_path, results, class_names)
+        write_csv(csv_path, results, class_names, clip_model, seg_model)
     if plot:
         shown = write_plot(plot, results, class_names)
         if shown < sum(bool(r.clips) for r in results):
             echo_err(f"note: {plot} shows the first {shown} sources only")
+    if overlay and results[0].lv is not None:
+        write_overlay(overlay, results[0].frames, results[0].lv_masks, results[0].lv)
     if any(not r.ok for r in results):
         raise typer.Exit(EXIT_FAILED)
 
 
-def _run_sources(pipeline: InferencePipeline, sources: list[str], realtime: bool) -> list[SourceResult]:
-    """Every source in order; a failing one is reported on one line and the others still run."""
-    items = list(expand_sources(sources))
+def _split_models(backends: list[Backend]) -> tuple[Backend | None, Backend | None]:
+    """(the EF or classification model, the seg model): at most one of each."""
+    seg = [b for b in backends if b.meta.task == "seg"]
+    clip = [b for b in backends if b.meta.task != "seg"]
+    if len(seg) > 1 or len(clip) > 1:
+        fail(f"--model takes at most one seg model and one EF or classification model; got tasks "
+             f"{', '.join(b.meta.task for b in backends)}", EXIT_USAGE)
+    return (clip or [None])[0], (seg or [None])[0]
+
+
+def _check_outputs(seg_backend: Backend | None, overlay: str | None, items: list[tuple[str, object]]) -> None:
+    """Refuse, before any work, an overlay the models or sources cannot give."""
+    if overlay and seg_backend is None:
+        fail("--overlay draws a seg model's LV: give a seg model with --model", EXIT_USAGE)
+    if overlay and len(items) != 1:
+        fail(f"--overlay takes one video file; got {len(items)} sources", EXIT_USAGE)
+    if overlay and is_live_source(items[0][0]):
+        fail(f"--overlay takes one video file, not a live source ({items[0][0]})", EXIT_USAGE)
+    if overlay:
+        try:
+            check_overlay_path(overlay)
+        except ValueError as e:
+            fail(str(e), EXIT_USAGE)
+
+
+def _model_info(pipeline: InferencePipeline, path: str, device: str, load_s: float) -> dict:
+    """The JSON's description of one model's run: file, preset, task, device, stride, preprocessing, timings."""
+    return {"model": path, "preset": pipeline.backend.meta.preset, "task": pipeline.task, "device": device,
+            "stride": pipeline.stride, "preprocess": dataclasses.asdict(pipeline.spec), "model_load_s": load_s,
+            "timings": pipeline.timings.to_dict()}
+
+
+def _run_sources(pipelines: list[InferencePipeline], items: list[tuple[str, object]],
+                 realtime: bool) -> list[SourceResult]:
+    """Every source in order, through every pipeline (a clip model's, then a seg model's, merged into one
+    result); a failing one is reported on one line and the others still run."""
     files = sum(not is_live_source(s) and e is None for s, e in items)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=Console(stderr=True), transient=True, disable=files < 2)
@@ -105,18 +164,34 @@ def _run_sources(pipeline: InferencePipeline, sources: list[str], realtime: bool
         task = progress.add_task("videos", total=files)
         for source, error in items:
             if error is not None:
-                result = SourceResult(source, error=str(error))
-            elif is_live_source(source):
-                show = functools.partial(_print_clip, source, pipeline.class_names)
-                result = pipeline.run_live(source, realtime=realtime, on_clip=show)
+                result = SourceResult(source, task=pipelines[0].task, error=str(error))
             else:
-                progress.update(task, description=source[-40:])
-                result = pipeline.run_file(source)
-                progress.advance(task)
+                if not is_live_source(source):
+                    progress.update(task, description=source[-40:])
+                result = _merge([_run_source(p, source, realtime) for p in pipelines])
+                if not is_live_source(source):
+                    progress.advance(task)
             if not result.ok:
                 echo_err(f"error: {result.error}")
             results.append(result)
     return results
+
+
+def _run_source(pipeline: InferencePipeline, source: str, realtime: bool) -> SourceResult:
+    if is_live_source(source):
+        show = functools.partial(_print_clip, source, pipeline.class_names)
+        return pipeline.run_live(source, realtime=realtime, on_clip=show)
+    return pipeline.run_file(source)
+
+
+def _merge(results: list[SourceResult]) -> SourceResult:
+    """One source's results from a clip model and a seg model as one: the clip model's, with the seg model's
+    LV report, frames and masks; the first error of either."""
+    merged = results[0]
+    for other in results[1:]:
+        merged.lv, merged.lv_masks, merged.frames = other.lv, other.lv_masks, other.frames
+        merged.error = merged.error or other.error
+    return merged
 
 
 def _print_clip(source: str, class_names: list[str], clip: ClipResult) -> None:

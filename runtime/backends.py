@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from evim3.runtime.errors import BackendUnavailableError, ModelFileError
 from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, ModelMeta
-from evim3.runtime.outputs import clip_output_shape
+from evim3.runtime.outputs import output_shape
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -40,7 +40,7 @@ def available_cpus() -> int:
 
 
 class Backend(abc.ABC):
-    """A loaded model: ``run(clips (N, 1, T, S, S) float32) -> (N, K) float32`` (seg: (N, 2, T, S, S)): the raw
+    """A loaded model: ``run(clips (N, 1, T, S, S) float32) -> (N, K) or (N, 2, T, S, S) float32``: the raw
     graph output (EF points or logits; evim3.runtime.outputs says what they mean)."""
 
     meta: ModelMeta
@@ -116,8 +116,8 @@ def check_input_shape(path: str, shape: tuple, meta: ModelMeta, where: str) -> i
 
 def check_output_shape(path: str, shape: tuple, meta: ModelMeta, where: str) -> None:
     """The model output must be (N, *per clip) with the per-clip shape the metadata's task implies
-    (evim3.runtime.outputs.clip_output_shape: (width,), or (2, frames, size, size) for seg)."""
-    expected = clip_output_shape(meta)
+    (evim3.runtime.outputs.output_shape); symbolic dimensions pass."""
+    expected = output_shape(meta)
     fixed = [d if isinstance(d, int) and d > 0 else None for d in shape[1:]]
     if len(shape) != 1 + len(expected) or any(f is not None and f != e for f, e in zip(fixed, expected)):
         classes = f" with {len(meta.class_names)} classes" if meta.task == "classification" else ""

@@ -1,5 +1,6 @@
 """The inference pipeline: source -> frames -> preprocess -> sliding clips -> backend -> EF per clip and per
-video, timing every stage. No torch: numpy, PyAV/pydicom (through evim3.runtime.video) and a Backend.
+video (or, for a seg model, the LV of every frame, its beats and their EF: evim3.runtime.seg), timing every
+stage. No torch: numpy, PyAV/pydicom (through evim3.runtime.video) and a Backend.
 
 Files are streamed: decoded and preprocessed frame by frame on a thread by the same functions as training
 (evim3.runtime.preprocess, with the model's own PreprocessSpec), cut into clips every `stride` resampled
@@ -25,17 +26,19 @@ from evim3.runtime.backends import Backend, latency_percentiles
 from evim3.runtime.errors import EchoInputError, Evim3Error, TooShortError
 from evim3.runtime.live import LiveFrame, LiveReader, is_live_source
 from evim3.runtime.meta import PreprocessSpec
-from evim3.runtime.outputs import clip_values
+from evim3.runtime.outputs import clip_values, lv_evidence
 from evim3.runtime.preprocess import (
     frames_to_input,
     motion_region,
     motion_window_frames,
     normalise,
     real_frame_share,
+    resized_spacing,
     sample_clip_indices,
     stream_to_uint8,
 )
-from evim3.runtime.video import iter_video_files, open_video
+from evim3.runtime.seg import FrameStitcher, LVReport, analyse_lv
+from evim3.runtime.video import Region, iter_video_files, open_video
 
 STRIP_FRAMES = 8  # frames kept per source for the --plot strip
 PREFETCH_FRAMES = 64  # prepared (spec.size^2 uint8) frames the decoding thread may run ahead of inference
@@ -51,11 +54,15 @@ MIN_CLIP_SHARE = 0.5  # of the model's clip span (spec.clip_seconds)
 class ClipResult:
     start_s: float  # source time of the clip's first and last frame
     end_s: float
-    values: list[float]  # [EF in points] for EF models; class probabilities for classification models
+    # [EF in points] for EF models; class probabilities for classification models; none for seg models (their
+    # clips add up to the masks of SourceResult.lv)
+    values: list[float]
     real_share: float = 1.0  # share of the clip's frames that are not repeats of a looped short video
 
     def to_dict(self, class_names: list[str]) -> dict:
         d = {"start_s": self.start_s, "end_s": self.end_s, "real_frame_share": self.real_share}
+        if not self.values:
+            return d
         if class_names:
             return {**d, "probabilities": dict(zip(class_names, self.values))}
         return {**d, "ef": self.values[0]}
@@ -67,11 +74,15 @@ class SourceResult:
 
     source: str
     clips: list[ClipResult] = field(default_factory=list)
+    task: str = "ef"  # of the model whose clips these are (evim3.runtime.meta.TASKS)
     duration_s: float = 0.0  # seconds of video analysed
     error: str | None = None
     dropped_frames: int = 0  # live --realtime only
     interrupted: bool = False  # live source stopped with Ctrl-C
     strip: list[tuple[float, np.ndarray]] = field(default_factory=list, repr=False)  # (time, frame) for plots
+    lv: LVReport | None = None  # seg models: the LV of every frame, the beats, their EF
+    lv_masks: list[np.ndarray | None] = field(default_factory=list, repr=False)  # seg, keep_frames: per frame
+    frames: list[np.ndarray] = field(default_factory=list, repr=False)  # keep_frames: the prepared frames
 
     @property
     def ok(self) -> bool:
@@ -84,8 +95,9 @@ class SourceResult:
         return min((c.real_share for c in self.clips), default=1.0)
 
     def mean_values(self) -> list[float] | None:
-        """Per-video result: the mean over clips of EF (one value) or of each class probability."""
-        if not self.clips:
+        """Per-video result: the mean over clips of EF (one value) or of each class probability; None without
+        clips or for a seg model."""
+        if not self.clips or not self.clips[0].values:
             return None
         return np.mean([c.values for c in self.clips], axis=0).tolist()
 
@@ -96,8 +108,10 @@ class SourceResult:
         if class_names:
             d["probabilities"] = None if mean is None else dict(zip(class_names, mean))
             d["prediction"] = None if mean is None else class_names[int(np.argmax(mean))]
-        else:
+        elif self.task == "ef":
             d["ef"] = None if mean is None else mean[0]
+        if self.lv is not None:
+            d["lv"] = self.lv.to_dict()
         if self.dropped_frames or self.interrupted:
             d.update(dropped_frames=self.dropped_frames, interrupted=self.interrupted)
         d["clips"] = [c.to_dict(class_names) for c in self.clips]
@@ -262,17 +276,24 @@ def expand_sources(sources: list[str]) -> Iterator[tuple[str, EchoInputError | N
 
 
 class InferencePipeline:
-    """Runs sources through one backend; collects per-stage timings over every source it runs."""
+    """Runs sources through one backend; collects per-stage timings over every source it runs.
 
-    def __init__(self, backend: Backend, stride: int | None = None, batch: int = 1, keep_strip: bool = False):
+    keep_frames (seg models, for --overlay): keep every prepared frame and LV mask of a file in its result,
+    size^2 bytes and size^2 / 8 bytes per frame, so memory grows with the video's length.
+    """
+
+    def __init__(self, backend: Backend, stride: int | None = None, batch: int = 1, keep_strip: bool = False,
+                 keep_frames: bool = False):
         self.backend = backend
         self.spec = backend.meta.preprocess
-        self.class_names = backend.meta.class_names if backend.meta.task == "classification" else []
+        self.task = backend.meta.task
+        self.class_names = backend.meta.class_names if self.task == "classification" else []
         self.stride = stride or self.spec.default_stride
         if self.stride < 1 or batch < 1:
             raise ValueError(f"stride and batch must be >= 1 (got stride {stride}, batch {batch})")
         self.batch = batch
         self.keep_strip = keep_strip
+        self.keep_frames = keep_frames
         self.timings = Timings()
 
     @contextlib.contextmanager
@@ -285,11 +306,13 @@ class InferencePipeline:
         finally:
             stage.seconds.append(time.perf_counter() - t0)
 
-    def _run_clips(self, clips: np.ndarray) -> list[list[float]]:
-        """Backend outputs as per-clip values: EF, or class probabilities."""
+    def _run_clips(self, clips: np.ndarray) -> list[Any]:
+        """Backend outputs per clip: values (EF, or class probabilities), or a seg model's LV evidence (T, H, W)."""
         with self._timed("inference", "batch"):
             out = self.backend.run(clips[:, None])
         self.timings.clips += len(clips)
+        if self.task == "seg":
+            return list(lv_evidence(out))
         return clip_values(out, self.backend.meta).tolist()
 
     def run_file(self, path: str) -> SourceResult:
@@ -301,73 +324,115 @@ class InferencePipeline:
         """
         t0 = time.perf_counter()
         decode, prepare = _Clock(), _Clock()
+        regions: list[Region] = []  # the region preprocessing cropped to (stated or found)
+        stitcher = FrameStitcher() if self.task == "seg" else None
         try:
             with decode.timing():  # opening reads headers (and a DICOM file's whole dataset)
                 reader = open_video(path)
             with reader:
                 source = _clocked(reader.frames(), decode)
-                prepared = _clocked(stream_to_uint8(source, reader.fps, self.spec, reader.meta["region"]), prepare)
+                prepared = _clocked(stream_to_uint8(source, reader.fps, self.spec, reader.meta["region"],
+                                                    regions.append), prepare)
                 with contextlib.closing(in_background(prepared, PREFETCH_FRAMES)) as frames:
-                    return self._analyse(path, frames, lambda: reader.num_frames / reader.fps)
+                    result = self._analyse(path, frames, lambda: reader.num_frames / reader.fps, stitcher)
+            if stitcher:
+                self._measure_lv(result, stitcher, reader.meta, regions[0])
+            return result
         except EchoInputError as e:
-            return SourceResult(path, error=str(e))
+            return SourceResult(path, task=self.task, error=str(e))
         finally:
             self.timings.stage("decode", "video").seconds.append(decode.seconds)
             self.timings.stage("preprocess", "video").seconds.append(prepare.seconds - decode.seconds)
             self.timings.wall_s += time.perf_counter() - t0
 
-    def _analyse(self, source: str, frames: Iterable[np.ndarray], duration_s: Callable[[], float]) -> SourceResult:
+    def _measure_lv(self, result: SourceResult, stitcher: FrameStitcher, meta: dict[str, Any],
+                    region: Region) -> None:
+        """The LV report of a seg model's stitched masks, in cm when the file states its pixel spacing."""
+        spacing = meta.get("spacing_cm")
+        if spacing is not None:
+            spacing = resized_spacing(spacing, region, self.spec.size)
+        with self._timed("LV analysis", "video"):
+            result.lv = analyse_lv(stitcher.masks(), self.spec.fps, spacing, meta.get("spacing_source"))
+        result.lv.clips = len(result.clips)
+        if self.keep_frames:
+            result.lv_masks = list(stitcher.masks())
+
+    def _analyse(self, source: str, frames: Iterable[np.ndarray], duration_s: Callable[[], float],
+                 stitcher: FrameStitcher | None = None) -> SourceResult:
         """Clips every `stride` frames of a stream of prepared (uint8, spec.fps) frames, run in batches as
         their frames arrive; a video shorter than one clip gives one clip that loops it. `duration_s` tells
-        the source's duration once the stream has ended."""
+        the source's duration once the stream has ended. A seg model's clips go to `stitcher`, which settles
+        each frame once no clip still to come holds it; its last clip is aligned to the video's end, so that
+        the frames after the last clip of the stride have masks too."""
         spec, span = self.spec, self.spec.clip_span
         window: deque[np.ndarray] = deque()  # prepared frames first, first + 1, ...
         first = count = next_start = 0
-        pending: list[tuple[int, np.ndarray, float]] = []  # (start, uint8 clip, share of real frames)
-        result = SourceResult(source)
+        pending: list[tuple[np.ndarray, np.ndarray, float]] = []  # (frame indices, uint8 clip, share of real frames)
+        result = SourceResult(source, task=self.task)
         strip = _StripSampler() if self.keep_strip else None
         for frame in frames:
             window.append(frame)
             count += 1
             if strip:
                 strip.add((count - 1) / spec.fps, frame)
+            if self.keep_frames:
+                result.frames.append(frame)
             while next_start + span <= count:
-                indices = sample_clip_indices(count, spec, next_start) - first
-                pending.append((next_start, np.stack([window[i] for i in indices]), 1.0))
+                indices = sample_clip_indices(count, spec, next_start)
+                pending.append((indices, np.stack([window[i] for i in indices - first]), 1.0))
                 next_start += self.stride
                 if len(pending) == self.batch:
-                    self._run_pending(pending, result)
-            while window and first < next_start:
+                    self._run_pending(pending, result, stitcher, settled=self._kept_from(next_start, count))
+            while window and first < self._kept_from(next_start, count):
                 window.popleft()
                 first += 1
         result.duration_s = duration_s()
         check_long_enough(source, result.duration_s, spec)
         if next_start == 0:  # shorter than one clip: every frame is still in the window
-            clip = np.stack([window[i] for i in sample_clip_indices(count, spec, 0)])
-            pending.append((0, clip, real_frame_share(count, spec, 0)))
-        self._run_pending(pending, result)
+            indices = sample_clip_indices(count, spec, 0)
+            pending.append((indices, np.stack([window[i] for i in indices]), real_frame_share(count, spec, 0)))
+        elif stitcher and next_start - self.stride + span < count:  # the last clip ended before the video
+            indices = sample_clip_indices(count, spec, count - span)
+            pending.append((indices, np.stack([window[i] for i in indices - first]), 1.0))
+        self._run_pending(pending, result, stitcher, settled=count)
         if strip:
             result.strip = strip.frames()
         self.timings.video_s += result.duration_s
         return result
 
-    def _run_pending(self, pending: list[tuple[int, np.ndarray, float]], result: SourceResult) -> None:
-        """Run the pending clips as one batch and empty the list."""
-        if not pending:
-            return
+    def _kept_from(self, next_start: int, count: int) -> int:
+        """The first of `count` frames so far that a clip still to come may hold: the next clip's start, and
+        for a seg model that of a last clip aligned to the video's end (at most one clip span back)."""
+        return min(next_start, count - self.spec.clip_span) if self.task == "seg" else next_start
+
+    def _run_pending(self, pending: list[tuple[np.ndarray, np.ndarray, float]], result: SourceResult,
+                     stitcher: FrameStitcher | None, settled: int) -> None:
+        """Run the pending clips as one batch and empty the list; a stitcher then settles the frames before
+        `settled`, which no clip still to come holds."""
         spec = self.spec
-        values = self._run_clips(normalise(np.stack([clip for _, clip, _ in pending]), spec))
-        for (start, _, share), outputs in zip(pending, values):
-            result.clips.append(ClipResult(start / spec.fps, (start + spec.clip_span - 1) / spec.fps, outputs,
-                                           share))
-        pending.clear()
+        if pending:
+            outputs = self._run_clips(normalise(np.stack([clip for _, clip, _ in pending]), spec))
+            for (indices, _, share), output in zip(pending, outputs):
+                start = int(indices[0])
+                if stitcher:
+                    stitcher.add(indices, output)
+                values = [] if stitcher else output
+                result.clips.append(ClipResult(start / spec.fps, (start + spec.clip_span - 1) / spec.fps, values,
+                                               share))
+            pending.clear()
+        if stitcher:
+            stitcher.finish_before(settled)
 
     def run_live(self, source: str, realtime: bool = False,
                  on_clip: Callable[[ClipResult], None] | None = None) -> SourceResult:
         """Analyse a stream as it arrives, one clip every `stride` resampled frames, until the stream ends or
         Ctrl-C. `on_clip` sees each clip as soon as it is computed."""
         t0 = time.perf_counter()
-        result = SourceResult(source)
+        result = SourceResult(source, task=self.task)
+        if self.task == "seg":
+            result.error = (f"{source}: a seg model measures beats over a whole file; live sources are not "
+                            "supported (record the stream to a file)")
+            return result
         decode = self.timings.stage("decode", "frame")
         try:
             # The queue holds two clips' worth of frames, so after a --realtime drop the consumer can

@@ -3,6 +3,7 @@
     task "ef":              (N, 1) EF in points
     task "classification":  2 classes -> (N, 1) one logit, the evidence for class 1 (trained with BCE, as the
                             paper's classification head); K > 2 classes -> (N, K) logits (cross-entropy)
+    task "seg":             (N, 2, frames, size, size) background and LV logits of every pixel of every frame
 
 Every reader of model outputs (the inference pipeline, the backends' shape checks, parity, `evim3 eval` and
 its metrics) and the model that writes them go through here. numpy only.
@@ -25,6 +26,14 @@ def output_width(task: str, num_classes: int = 0) -> int:
 
 def meta_output_width(meta: ModelMeta) -> int:
     return output_width(meta.task, len(meta.class_names))
+
+
+def output_shape(meta: ModelMeta) -> tuple[int, ...]:
+    """One clip's output shape (the graph's output without its batch axis)."""
+    if meta.task == "seg":
+        spec = meta.preprocess
+        return (SEG_CLASSES, spec.frames, spec.size, spec.size)
+    return (meta_output_width(meta),)
 
 
 def class_probabilities(logits: np.ndarray) -> np.ndarray:
@@ -55,17 +64,15 @@ def clip_values(outputs: np.ndarray, meta: ModelMeta) -> np.ndarray:
 SEG_CLASSES = 2  # task "seg": background and left ventricle, as the paper's segmentation head
 
 
-def clip_output_shape(meta: ModelMeta) -> tuple[int, ...]:
-    """The shape of one clip's output, without the batch: (width,) for EF and classification
-    (``meta_output_width``), (SEG_CLASSES, frames, size, size) for seg."""
-    if meta.task == "seg":
-        spec = meta.preprocess
-        return (SEG_CLASSES, spec.frames, spec.size, spec.size)
-    return (meta_output_width(meta),)
-
-
 def lv_masks(outputs: np.ndarray) -> np.ndarray:
     """Backend outputs (N, 2, T, H, W) of a seg model -> LV masks (N, T, H, W) bool: where the LV logit wins."""
+    return lv_evidence(outputs) > 0
+
+
+def lv_evidence(outputs: np.ndarray) -> np.ndarray:
+    """Backend outputs (N, 2, T, H, W) of a seg model -> (N, T, H, W) float32: LV minus background logit, the
+    log-odds of LV under the two-class softmax; positive where the LV wins. What overlapping clips average
+    (evim3.runtime.seg)."""
     if outputs.ndim != 5 or outputs.shape[1] != SEG_CLASSES:
         raise ValueError(f"seg model outputs have shape {outputs.shape}; expected (N, {SEG_CLASSES}, T, H, W)")
-    return outputs[:, 1] > outputs[:, 0]
+    return (outputs[:, 1] - outputs[:, 0]).astype(np.float32)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 from evim3.runtime.meta import PreprocessSpec
@@ -140,8 +140,7 @@ def _source_index(output: np.ndarray | int, fps: float, target_fps: float) -> np
 def square_resize_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:
     """Where ``square_resize`` puts a (height, width) picture in its size x size output: (new height,
     new width, top, left)."""
-    longer = max(height, width)
-    new_height, new_width = max(1, round(height * size / longer)), max(1, round(width * size / longer))
+    new_height, new_width = resized_shape(height, width, size)
     return new_height, new_width, (size - new_height) // 2, (size - new_width) // 2
 
 
@@ -175,15 +174,30 @@ def square_resize(frames: np.ndarray, size: int) -> np.ndarray:
     return squared
 
 
+def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) of a picture once ``square_resize`` has scaled its longer side to `size`."""
+    longer = max(height, width)
+    return max(1, round(height * size / longer)), max(1, round(width * size / longer))
+
+
+def resized_spacing(spacing: tuple[float, float], region: Region, size: int) -> tuple[float, float]:
+    """The physical (dy, dx) of a pixel of the model's frames, from that of the source's pixels and the
+    region ``square_resize`` scaled: each side keeps its physical length over its new pixel count."""
+    y0, y1, x0, x1 = region
+    new_height, new_width = resized_shape(y1 - y0, x1 - x0, size)
+    return spacing[0] * (y1 - y0) / new_height, spacing[1] * (x1 - x0) / new_width
+
+
 def stream_to_uint8(frames: Iterable[np.ndarray], fps: float, spec: PreprocessSpec,
-                    region: Region | None = None) -> Iterator[np.ndarray]:
+                    region: Region | None = None, on_region: Callable[[Region], None] | None = None
+                    ) -> Iterator[np.ndarray]:
     """uint8 frames (H, W) at `fps`, one at a time -> uint8 (spec.size, spec.size) frames at spec.fps, one at
     a time: crop to `region`, ``square_resize``, ``resample_indices``. The frames at spec.fps are those of
     ``frames_to_uint8`` on the whole stack (each needed source frame is resized once, as it arrives).
 
     `region` (y0, y1, x0, x1) None: found by ``motion_region`` on the first ``motion_window_frames(fps)``
     frames, which are held until then. Past them only the current frame is held, so memory does not grow
-    with the length of the stream.
+    with the length of the stream. `on_region` is told the region used, before the first frame comes out.
     """
     frames = iter(frames)
     if region is None:
@@ -192,6 +206,8 @@ def stream_to_uint8(frames: Iterable[np.ndarray], fps: float, spec: PreprocessSp
             return
         region = motion_region(np.stack([window[i] for i in motion_sample(len(window))]))  # the same sample
         frames = itertools.chain(_drain(window), frames)
+    if on_region:
+        on_region(region)
     y0, y1, x0, x1 = region
 
     def resized(frame: np.ndarray) -> np.ndarray:

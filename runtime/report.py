@@ -1,5 +1,6 @@
 """What `evim3 infer` and `evim3 bench` show and write: a terminal table, the timing summary, JSON and CSV
-(one row per video, per-clip values included; written atomically) and the --plot PNG (matplotlib, optional).
+(one row per video, per-clip values and, for a seg model, every beat and every frame's LV area included;
+written atomically) and the --plot PNG (matplotlib, optional).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 from evim3.runtime.atomic import atomic_path, write_atomic
 from evim3.runtime.infer import STRIP_FRAMES, ClipResult, SourceResult, Timings
+from evim3.runtime.seg import LVReport
 from rich.table import Table
 
 PLOT_MAX_SOURCES = 12  # a figure with more rows is unreadable
@@ -27,34 +29,75 @@ def _short(source: str, width: int = 30) -> str:
     return source if len(source) <= width else "…" + source[-(width - 1):]
 
 
-def results_table(results: list[SourceResult], class_names: list[str]) -> Table:
-    """One row per source: EF (mean, min-max over clips) or class probabilities; 'failed' for a source
-    that could not be used (its reason is printed on its own line by `evim3 infer`); the clip count marked
-    'short' for a video shorter than the model's clip (the clip loops it)."""
+def results_table(results: list[SourceResult], class_names: list[str], clip_model: bool = True,
+                  seg_model: bool = False) -> Table:
+    """One row per source: EF (mean, min-max over clips) or class probabilities of the clip model, and the
+    beat-to-beat EF of a seg model (mean +- SD over beats), side by side; 'failed' for a source that could
+    not be used (its reason is printed on its own line by `evim3 infer`); the clip count marked 'short' for
+    a video shorter than the model's clip (the clip loops it)."""
     table = Table(title="evim3 infer", title_justify="left")
     table.add_column("source", no_wrap=True)
     table.add_column("seconds", justify="right", min_width=7)
     table.add_column("clips", justify="right", min_width=5)
-    value_names = ["prediction", *(f"p({n})" for n in class_names)] if class_names else ["EF %", "clip range"]
+    if not clip_model:
+        value_names = []
+    elif class_names:
+        value_names = ["prediction", *(f"p({n})" for n in class_names)]
+    else:
+        value_names = ["EF %", "clip range"]
+    value_names += ["EF % (beats)", "beats"] if seg_model else []
     for name in value_names:
         table.add_column(name, justify="left" if name == "prediction" else "right", min_width=len(name))
     for r in results:
-        mean = r.mean_values()
         if not r.ok:
             values = ["[red]failed[/red]"] + [""] * (len(value_names) - 1)
-        elif mean is None:
-            values = ["-"] * len(value_names)
-        elif class_names:
-            values = [class_names[int(np.argmax(mean))], *(_fmt(p, 3) for p in mean)]
         else:
-            efs = [c.values[0] for c in r.clips]
-            values = [_fmt(mean[0]), f"{_fmt(min(efs))}-{_fmt(max(efs))}"]
+            values = (_clip_cells(r, class_names) if clip_model else []) + (_lv_cells(r) if seg_model else [])
         clips = f"[yellow]{len(r.clips)} short[/yellow]" if r.real_share < 1 else str(len(r.clips))
         table.add_row(_short(r.source), _fmt(r.duration_s) if r.ok else "-", clips, *values)
     if any(r.real_share < 1 for r in results):
         table.caption = ("short: the video is shorter than the model's clip, which repeats its frames "
                          "(share of real frames: real_frame_share in --json/--csv)")
     return table
+
+
+def _clip_cells(r: SourceResult, class_names: list[str]) -> list[str]:
+    mean = r.mean_values()
+    if mean is None:
+        return ["-"] * (1 + len(class_names) if class_names else 2)
+    if class_names:
+        return [class_names[int(np.argmax(mean))], *(_fmt(p, 3) for p in mean)]
+    efs = [c.values[0] for c in r.clips]
+    return [_fmt(mean[0]), f"{_fmt(min(efs))}-{_fmt(max(efs))}"]
+
+
+def _lv_cells(r: SourceResult) -> list[str]:
+    """Mean EF +- beat-to-beat SD over the beats a seg model found, and how many."""
+    if r.lv is None or not r.lv.beats:
+        return ["-", "0"]
+    spread = f" ± {r.lv.ef_sd:.1f}" if r.lv.ef_sd is not None else ""
+    return [f"{r.lv.ef_mean:.1f}{spread}", str(len(r.lv.beats))]
+
+
+def beats_tables(results: list[SourceResult]) -> list[Table]:
+    """Per source with beats, every beat a seg model found: ED and ES (time, and frame # of the video at the
+    model's fps), the LV area at both (cm^2 where the file states its pixel spacing, else pixels of the
+    model's frame), EF."""
+    tables = []
+    for r in results:
+        if not (r.lv and r.lv.beats):
+            continue
+        table = Table(title=f"beats of {_short(r.source, 50)} (frame # at {r.lv.fps:g} fps)", title_justify="left")
+        for name in ("beat", "ED", "ES", "LV area ED → ES", "EF %"):
+            table.add_column(name, justify="right", no_wrap=True)
+        for k, b in enumerate(r.lv.beats, 1):
+            if b.ed_area_cm2 is not None:
+                area = f"{b.ed_area_cm2:.2f} → {b.es_area_cm2:.2f} cm²"
+            else:
+                area = f"{b.ed_area_px:.0f} → {b.es_area_px:.0f} px"
+            table.add_row(str(k), f"{b.ed_s:.2f} s #{b.ed_frame}", f"{b.es_s:.2f} s #{b.es_frame}", area, _fmt(b.ef))
+        tables.append(table)
+    return tables
 
 
 def source_notes(results: list[SourceResult]) -> list[str]:
@@ -67,9 +110,18 @@ def source_notes(results: list[SourceResult]) -> list[str]:
         notes += [f"dropped {r.dropped_frames} frames to keep up (--realtime)"] if r.dropped_frames else []
         notes += ["stopped by Ctrl-C"] if r.interrupted else []
         notes += ["no complete clip"] if r.ok and not r.clips else []
+        notes += _lv_notes(r) if r.ok and r.lv else []
         if notes:
             lines.append(f"{r.source}: {', '.join(notes)}")
     return lines
+
+
+def _lv_notes(r: SourceResult) -> list[str]:
+    lv = r.lv
+    notes = [lv.no_beat_reason] if lv.no_beat_reason else []
+    notes += lv.notes
+    notes += ["LV areas in pixels of the model's frame: the file states no pixel spacing"] if not lv.spacing_cm else []
+    return notes
 
 
 def timing_lines(timings: Timings, device: str) -> list[str]:
@@ -118,31 +170,66 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_csv(path: str, results: list[SourceResult], class_names: list[str]) -> None:
-    """One row per source; per-clip start times and values as ';'-separated lists in their own columns."""
+# --csv columns of a seg model's results (LVReport): per video, then per beat and per frame as ';' lists
+LV_COLUMNS = ("lv_ef_mean", "lv_ef_sd", "lv_num_beats", "lv_no_beat_reason", "lv_pixel_spacing_cm",
+              "beat_ed_frame", "beat_es_frame", "beat_ed_s", "beat_es_s", "beat_ed_area_px", "beat_es_area_px",
+              "beat_ed_area_cm2", "beat_es_area_cm2", "beat_edv_ml", "beat_esv_ml", "beat_ef",
+              "frame_lv_area_px")
+
+
+def write_csv(path: str, results: list[SourceResult], class_names: list[str], clip_model: bool = True,
+              seg_model: bool = False) -> None:
+    """One row per source; per-clip start times and values as ';'-separated lists in their own columns, and
+    with a seg model its LV_COLUMNS (every beat, every frame's LV area)."""
     value_columns = ["prediction", *(f"p_{n}" for n in class_names)] if class_names else ["ef"]
     clip_columns = ["clip_prediction"] if class_names else ["clip_ef"]
-    header = ["source", "status", "error", "duration_s", "num_clips", "real_frame_share", *value_columns,
-              "clip_start_s", *clip_columns, "clip_real_frame_share"]
+    header = ["source", "status", "error", "duration_s", "num_clips", "real_frame_share",
+              *(value_columns if clip_model else []), "clip_start_s", *(clip_columns if clip_model else []),
+              "clip_real_frame_share", *(LV_COLUMNS if seg_model else [])]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for r in results:
-        mean = r.mean_values()
-        if mean is None:
-            values = [""] * len(value_columns)
-        elif class_names:
-            values = [class_names[int(np.argmax(mean))], *(f"{p:.6f}" for p in mean)]
-        else:
-            values = [f"{mean[0]:.4f}"]
-        if class_names:
-            per_clip = ";".join(class_names[int(np.argmax(c.values))] for c in r.clips)
-        else:
-            per_clip = ";".join(f"{c.values[0]:.4f}" for c in r.clips)
+        values, per_clip = _clip_csv(r, class_names) if clip_model else ([], [])
         writer.writerow([r.source, "ok" if r.ok else "failed", r.error or "", f"{r.duration_s:.3f}", len(r.clips),
-                         f"{r.real_share:.3f}", *values, ";".join(f"{c.start_s:.3f}" for c in r.clips), per_clip,
-                         ";".join(f"{c.real_share:.3f}" for c in r.clips)])
+                         f"{r.real_share:.3f}", *values, ";".join(f"{c.start_s:.3f}" for c in r.clips), *per_clip,
+                         ";".join(f"{c.real_share:.3f}" for c in r.clips), *(_lv_row(r) if seg_model else [])])
     write_atomic(path, buffer.getvalue())
+
+
+def _clip_csv(r: SourceResult, class_names: list[str]) -> tuple[list[str], list[str]]:
+    """The clip model's cells of one source: its per-video values, and its per-clip values as one list."""
+    mean = r.mean_values()
+    if mean is None:
+        values = [""] * (1 + len(class_names) if class_names else 1)
+    elif class_names:
+        values = [class_names[int(np.argmax(mean))], *(f"{p:.6f}" for p in mean)]
+    else:
+        values = [f"{mean[0]:.4f}"]
+    if class_names:
+        return values, [";".join(class_names[int(np.argmax(c.values))] for c in r.clips)]
+    return values, [";".join(f"{c.values[0]:.4f}" for c in r.clips)]
+
+
+def _lv_row(r: SourceResult) -> list[str]:
+    """The LV_COLUMNS of one source: empty cells where there is no value (no beat, no spacing, frames no clip
+    covered)."""
+    if r.lv is None:
+        return [""] * len(LV_COLUMNS)
+    lv = r.lv
+
+    def cell(value: float | None, digits: int = 4) -> str:
+        return "" if value is None else f"{value:.{digits}f}"
+
+    def per_beat(name: str, digits: int = 4) -> str:
+        return ";".join(cell(getattr(b, name), digits) for b in lv.beats)
+
+    spacing = "" if lv.spacing_cm is None else f"{lv.spacing_cm[0]:.6f};{lv.spacing_cm[1]:.6f}"
+    return [cell(lv.ef_mean), cell(lv.ef_sd), str(len(lv.beats)), lv.no_beat_reason or "", spacing,
+            ";".join(str(b.ed_frame) for b in lv.beats), ";".join(str(b.es_frame) for b in lv.beats),
+            per_beat("ed_s", 3), per_beat("es_s", 3), per_beat("ed_area_px", 1), per_beat("es_area_px", 1),
+            per_beat("ed_area_cm2"), per_beat("es_area_cm2"), per_beat("edv_ml"), per_beat("esv_ml"),
+            per_beat("ef"), ";".join(cell(a, 1) for a in lv.area_px)]
 
 
 def check_plot_available() -> None:
@@ -151,8 +238,9 @@ def check_plot_available() -> None:
 
 
 def write_plot(path: str, results: list[SourceResult], class_names: list[str]) -> int:
-    """EF (or class probabilities) per clip over time, above a strip of the source's frames; one row per
-    source with clips, up to PLOT_MAX_SOURCES. Returns how many sources were drawn."""
+    """EF (or class probabilities) per clip over time and a seg model's LV area curve with its ED and ES
+    marked (on a second axis when both ran), above a strip of the source's frames; one row per source with
+    clips, up to PLOT_MAX_SOURCES. Returns how many sources were drawn."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     shown = [r for r in results if r.clips][:PLOT_MAX_SOURCES]
@@ -161,7 +249,9 @@ def write_plot(path: str, results: list[SourceResult], class_names: list[str]) -
     for sub, r in zip(rows, shown):
         curve, strip = sub.subplots(2, 1, sharex=True, height_ratios=[3, 1])
         times = [(c.start_s + c.end_s) / 2 for c in r.clips]
-        if class_names:
+        if not r.clips[0].values:
+            _draw_lv_curve(curve, r.lv)
+        elif class_names:
             for k, name in enumerate(class_names):
                 curve.plot(times, [c.values[k] for c in r.clips], marker="o", label=name)
             curve.set_ylabel("probability")
@@ -176,12 +266,29 @@ def write_plot(path: str, results: list[SourceResult], class_names: list[str]) -
             curve.ticklabel_format(axis="y", useOffset=False)
             curve.set_ylabel("EF %")
             curve.legend(loc="upper right", fontsize="small")
+        if r.lv is not None and r.clips[0].values:
+            _draw_lv_curve(curve.twinx(), r.lv, legend="lower right")
         curve.set_title(r.source, fontsize="small", loc="left")
         _draw_strip(strip, r, end=max(r.clips[-1].end_s, r.duration_s))
         strip.set_xlabel("time (s)")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return len(shown)
+
+
+def _draw_lv_curve(ax: Any, lv: LVReport, legend: str = "upper right") -> None:
+    """LV area over time (frames no clip covered left out), ED and ES of every beat marked."""
+    frames = [i for i, a in enumerate(lv.area_px) if a is not None]
+    pixel = lv.spacing_cm[0] * lv.spacing_cm[1] if lv.spacing_cm else 1.0
+    ax.plot([i / lv.fps for i in frames], [lv.area_px[i] * pixel for i in frames], color="gray", label="LV area")
+    # The overlay's colours (red ED, blue ES), as triangles: EF per clip draws blue circles on the same axes.
+    for marks, colour, shape, name in (("ed", "tab:red", "v", "ED"), ("es", "tab:blue", "^", "ES")):
+        ax.scatter([getattr(b, f"{marks}_s") for b in lv.beats], [getattr(b, f"{marks}_area_px") * pixel
+                                                                  for b in lv.beats],
+                   color=colour, marker=shape, label=name, zorder=3)
+    ax.set_ylabel("LV area (cm²)" if lv.spacing_cm else "LV area (px)")
+    ef = f"EF {lv.ef_mean:.1f} %" if lv.beats else "no beat"
+    ax.legend(loc=legend, fontsize="small", title=ef, title_fontsize="small")
 
 
 def _draw_strip(ax: Any, result: SourceResult, end: float) -> None:

@@ -72,6 +72,7 @@ LUMA_FIRST_PHOTOMETRICS = frozenset({"YBR_FULL", "YBR_FULL_422"})
 # What pydicom needs to know to decode pixel data.
 PIXEL_DESCRIPTION = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation")
 REGION_SPATIAL_FORMAT_2D = 1  # SequenceOfUltrasoundRegions: 1 = 2D image; others are M-mode, spectral, ...
+REGION_UNITS_CM = 3  # PhysicalUnitsX/YDirection: 3 = cm (others: none, percent, dB, seconds, hertz, ...)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -84,7 +85,9 @@ class Video:
     """A decoded video: frames (T, H, W) uint8 grayscale at `fps` frames per second.
 
     meta holds at least ``original_size`` (H, W), ``num_frames``, ``region`` (the ultrasound region the file
-    states, as (y0, y1, x0, x1), or None) and ``notes`` (list of str: defaults assumed, damage tolerated).
+    states, as (y0, y1, x0, x1), or None), ``spacing_cm`` (the physical (dy, dx) of a pixel in cm the file
+    states, or None) with ``spacing_source`` (the DICOM element it came from) and ``notes`` (list of str:
+    defaults assumed, damage tolerated).
     """
 
     frames: np.ndarray
@@ -222,9 +225,11 @@ def _check_size(path: str, num_frames: int, height: int, width: int) -> None:
         raise AbsurdSizeError(path, f"{num_frames} frames exceed the limit of {MAX_FRAMES}")
 
 
-def _video_meta(region: Region | None, notes: list[str], original_size: tuple[int, int], **extra: Any
-                ) -> dict[str, Any]:
-    return {"original_size": original_size, "region": region, "notes": notes, **extra}
+def _video_meta(region: Region | None, notes: list[str], original_size: tuple[int, int],
+                spacing: tuple[tuple[float, float], str] | None = None, **extra: Any) -> dict[str, Any]:
+    spacing_cm, spacing_source = spacing or (None, None)
+    return {"original_size": original_size, "region": region, "spacing_cm": spacing_cm,
+            "spacing_source": spacing_source, "notes": notes, **extra}
 
 
 # --- PyAV: video files, and MPEG cines inside DICOM ---
@@ -332,7 +337,8 @@ def _open_dicom(path: str) -> VideoReader:
     notes += fps_notes
     region = _dicom_region(ds, height, width, notes)
     transfer_syntax = _transfer_syntax(ds)
-    meta = _video_meta(region, notes, (height, width), transfer_syntax=transfer_syntax.name)
+    meta = _video_meta(region, notes, (height, width), _dicom_spacing(ds, region),
+                       transfer_syntax=transfer_syntax.name)
     if transfer_syntax in MPEGTransferSyntaxes:
         return VideoReader(path, fps, meta, lambda: _dicom_mpeg_frames(ds, path, num_frames, notes))
     decode = _dicom_frame_decoder(ds, path, transfer_syntax, num_frames, notes)
@@ -389,25 +395,49 @@ def _dicom_fps(ds: pydicom.Dataset) -> tuple[float, list[str]]:
     return DEFAULT_FPS, [f"no FrameTime, CineRate or RecommendedDisplayFrameRate; assumed {DEFAULT_FPS:g} fps"]
 
 
+def _first_2d_region(ds: pydicom.Dataset) -> pydicom.Dataset | None:
+    """The first item of SequenceOfUltrasoundRegions that is a 2D image with its four corners."""
+    for region in ds.get("SequenceOfUltrasoundRegions") or []:
+        corners = ("RegionLocationMinY0", "RegionLocationMaxY1", "RegionLocationMinX0", "RegionLocationMaxX1")
+        if region.get("RegionSpatialFormat") == REGION_SPATIAL_FORMAT_2D and all(k in region for k in corners):
+            return region
+    return None
+
+
 def _dicom_region(ds: pydicom.Dataset, height: int, width: int, notes: list[str]) -> Region | None:
     """The first 2D region of SequenceOfUltrasoundRegions; None (with a note) when it does not fit the image.
 
     DICOM region corners are inclusive pixel coordinates; the returned box is half-open.
     """
-    for region in ds.get("SequenceOfUltrasoundRegions") or []:
-        if region.get("RegionSpatialFormat") != REGION_SPATIAL_FORMAT_2D:
-            continue
-        corners = [region.get(k) for k in ("RegionLocationMinY0", "RegionLocationMaxY1",
-                                           "RegionLocationMinX0", "RegionLocationMaxX1")]
-        if None in corners:
-            continue
-        y0, y1, x0, x1 = int(corners[0]), int(corners[1]) + 1, int(corners[2]), int(corners[3]) + 1
-        if 0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width:
-            return (y0, y1, x0, x1)
-        # Seen in files that were resized after the scanner wrote the region: the box no longer means anything.
-        notes.append(f"ultrasound region rows {y0}-{y1}, columns {x0}-{x1} lies outside the {height}x{width} "
-                     f"image; ignored")
+    region = _first_2d_region(ds)
+    if region is None:
         return None
+    y0, y1 = int(region.RegionLocationMinY0), int(region.RegionLocationMaxY1) + 1
+    x0, x1 = int(region.RegionLocationMinX0), int(region.RegionLocationMaxX1) + 1
+    if 0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width:
+        return (y0, y1, x0, x1)
+    # Seen in files that were resized after the scanner wrote the region: the box no longer means anything.
+    notes.append(f"ultrasound region rows {y0}-{y1}, columns {x0}-{x1} lies outside the {height}x{width} "
+                 f"image; ignored")
+    return None
+
+
+def _dicom_spacing(ds: pydicom.Dataset, region: Region | None) -> tuple[tuple[float, float], str] | None:
+    """((dy, dx) in cm, source): the physical size of a pixel, where the file states it.
+
+    The used 2D ultrasound region's PhysicalDeltaY/X when both are in cm (how scanners state it), else
+    PixelSpacing (row, column spacing in mm). None when neither: areas stay in pixels. A region that does not
+    fit the image (ignored by _dicom_region) gives no spacing either: the image was resized after it was written.
+    """
+    item = _first_2d_region(ds) if region is not None else None
+    if item is not None:
+        units = (item.get("PhysicalUnitsYDirection"), item.get("PhysicalUnitsXDirection"))
+        deltas = (float(item.get("PhysicalDeltaY") or 0), float(item.get("PhysicalDeltaX") or 0))
+        if units == (REGION_UNITS_CM, REGION_UNITS_CM) and all(d != 0 for d in deltas):
+            return (abs(deltas[0]), abs(deltas[1])), "SequenceOfUltrasoundRegions PhysicalDeltaY/X"
+    spacing = ds.get("PixelSpacing")
+    if spacing is not None and len(spacing) == 2 and all(float(s) > 0 for s in spacing):
+        return (float(spacing[0]) / 10, float(spacing[1]) / 10), "PixelSpacing"
     return None
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from evim3.runtime.atomic import atomic_path, write_atomic
 from evim3.runtime.errors import DatasetError
+from evim3.runtime.seg import area_length_volume
 
 # The EchoNet-Dynamic layout, which the loaders in evim3.data also read.
 FILELIST_NAME = "FileList.csv"
@@ -451,11 +452,6 @@ def read_truth_masks(root: str | os.PathLike, file_name: str) -> np.ndarray:
         return np.unpackbits(data["bits"], count=int(np.prod(shape))).astype(bool).reshape(shape)
 
 
-def _area_length_volume(area_px: float, length_px: float, cm_per_px: float) -> float:
-    """Area-length LV volume in mL (cm^3): V = 8 A^2 / (3 pi L)."""
-    return float(8 * area_px**2 / (3 * math.pi * length_px) * cm_per_px**3)
-
-
 class _VideoJob(NamedTuple):
     seed: int
     index: int
@@ -482,7 +478,8 @@ def _make_video(job: _VideoJob) -> tuple[SynthVideo, list[list[str]]]:
     # EchoNet lists the ES (smaller) tracing first and the ED tracing last.
     for frame in (heart.es_frame, heart.ed_frame):
         apex, base = lv.apex_and_base(frame)
-        volumes[frame] = _area_length_volume(lv_area[frame], float(np.linalg.norm(base - apex)), heart.cm_per_px)
+        length_cm = float(np.linalg.norm(base - apex)) * heart.cm_per_px
+        volumes[frame] = area_length_volume(lv_area[frame] * heart.cm_per_px**2, length_cm)  # mL
         segments = [(apex, base), *zip(*_chord_ends(lv, frame))]  # the long axis, then the chords
         for (x1, y1), (x2, y2) in segments:
             tracings.append([f"{heart.name}.avi", f"{x1:.4f}", f"{y1:.4f}", f"{x2:.4f}", f"{y2:.4f}", str(frame)])
