@@ -1,6 +1,7 @@
 """Acceptance run for LV segmentation (issue 17): evim3-tiny fine-tuned for segmentation on the built-in
 synthetic dataset on the CPU should reach overall Dice >= 0.85 on TEST (EchoNet-Dynamic's DeepLabV3: 0.92 on
-real data), and its ONNX export should give PyTorch's masks (Dice >= 0.999 in fp32).
+real data), its ONNX export should give PyTorch's masks (Dice >= 0.999 in fp32), and the beat-to-beat EF the
+edge runtime reads from the exported model's masks should be within 6 EF points of the labels (MAE).
 
     python -m benchmarks seg                                     # the real thing (1,500 steps)
     EVIM3_BENCH_SEG_STEPS=5 python -m benchmarks seg --no-record  # a smoke run
@@ -10,7 +11,9 @@ Steps: fine-tune from scratch (Dice + CE on the traced ED/ES frames), `evim3 eva
 overall Dice with bootstrap 95 % intervals), the Dice of every frame of each TEST video's first clip against
 the generator's own LV (Masks/, when the dataset has it: the frames the tracings never judge), export to
 ONNX (fp32) and `evim3 check`'s comparison of ONNX Runtime's masks with PyTorch's on its clips and 4 TEST
-videos.
+videos; then every TEST video through the edge pipeline (`evim3 infer --model seg.onnx`: clips stitched into
+per-frame masks, beats, area-length EF per beat) and the mean EF of its beats against the video's label, with a
+bootstrap 95 % interval and the mean predictor (the TRAIN mean EF) beside it.
 
 Environment: EVIM3_BENCH_SEG_STEPS (optimizer steps, default 1500), EVIM3_BENCH_SEG_OUT (a folder to keep
 best.safetensors and seg.onnx in, e.g. for beat-to-beat EF at the edge; default: a temporary folder),
@@ -30,6 +33,9 @@ import numpy as np
 import torch
 from evim3.export.onnx import export_checkpoint
 from evim3.export.parity import make_golden
+from evim3.runtime.backends import open_backend
+from evim3.runtime.infer import InferencePipeline
+from evim3.runtime.meta import PreprocessSpec
 from evim3.runtime.outputs import lv_masks
 from evim3.runtime.parity_check import check_files, dataset_videos
 from evim3.runtime.preprocess import (
@@ -47,7 +53,7 @@ from evim3.data.echonet import EchoNetDataset
 from evim3.data.synth import MASKS_DIR, read_truth_masks
 from evim3.train.evaluate import evaluate_checkpoint
 from evim3.train.loop import train
-from evim3.train.metrics import overlap_counts, pooled_dice
+from evim3.train.metrics import mae, overlap_counts, pooled_dice, regression_report
 from evim3.train.recipe import TrainConfig
 
 DEFAULT_STEPS = 1500
@@ -95,6 +101,32 @@ def every_frame_dice(checkpoint: Path, data: Path) -> float | None:
     return pooled_dice(np.stack(counts))
 
 
+def beat_to_beat_ef(onnx_path: Path, data: Path) -> dict[str, Any]:
+    """Every TEST video through the edge pipeline with the exported seg model: the mean EF of the beats it
+    finds against the label. Videos with no beat found count as misses (reported, not scored)."""
+    test = EchoNetDataset(data, "TEST", PreprocessSpec(), clips="first")
+    pipeline = InferencePipeline(open_backend(onnx_path, provider="cpu"))
+    true, predicted, beats, sds, missed = [], [], [], [], []
+    for path, label in zip(test.paths, test.ef):
+        lv = pipeline.run_file(str(path)).lv
+        if lv is None or lv.ef_mean is None:
+            missed.append(os.path.basename(path))
+            continue
+        true.append(float(label))
+        predicted.append(lv.ef_mean)
+        beats.append(len(lv.beats))
+        if lv.ef_sd is not None:
+            sds.append(lv.ef_sd)
+    if not true:
+        return {"videos_scored": 0, "videos_without_beats": len(missed)}
+    report = regression_report(np.array(true), np.array(predicted), resamples=1000, seed=SEED)
+    return {"videos_scored": len(true), "videos_without_beats": len(missed), "beats_per_video": float(np.mean(beats)),
+            "mae": report["mae"], "mae_95ci": f"{report['mae_lo']:.2f} to {report['mae_hi']:.2f}", "r2": report["r2"],
+            "mean_predictor_mae": mae(np.array(true), np.full(len(true), test.ef_mean)),
+            "pred_std": report["pred_std"], "true_std": report["true_std"],
+            "median_beat_to_beat_sd": float(np.median(sds)) if sds else None, "missed": missed[:10]}
+
+
 def run() -> dict[str, Any]:
     steps = int(os.environ.get("EVIM3_BENCH_SEG_STEPS", str(DEFAULT_STEPS)))
     data = dataset_folder(int(os.environ.get("EVIM3_BENCH_TRAIN_VIDEOS", "400")))
@@ -115,6 +147,7 @@ def run() -> dict[str, Any]:
         export = export_checkpoint(checkpoint, onnx_path)
         golden = make_golden(checkpoint, clips=4, seed=SEED, videos=dataset_videos(data))
         parity = check_files(golden, onnx=str(onnx_path))[0]
+        beat_ef = beat_to_beat_ef(onnx_path, data)
 
     row = {
         "steps": summary["step"], "train_videos": summary["train_videos"], "train_min": train_s / 60,
@@ -127,6 +160,8 @@ def run() -> dict[str, Any]:
         "test_every_frame_dice": all_frames if all_frames is not None else "n/a (no Masks/)",
         "onnx_vs_torch_mask_dice_fp32": parity.dice, "onnx_vs_torch_max_logit_diff": parity.max_abs,
         "onnx_parity": "pass" if parity.passed else "FAIL",
+        "beat_ef_mae": beat_ef.get("mae"), "beat_ef_mae_95ci": beat_ef.get("mae_95ci"),
+        "beat_ef_mean_predictor_mae": beat_ef.get("mean_predictor_mae"),
     }
     return {
         "rows": [row],
@@ -136,5 +171,7 @@ def run() -> dict[str, Any]:
         "kept": str(out) if keep else None,
         "acceptance_test_dice_ge_0.85": bool(report["dice"] >= 0.85),
         "acceptance_onnx_mask_dice_ge_0.999": bool(parity.dice is not None and parity.dice >= 0.999),
+        "beat_to_beat_ef (edge pipeline, ONNX, TEST)": beat_ef,
+        "acceptance_beat_ef_mae_le_6": bool(beat_ef.get("mae") is not None and beat_ef["mae"] <= 6),
         "note": "timings on a shared machine; the lead re-records in a quiet run",
     }
