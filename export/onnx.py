@@ -16,6 +16,8 @@ How the graph is made, and why:
 * ``fp16=True`` exports the model with float16 weights and compute, but float32 for the scan (and its
   exp), its parameters (A_log, D, dt bias) and the residual stream -- mamba's own mixed precision. Input
   and output stay float32.
+* Every graph written is checked against the rules of TensorRT 10.3's ONNX parser (export/trt_rules.py):
+  one that breaks a rule is not written.
 * The file carries its ModelMeta JSON in ``metadata_props[META_KEY]`` plus a few flat keys for humans
   (Netron shows them); it passes ``onnx.checker`` with ``full_check``; it is written atomically.
 """
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 
 import onnx
 import torch
+from evim3.export.trt_rules import require_tensorrt_ready
 from evim3.runtime.atomic import atomic_path
 from evim3.runtime.errors import ModelFileError
 from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, PRECISION_PROP, ModelMeta
@@ -101,6 +104,7 @@ def export_onnx(model: EViM3, meta: ModelMeta, path: str | os.PathLike, *, opset
     meta = dataclasses.replace(meta, precision="fp16" if fp16 else "fp32")
     finish_graph(proto, meta, opset=opset, dynamic_batch=dynamic_batch)
     onnx.checker.check_model(proto, full_check=True)
+    require_tensorrt_ready(proto, path)  # fail here, not at engine build time on the device
     with atomic_path(path) as tmp:
         onnx.save_model(proto, tmp)
     return OnnxExport(os.fspath(path), opset, meta.precision, None if dynamic_batch else batch,
