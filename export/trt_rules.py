@@ -8,8 +8,9 @@ a rule fails the export with one line, not the engine build on the user's Jetson
 
 Source: onnx/onnx-tensorrt docs/operators.md and onnxOpImporters.cpp (Scan, Loop importers) at branch
 10.1-GA, commit 96e7811 ("ONNX-TensorRT 10.1 GA release"), the newest 10.x revision available to this
-project; the 10.x operator table states opset 9..20 and its types. Where 10.3 differs from 10.1 it only adds
-support (per the release changelog), so a graph that passes these rules also parses on 10.3.
+project (no 10.3 branch was); that table states opset 9..20 and the types per operator. A parser release
+normally adds support rather than removing it, so these rules should hold for 10.3 too; that is not verified
+against 10.3's own table, and no TensorRT has parsed an evim3 graph yet.
 
 Rules encoded (each violation names its node and the rule):
 * opset of the default domain within 9..20; no node outside the default domain (custom ops need plugins);
