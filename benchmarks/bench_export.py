@@ -86,24 +86,28 @@ def _peak_rss_mib() -> float:
 # ---------------------------------------------------------------- run(): engines side by side
 
 def linear_shapes(model, clip) -> list[tuple[int, int, int]]:
-    """(M, K, N) of every GEMM the model's forward does on `clip`: each nn.Linear call (M = rows of its
-    input) and the patch Conv3d as the GEMM of its patches."""
+    """(M, K, N) of every GEMM the model's forward does on `clip`: each linear call (nn.Linear, and
+    F.linear on a module's weight, as Mamba's dt_proj; M = rows of its input) and the patch Conv3d as the
+    GEMM of its patches."""
     import torch
     from torch import nn
+    from torch.overrides import TorchFunctionMode
 
     shapes = []
 
-    def linear(module, args, output):
-        x = args[0]
-        shapes.append((x.numel() // x.shape[-1], module.in_features, module.out_features))
+    class Linears(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.linear:
+                x, weight = args[0], args[1]
+                shapes.append((x.numel() // x.shape[-1], weight.shape[1], weight.shape[0]))
+            return func(*args, **(kwargs or {}))
 
     def conv(module, args, output):
         patch = int(np.prod(module.kernel_size)) * module.in_channels
         shapes.append((output.numel() // module.out_channels, patch, module.out_channels))
 
-    hooks = [m.register_forward_hook(linear) for m in model.modules() if isinstance(m, nn.Linear)]
-    hooks += [m.register_forward_hook(conv) for m in model.modules() if isinstance(m, nn.Conv3d)]
-    with torch.no_grad():
+    hooks = [m.register_forward_hook(conv) for m in model.modules() if isinstance(m, nn.Conv3d)]
+    with torch.no_grad(), Linears():
         model(clip)
     for hook in hooks:
         hook.remove()
