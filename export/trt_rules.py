@@ -325,8 +325,11 @@ def _constant(node: onnx.NodeProto, scope: _Scope, opset: int) -> Iterator[str]:
 def _zero_point(index: int, name: str):
     def rule(node: onnx.NodeProto, scope: _Scope, opset: int) -> Iterator[str]:
         if len(node.input) > index and node.input[index]:
-            value = scope.constants.get(node.input[index])
-            if value is None or onnx.numpy_helper.to_array(value).any():
+            if node.input[index] not in scope.constants:
+                yield f"{name} must be a constant zero"
+                return
+            value = scope.constants[node.input[index]]  # None: a Constant in another form than `value`
+            if value is not None and onnx.numpy_helper.to_array(value).any():
                 yield f"{name} must be a constant zero"
     return rule
 
