@@ -13,16 +13,16 @@ with --int8), and timed on the same clip by
   ort-int8     the --int8 export (dynamic quantisation of the linear layers) through OnnxBackend;
   gemm-floor   every linear layer of the model (and the patch Conv3d) as a plain GEMM of its own shape, on the
                same threads: the time the model's matmuls need, whatever runs the rest.
-Each engine lives in its own process (so one's spinning or OpenMP threads, allocator and caches do not
-touch another's), all with 2 threads, batch 1; WARMUP untimed calls each, then REPEATS rounds in which every
+Each engine lives in its own process (eager and the GEMM floor share PyTorch's), so one's spinning or
+OpenMP threads, allocator and caches do not touch another's; all with 2 threads, batch 1; WARMUP untimed calls each, then REPEATS rounds in which every
 engine runs once, in an order rotated round by round, with PAUSE_S untimed before each call so that the
 threads of the engine that ran last are idle. Median, min and max per engine; the load average before and
 after is recorded, and a run on a loaded machine is marked so: its numbers are not final.
 
 Why the 2026-11-27 records disagreed (ORT 307 ms here, 181.7 ms in bench_runtime, same preset, same hour):
 this benchmark then ran ORT with spinning off in the same process as PyTorch, right after each eager call
-(torch's OpenMP workers spin after a parallel region, onto the cores ORT was starting on), after one warm-up
-round and over 5 runs, on a shared machine; bench_runtime ran OnnxBackend (spinning on) alone in its process,
+(torch's OpenMP workers may still be spin-waiting from it when ORT starts on the same cores), after one
+warm-up round and over 5 runs, on a shared machine; bench_runtime ran OnnxBackend (spinning on) alone in its process,
 3 warm-ups and 20 runs, on a dynamic-batch export. Spinning alone moved ORT's evim3-tiny latency by 2.8x in
 a side-by-side check under load (on: 658 ms, off: 233 ms, load average 2.5 on 2 cores); which wins on an
 idle machine is for the quiet run to say, hence the two ort rows. Weights do not matter (random init with

@@ -75,7 +75,9 @@ def export(
         calibration = CalibrationClips(spec, calib_cache or os.path.splitext(output)[0] + ".calib", calib_data,
                                        batch=batch, count=calib_clips)
     onnx_fp16 = fp16 and fp16_needs_fp16_onnx(trt)
-    onnx_path = os.path.splitext(output)[0] + ".onnx"  # the fp32 graph for int8: TensorRT calibrates it
+    # the graph the engine is built from; for int8 the fp32 graph TensorRT calibrates, named so that it is not
+    # taken for the CPU int8 ONNX (`--int8` without --format engine)
+    onnx_path = os.path.splitext(output)[0] + (".fp32" if int8 else "") + ".onnx"
     _report_onnx(export_checkpoint(checkpoint, onnx_path, fp16=onnx_fp16, **onnx_options))
     built = build_engine(onnx_path, output, workspace_gib=workspace, fp16=fp16, int8=calibration,
                          batch=(1, batch, max_batch) if dynamic_batch else None)

@@ -135,6 +135,7 @@ class OnnxBackend(Backend):
                                                 "(or onnxruntime-gpu on CUDA machines)") from None
         self.path = path
         self.threads = threads or available_cpus()
+        self.spinning = spinning
         requested = self._requested_providers(ort.get_available_providers(), provider)
         options = ort.SessionOptions()
         # Explicit CPU threads: ORT's default (all physical cores, spinning) fights the decode thread.
@@ -201,7 +202,8 @@ class OnnxBackend(Backend):
 
     @property
     def device(self) -> str:
-        threads = f", {self.threads} threads" if self.providers[0] == "CPUExecutionProvider" else ""
+        threads = (f", {self.threads} threads{'' if self.spinning else ', no spinning'}"
+                   if self.providers[0] == "CPUExecutionProvider" else "")
         return f"onnxruntime {self.providers[0]}{threads}"
 
     def _run_batch(self, clips: np.ndarray) -> np.ndarray:
