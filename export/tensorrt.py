@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import onnx
 from evim3.export.onnx import SCAN_TAG, read_onnx_meta
+from evim3.export.trt_rules import require_tensorrt_ready
 from evim3.runtime.atomic import write_atomic
 from evim3.runtime.engine_file import EngineHeader, current_gpu, pack_engine
 from evim3.runtime.errors import BackendUnavailableError, ModelFileError
@@ -183,6 +185,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
                                             "that will run them")
     onnx_path, engine_path = os.fspath(onnx_path), os.fspath(engine_path)
     meta, _ = read_onnx_meta(onnx_path)
+    require_tensorrt_ready(onnx.load(onnx_path), onnx_path)  # a file from elsewhere: one line, not a parser log
     strongly_typed = meta.precision == "fp16"
     if fp16 and fp16_needs_fp16_onnx(trt) and not strongly_typed:
         raise ValueError(f"TensorRT {trt.__version__} builds fp16 engines from an fp16 ONNX only: export with "
