@@ -17,7 +17,10 @@ Each engine lives in its own process (eager and the GEMM floor share PyTorch's),
 OpenMP threads, allocator and caches do not touch another's; all with 2 threads, batch 1; WARMUP untimed calls each, then REPEATS rounds in which every
 engine runs once, in an order rotated round by round, with PAUSE_S untimed before each call so that the
 threads of the engine that ran last are idle. Median, min and max per engine; the load average before and
-after is recorded, and a run on a loaded machine is marked so: its numbers are not final.
+after is recorded, and a run on a loaded machine is marked so: its numbers are not final. max_abs_diff_ef
+is each engine's output against eager's on the same random weights: it shows they compute the same model,
+not int8's error on echo content (a random init answers nearly the same EF for every clip; that error is
+measured by `evim3 check --data` on a trained checkpoint).
 
 Why the 2026-11-27 records disagreed (ORT 307 ms here, 181.7 ms in bench_runtime, same preset, same hour):
 this benchmark then ran ORT with spinning off in the same process as PyTorch, right after each eager call
