@@ -1,18 +1,35 @@
-"""ONNX export: ONNX Runtime CPU against PyTorch eager, and the graph form the exporter uses.
+"""ONNX export: the edge runtime against PyTorch eager and the matmul floor, and the graph form the exporter uses.
 
-    python -m benchmarks export                       # run(): ORT vs eager, evim3-tiny and evim3
+    python -m benchmarks export                       # run(): evim3-tiny and evim3
+    EVIM3_BENCH_EXPORT_PRESETS=evim3-tiny EVIM3_BENCH_EXPORT_REPEATS=3 python -m benchmarks export   # shorter
     python -m benchmarks.bench_export --forms         # the export-form comparison (slow: tens of minutes)
 
-run(): batch 1, 2 threads for both, random-init models of each preset, timed in the same process with
-the two runtimes interleaved run by run (so both see the same machine load); medians reported.
-Target: ORT <= 0.6x eager for evim3-tiny.
+run(), for each preset, in one run: one random-init checkpoint, exported as `evim3 export` writes it (and
+with --int8), and timed on the same clip by
+  eager        PyTorch eager, with the scan this machine's dispatcher picks for CPU tensors (the fused C++
+               kernel when it builds; the row names it);
+  ort          ONNX Runtime through evim3's own OnnxBackend, exactly as `evim3 infer` opens it (workers spin);
+  ort-nospin   the same with ONNX Runtime's worker spinning off;
+  ort-int8     the --int8 export (dynamic quantisation of the linear layers) through OnnxBackend;
+  gemm-floor   every linear layer of the model (and the patch Conv3d) as a plain GEMM of its own shape, on the
+               same threads: the time the model's matmuls need, whatever runs the rest.
+Each engine lives in its own process (eager and the GEMM floor share PyTorch's), so one's spinning or
+OpenMP threads, allocator and caches do not touch another's; all with 2 threads, batch 1; WARMUP untimed calls each, then REPEATS rounds in which every
+engine runs once, in an order rotated round by round, with PAUSE_S untimed before each call so that the
+threads of the engine that ran last are idle. Median, min and max per engine; the load average before and
+after is recorded, and a run on a loaded machine is marked so: its numbers are not final. max_abs_diff_ef
+is each engine's output against eager's on the same random weights: it shows they compute the same model,
+not int8's error on echo content (a random init answers nearly the same EF for every clip; that error is
+measured by `evim3 check --data` on a trained checkpoint).
 
---forms: how the selective scan reaches the graph, at evim3-tiny, evim3 and evim3-p4 --
-  unrolled:         the chunked scan's Python loops unrolled by the TorchScript exporter (dynamo=False)
-  unrolled-dynamo:  the same loops unrolled by torch.export + the dynamo exporter
-  scan:             evim3's export (ONNX Scan loops through torch.ops.higher_order.scan, dynamo exporter)
--- node count, nodes per scan, export time and peak memory, ORT latency and peak memory; each export and
-each ORT run in its own process, so peak RSS is that job's.
+Why the 2026-11-27 records disagreed (ORT 307 ms here, 181.7 ms in bench_runtime, same preset, same hour):
+this benchmark then ran ORT with spinning off in the same process as PyTorch, right after each eager call
+(torch's OpenMP workers may still be spin-waiting from it when ORT starts on the same cores), after one
+warm-up round and over 5 runs, on a shared machine; bench_runtime ran OnnxBackend (spinning on) alone in its process,
+3 warm-ups and 20 runs, on a dynamic-batch export. Spinning alone moved ORT's evim3-tiny latency by 2.8x in
+a side-by-side check under load (on: 658 ms, off: 233 ms, load average 2.5 on 2 cores); which wins on an
+idle machine is for the quiet run to say, hence the two ort rows. Weights do not matter (random init with
+the same seed in both, and no data-dependent control flow; flushing denormals changed nothing).
 """
 
 from __future__ import annotations
@@ -31,9 +48,14 @@ import time
 import numpy as np
 
 THREADS = 2
-RUN_PRESETS = ("evim3-tiny", "evim3")
+RUN_PRESETS = tuple(os.environ.get("EVIM3_BENCH_EXPORT_PRESETS", "evim3-tiny,evim3").split(","))
 FORM_PRESETS = ("evim3-tiny", "evim3", "evim3-p4")
 FORMS = ("unrolled", "unrolled-dynamo", "scan")
+ENGINES = ("eager", "ort", "ort-nospin", "ort-int8", "gemm-floor")
+WARMUP = 2
+REPEATS = int(os.environ.get("EVIM3_BENCH_EXPORT_REPEATS", "5"))
+PAUSE_S = 0.2
+LOADED = 0.5  # a 1-minute load average above this (other processes computing) marks the numbers as not final
 
 
 def _model_and_meta(preset: str):
@@ -56,9 +78,7 @@ def _ort_session(path: str):
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # ORT's workers spin after each run; interleaved with eager in one process they would steal torch's
-    # cores (measured: eager 10-40x slower). Off, as for torch's own threads between calls.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # one job per process here
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -66,43 +86,162 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run(presets: tuple[str, ...] = RUN_PRESETS, runs: int = 5) -> dict:
-    """ORT CPU vs PyTorch eager latency, batch 1, same process, interleaved."""
+# ---------------------------------------------------------------- run(): engines side by side
+
+def linear_shapes(model, clip) -> list[tuple[int, int, int]]:
+    """(M, K, N) of every GEMM the model's forward does on `clip`: each linear call (nn.Linear, and
+    F.linear on a module's weight, as Mamba's dt_proj; M = rows of its input) and the patch Conv3d as the
+    GEMM of its patches."""
     import torch
-    from evim3.export.onnx import export_onnx
+    from torch import nn
+    from torch.overrides import TorchFunctionMode
+
+    shapes = []
+
+    class Linears(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.linear:
+                x, weight = args[0], args[1]
+                shapes.append((x.numel() // x.shape[-1], weight.shape[1], weight.shape[0]))
+            return func(*args, **(kwargs or {}))
+
+    def conv(module, args, output):
+        patch = int(np.prod(module.kernel_size)) * module.in_channels
+        shapes.append((output.numel() // module.out_channels, patch, module.out_channels))
+
+    hooks = [m.register_forward_hook(conv) for m in model.modules() if isinstance(m, nn.Conv3d)]
+    with torch.no_grad(), Linears():
+        model(clip)
+    for hook in hooks:
+        hook.remove()
+    return shapes
+
+
+def _torch_worker(conn, checkpoint: str, clip: np.ndarray) -> None:
+    """Eager forward and the GEMM floor on THREADS threads; answers 'eager' / 'gemm-floor' with (seconds, output)."""
+    import torch
+
+    from evim3.checkpoint import load_model
+    from evim3.ops.selective_scan import scan_name
 
     torch.set_num_threads(THREADS)
+    model, _ = load_model(checkpoint)
+    x = torch.from_numpy(clip)
+    shapes = linear_shapes(model, x)
+    gen = torch.Generator().manual_seed(0)
+    gemms = [(torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)) for m, k, n in shapes]
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    conn.send({"scan": scan_name("cpu"), "gemms": len(shapes), "gflop": flops / 1e9})
+    with torch.no_grad():
+        while (engine := conn.recv()) is not None:
+            t0 = time.perf_counter()
+            if engine == "eager":
+                out = model(x).numpy()
+            else:
+                for a, w in gemms:
+                    torch.nn.functional.linear(a, w)
+                out = None
+            conn.send((time.perf_counter() - t0, out))
+
+
+def _ort_worker(conn, path: str, spinning: bool, clip: np.ndarray) -> None:
+    """An OnnxBackend exactly as `evim3 infer` opens one, on THREADS threads."""
+    from evim3.runtime.backends import open_backend
+
+    with open_backend(path, provider="cpu", threads=THREADS, spinning=spinning) as backend:
+        conn.send({"device": backend.device})
+        while conn.recv() is not None:
+            t0 = time.perf_counter()
+            out = backend.run(clip)
+            conn.send((time.perf_counter() - t0, out))
+
+
+def _start(target, args: tuple):
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    process = ctx.Process(target=target, args=(there, *args), daemon=True)
+    process.start()
+    return process, here
+
+
+def _side_by_side(checkpoint: str, onnx_paths: dict[str, str], clip: np.ndarray) -> tuple[dict, dict]:
+    """{engine: [seconds per repeat]}, {engine: its output (None for the GEMM floor)}, and what each worker
+    reported when it started."""
+    torch_proc, torch_conn = _start(_torch_worker, (checkpoint, clip))
+    workers = {"eager": torch_conn, "gemm-floor": torch_conn}
+    procs = [torch_proc]
+    info = {"torch": torch_conn.recv()}
+    for engine, (path, spinning) in onnx_paths.items():
+        proc, conn = _start(_ort_worker, (path, spinning, clip))
+        workers[engine] = conn
+        procs.append(proc)
+        info[engine] = conn.recv()
+    engines = [e for e in ENGINES if e in workers]
+    times: dict[str, list[float]] = {e: [] for e in engines}
+    outputs: dict[str, np.ndarray | None] = {}
+    try:
+        for round_ in range(WARMUP + REPEATS):
+            shift = round_ % len(engines)
+            for engine in engines[shift:] + engines[:shift]:
+                time.sleep(PAUSE_S)
+                workers[engine].send(engine)
+                seconds, outputs[engine] = workers[engine].recv()
+                if round_ >= WARMUP:
+                    times[engine].append(seconds)
+    finally:
+        for conn in {id(c): c for c in workers.values()}.values():
+            conn.send(None)
+        for proc in procs:
+            proc.join(timeout=60)
+    return times, outputs, info
+
+
+def run(presets: tuple[str, ...] = RUN_PRESETS) -> dict:
+    """Every engine on the same clip, side by side (see the module docstring)."""
+    import torch
+    from evim3.export.onnx import export_checkpoint
+
+    from evim3.checkpoint import save_checkpoint
+
+    load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in presets:
             model, meta = _model_and_meta(preset)
-            path = os.path.join(tmp, f"{preset}.onnx")
-            exported = export_onnx(model, meta, path)
-            session = _ort_session(path)
-            clip = np.random.default_rng(0).standard_normal((1, *session.get_inputs()[0].shape[1:]),
-                                                             dtype=np.float32)
-            x = torch.from_numpy(clip)
-            eager_s, ort_s = [], []
-            with torch.no_grad():
-                for timing in range(runs + 1):  # the first round warms both up and is not counted
-                    t0 = time.perf_counter()
-                    reference = model(x).numpy()
-                    t1 = time.perf_counter()
-                    output = session.run(None, {"clip": clip})[0]
-                    t2 = time.perf_counter()
-                    if timing:
-                        eager_s.append(t1 - t0)
-                        ort_s.append(t2 - t1)
-            eager_ms, ort_ms = 1e3 * statistics.median(eager_s), 1e3 * statistics.median(ort_s)
-            rows.append({
-                "preset": preset, "tokens": model.cfg.num_tokens, "eager_ms": eager_ms, "ort_ms": ort_ms,
-                "ort/eager": ort_ms / eager_ms, "max_abs_diff": float(np.abs(output - reference).max()),
-                "onnx_nodes": exported.stats.nodes, "nodes_per_scan": exported.stats.nodes_per_scan,
-                "export_s": exported.seconds,
-            })
-    return {"rows": rows, "threads": THREADS, "batch": 1, "runs": runs, "statistic": "median",
-            "target": "ORT <= 0.6x eager for evim3-tiny", "torch": torch.__version__,
-            "onnxruntime": __import__("onnxruntime").__version__}
+            checkpoint = os.path.join(tmp, f"{preset}.safetensors")
+            save_checkpoint(checkpoint, model.state_dict(), meta)
+            exported = export_checkpoint(checkpoint, os.path.join(tmp, f"{preset}.onnx"))
+            int8 = export_checkpoint(checkpoint, os.path.join(tmp, f"{preset}.int8.onnx"), int8=True)
+            paths = {"ort": (exported.path, True), "ort-nospin": (exported.path, False), "ort-int8": (int8.path, True)}
+            clip = np.random.default_rng(0).standard_normal((1, 1, meta.preprocess.frames, meta.preprocess.size,
+                                                             meta.preprocess.size), dtype=np.float32)
+            times, outputs, info = _side_by_side(checkpoint, paths, clip)
+            eager_ms = 1e3 * statistics.median(times["eager"])
+            for engine, seconds in times.items():
+                ms = [1e3 * s for s in seconds]
+                row = {"preset": preset, "engine": engine, "median_ms": statistics.median(ms), "min_ms": min(ms),
+                       "max_ms": max(ms), "vs_eager": statistics.median(ms) / eager_ms}
+                if engine == "eager":
+                    row["detail"] = f"scan {info['torch']['scan']}"
+                elif engine == "gemm-floor":
+                    gflop = info["torch"]["gflop"]
+                    row["detail"] = (f"{info['torch']['gemms']} GEMMs, {gflop:.1f} GFLOP, "
+                                     f"{gflop / (statistics.median(ms) / 1e3):.0f} GFLOP/s")
+                else:
+                    row["detail"] = info[engine]["device"]
+                    row["max_abs_diff_ef"] = float(np.abs(outputs[engine] - outputs["eager"]).max())
+                rows.append(row)
+            rows.append({"preset": preset, "engine": "(graph)", "detail": f"{exported.stats.nodes} ONNX nodes, "
+                         f"{exported.stats.nodes_per_scan:.0f} per scan, export {exported.seconds:.0f} s"})
+    load_after = os.getloadavg()
+    loaded = max(load_before[0], load_after[0]) > LOADED
+    return {"rows": rows, "threads": THREADS, "batch": 1, "warmup": WARMUP, "repeats": REPEATS,
+            "statistic": "median (min, max) over repeats, engines interleaved, one process each",
+            "load_average_1min": [round(load_before[0], 2), round(load_after[0], 2)],
+            "status": ("UNDER LOAD (other processes computing): not final, rerun on a quiet machine" if loaded
+                       else "quiet machine"),
+            "targets": "ort <= 1.0x eager (evim3-tiny, evim3); evim3: ort <= 1.6x gemm-floor",
+            "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__}
 
 
 # ---------------------------------------------------------------- export-form comparison (--forms)
@@ -199,12 +338,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--forms", action="store_true", help="compare unrolled vs Scan export forms")
     parser.add_argument("--presets", nargs="*", help="presets to measure")
     parser.add_argument("--only", nargs="*", choices=FORMS, help="--forms: just these forms")
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=3, help="--forms: ORT runs per form")
     args = parser.parse_args(argv)
     if args.forms:
         result = compare_forms(tuple(args.presets or FORM_PRESETS), tuple(args.only or FORMS), runs=args.runs)
     else:
-        result = run(tuple(args.presets or RUN_PRESETS), runs=args.runs)
+        result = run(tuple(args.presets or RUN_PRESETS))
     json.dump(result, sys.stdout, indent=2, default=str)
     print()
 

@@ -20,7 +20,7 @@ def export(
     checkpoint: str = typer.Argument(..., help="evim3 checkpoint: X.safetensors, or a run folder."),
     output: str | None = typer.Option(
         None, "--output", "-o", help="File to write [default: beside the checkpoint, X.onnx / X.engine, "
-                                     "X.fp16.* with --fp16]."),
+                                     "X.fp16.* with --fp16, X.int8.* with --int8]."),
     fmt: Format = typer.Option(Format.onnx, "--format", case_sensitive=False, help="onnx, or a TensorRT engine."),
     opset: int = typer.Option(17, "--opset", min=17, help="ONNX opset."),
     batch: int = typer.Option(
@@ -28,6 +28,15 @@ def export(
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="A symbolic batch dimension instead."),
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="Engine with --dynamic-batch: largest batch."),
     fp16: bool = typer.Option(False, "--fp16", help="float16 weights and compute; the scan stays float32."),
+    int8: bool = typer.Option(
+        False, "--int8", help="8-bit linear layers. ONNX: ONNX Runtime dynamic quantisation, for CPU engines; "
+                              "engine: TensorRT INT8 calibrated on --calib-data clips. The scan stays float32."),
+    calib_data: str | None = typer.Option(
+        None, "--calib-data", help="Engine with --int8: dataset folder whose TRAIN videos calibrate it."),
+    calib_cache: str | None = typer.Option(
+        None, "--calib-cache", help="Engine with --int8: calibration cache file, read if present, else written "
+                                    "[default: beside the engine, X.calib]."),
+    calib_clips: int = typer.Option(64, "--calib-clips", min=1, help="Engine with --int8: videos to calibrate on."),
     workspace: float = typer.Option(4.0, "--workspace", min=0.25, help="TensorRT builder workspace, GiB."),
     preset: str | None = typer.Option(None, "--preset", help="Refuse a checkpoint of any other preset."),
 ) -> None:
@@ -36,28 +45,41 @@ def export(
         fail(f"--batch {batch} is above --max-batch {max_batch}", EXIT_USAGE)
     if fmt is Format.onnx and dynamic_batch and batch != 1:
         fail("choose --batch N or --dynamic-batch, not both", EXIT_USAGE)
+    if fp16 and int8:
+        fail("choose --fp16 or --int8, not both", EXIT_USAGE)
+    if (calib_data or calib_cache) and not (int8 and fmt is Format.engine):
+        fail("--calib-data and --calib-cache calibrate an --int8 engine (--format engine --int8)", EXIT_USAGE)
 
     from evim3.export.onnx import export_checkpoint
 
     from evim3.checkpoint import checkpoint_file
 
     checkpoint = checkpoint_file(checkpoint)
-    suffix = (".fp16" if fp16 else "") + f".{fmt.value}"
+    suffix = (".fp16" if fp16 else ".int8" if int8 else "") + f".{fmt.value}"
     output = output or os.path.splitext(checkpoint)[0] + suffix
     onnx_options = {"opset": opset, "batch": batch, "dynamic_batch": dynamic_batch, "preset": preset}
 
     if fmt is Format.onnx:
-        result = export_checkpoint(checkpoint, output, fp16=fp16, **onnx_options)
+        result = export_checkpoint(checkpoint, output, fp16=fp16, int8=int8, **onnx_options)
         _report_onnx(result)
         return
 
-    from evim3.export.tensorrt import build_engine, fp16_needs_fp16_onnx, import_tensorrt
+    from evim3.export.tensorrt import CalibrationClips, build_engine, fp16_needs_fp16_onnx, import_tensorrt
 
     trt = import_tensorrt()  # before the slow ONNX export: fail fast where TensorRT is missing
+    calibration = None
+    if int8:
+        from evim3.checkpoint import read_meta
+
+        spec = read_meta(checkpoint).preprocess
+        calibration = CalibrationClips(spec, calib_cache or os.path.splitext(output)[0] + ".calib", calib_data,
+                                       batch=batch, count=calib_clips)
     onnx_fp16 = fp16 and fp16_needs_fp16_onnx(trt)
-    onnx_path = os.path.splitext(output)[0] + ".onnx"
+    # the graph the engine is built from; for int8 the fp32 graph TensorRT calibrates, named so that it is not
+    # taken for the CPU int8 ONNX (`--int8` without --format engine)
+    onnx_path = os.path.splitext(output)[0] + (".fp32" if int8 else "") + ".onnx"
     _report_onnx(export_checkpoint(checkpoint, onnx_path, fp16=onnx_fp16, **onnx_options))
-    built = build_engine(onnx_path, output, workspace_gib=workspace, fp16=fp16,
+    built = build_engine(onnx_path, output, workspace_gib=workspace, fp16=fp16, int8=calibration,
                          batch=(1, batch, max_batch) if dynamic_batch else None)
     h = built.header
     typer.echo(f"wrote {built.path}: TensorRT {h.tensorrt}, {h.precision}"

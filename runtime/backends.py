@@ -80,11 +80,13 @@ class Backend(abc.ABC):
         self.close()
 
 
-def open_backend(path: str | os.PathLike, provider: str | None = None, threads: int | None = None) -> Backend:
+def open_backend(path: str | os.PathLike, provider: str | None = None, threads: int | None = None,
+                 spinning: bool = True) -> Backend:
     """The backend for a model file, by its suffix.
 
     provider: 'tensorrt' | 'cuda' | 'cpu' for ONNX models (None = the best available); threads: CPU
-    threads for ONNX Runtime (None = every CPU this process may use).
+    threads for ONNX Runtime (None = every CPU this process may use); spinning: whether ONNX Runtime's
+    idle worker threads spin-wait for work (its default) or sleep.
     """
     path = os.fspath(path)
     suffix = os.path.splitext(path)[1].lower()
@@ -94,7 +96,7 @@ def open_backend(path: str | os.PathLike, provider: str | None = None, threads: 
     if not os.path.isfile(path):
         raise ModelFileError(path, "model file not found")
     if suffix == ".onnx":
-        return OnnxBackend(path, provider=provider, threads=threads)
+        return OnnxBackend(path, provider=provider, threads=threads, spinning=spinning)
     if provider not in (None, "tensorrt"):
         raise ModelFileError(path, f"a TensorRT engine runs on TensorRT only, not provider {provider!r}")
     return TensorRTBackend(path)
@@ -126,7 +128,7 @@ def check_output_shape(path: str, shape: tuple, meta: ModelMeta, where: str) -> 
 
 
 class OnnxBackend(Backend):
-    def __init__(self, path: str, provider: str | None = None, threads: int | None = None):
+    def __init__(self, path: str, provider: str | None = None, threads: int | None = None, spinning: bool = True):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -134,12 +136,16 @@ class OnnxBackend(Backend):
                                                 "(or onnxruntime-gpu on CUDA machines)") from None
         self.path = path
         self.threads = threads or available_cpus()
+        self.spinning = spinning
         requested = self._requested_providers(ort.get_available_providers(), provider)
         options = ort.SessionOptions()
         # Explicit CPU threads: ORT's default (all physical cores, spinning) fights the decode thread.
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Spinning workers answer the Scan loops' thousands of small ops sooner on an idle CPU, and steal
+        # the cores of everything else on a busy one (benchmarks/bench_export.py measures both).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.log_severity_level = 3  # errors only: ORT's warnings are not actionable for the user
         try:
             self.session = ort.InferenceSession(path, options, providers=self._provider_options(requested))
@@ -197,7 +203,8 @@ class OnnxBackend(Backend):
 
     @property
     def device(self) -> str:
-        threads = f", {self.threads} threads" if self.providers[0] == "CPUExecutionProvider" else ""
+        threads = (f", {self.threads} threads{'' if self.spinning else ', no spinning'}"
+                   if self.providers[0] == "CPUExecutionProvider" else "")
         return f"onnxruntime {self.providers[0]}{threads}"
 
     def _run_batch(self, clips: np.ndarray) -> np.ndarray:
@@ -220,7 +227,7 @@ def fallback_note(requested: list[str], used: list[str]) -> str | None:
             "(check the CUDA/cuDNN/TensorRT libraries onnxruntime-gpu needs)")
 
 
-def _import_tensorrt() -> tuple[Any, Any]:
+def import_tensorrt_cuda() -> tuple[Any, Any]:
     """(tensorrt, cuda runtime bindings), or BackendUnavailableError naming what is missing."""
     try:
         import tensorrt as trt
@@ -243,7 +250,7 @@ class TensorRTBackend(Backend):
     named-tensor API with device buffers from cuda-python's runtime bindings."""
 
     def __init__(self, path: str):
-        trt, self._cudart = _import_tensorrt()
+        trt, self._cudart = import_tensorrt_cuda()
         from evim3.runtime.engine_file import check_engine_compatible, current_gpu, read_engine
 
         self.path = path

@@ -34,7 +34,7 @@ class EngineHeader:
     tensorrt: str  # TensorRT version that built the plan, e.g. "10.3.0"
     gpu: str  # device name, e.g. "NVIDIA H100 80GB HBM3" or "Orin"
     compute_capability: str  # e.g. "9.0"
-    precision: str  # "fp32" | "fp16"
+    precision: str  # one of PRECISIONS
     batch: tuple[int, int, int]  # optimisation profile of the batch: min, opt, max
 
     def to_json(self) -> str:

@@ -21,7 +21,9 @@ INPUT_NAME = "clip"  # (N, 1, frames, size, size) float32, already normalised
 # background/LV logits for every pixel of every frame for task "seg" (runtime/outputs.py reads them)
 OUTPUT_NAME = "output"
 TASKS = ("ef", "classification", "seg")
-PRECISIONS = ("fp32", "fp16")  # of an exported file's weights and compute (checkpoints are fp32)
+# Of an exported file's weights and compute (checkpoints are fp32). int8: linear layers quantised to 8 bits
+# (ONNX: ONNX Runtime's dynamic quantisation, for CPUs; engine: TensorRT INT8 calibrated on clips).
+PRECISIONS = ("fp32", "fp16", "int8")
 # ONNX metadata_props key of the flat copy of the precision (Netron shows it). Files written before precision
 # was a ModelMeta field have it there only.
 PRECISION_PROP = f"{META_KEY}.precision"
@@ -73,7 +75,7 @@ class ModelMeta:
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r} (expected one of {', '.join(TASKS)})")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r} (expected {' or '.join(PRECISIONS)})")
+            raise ValueError(f"unknown precision {self.precision!r} (expected one of {', '.join(PRECISIONS)})")
 
     def to_json(self) -> str:
         d = dataclasses.asdict(self)

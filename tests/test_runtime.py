@@ -205,8 +205,8 @@ def test_precision_is_read_from_the_metadata_and_from_files_written_before_it_wa
     with open_backend(path) as backend:
         assert backend.meta.precision == "fp16"
     assert ModelMeta.from_json(json.dumps(old_json)).precision == "fp32"  # a checkpoint's JSON
-    with pytest.raises(ValueError, match="unknown precision 'int8'"):
-        dataclasses.replace(EF_META, precision="int8")
+    with pytest.raises(ValueError, match="unknown precision 'int4'"):
+        dataclasses.replace(EF_META, precision="int4")
 
 
 def test_unusable_model_paths(tmp_path) -> None:
