@@ -17,6 +17,7 @@ bootstrap 95 % interval and the mean predictor (the TRAIN mean EF) beside it.
 
 Environment: EVIM3_BENCH_SEG_STEPS (optimizer steps, default 1500), EVIM3_BENCH_SEG_OUT (a folder to keep
 best.safetensors and seg.onnx in, e.g. for beat-to-beat EF at the edge; default: a temporary folder),
+EVIM3_BENCH_SEG_FROM (a kept run folder stopped before its end: judge its best checkpoint, no training),
 EVIM3_BENCH_TRAIN_DATA / EVIM3_BENCH_TRAIN_VIDEOS (the dataset, as for `python -m benchmarks train`).
 """
 
@@ -127,17 +128,32 @@ def beat_to_beat_ef(onnx_path: Path, data: Path) -> dict[str, Any]:
             "median_beat_to_beat_sd": float(np.median(sds)) if sds else None, "missed": missed[:10]}
 
 
+def stopped_run(out: Path) -> tuple[dict[str, Any], float]:
+    """The summary and training seconds of a kept run stopped before its end (EVIM3_BENCH_SEG_FROM), from its
+    logs: the last validated step and the best validation Dice."""
+    with open(out / "epochs.csv", newline="") as f:
+        epochs = list(csv.DictReader(f))
+    with open(out / "steps.csv", newline="") as f:
+        elapsed = float(list(csv.DictReader(f))[-1]["elapsed_s"])
+    best = max(epochs, key=lambda row: float(row["val_dice"]))
+    return {"step": int(epochs[-1]["step"]), "train_videos": None, "best": {"val_dice": float(best["val_dice"])}}, elapsed
+
+
 def run() -> dict[str, Any]:
     steps = int(os.environ.get("EVIM3_BENCH_SEG_STEPS", str(DEFAULT_STEPS)))
     data = dataset_folder(int(os.environ.get("EVIM3_BENCH_TRAIN_VIDEOS", "400")))
     keep = os.environ.get("EVIM3_BENCH_SEG_OUT")
+    stopped = os.environ.get("EVIM3_BENCH_SEG_FROM")
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(keep) if keep else Path(tmp) / "seg"
-        cfg = TrainConfig(stage="finetune", data=str(data), out=str(out), seed=SEED, max_steps=steps, epochs=10_000,
-                          **RECIPE)
-        started = time.perf_counter()
-        summary = train(cfg)
-        train_s = time.perf_counter() - started
+        out = Path(stopped or keep or Path(tmp) / "seg")
+        if stopped:  # judge a kept run that was stopped early (its best checkpoint), without training
+            summary, train_s = stopped_run(out)
+        else:
+            cfg = TrainConfig(stage="finetune", data=str(data), out=str(out), seed=SEED, max_steps=steps,
+                              epochs=10_000, **RECIPE)
+            started = time.perf_counter()
+            summary = train(cfg)
+            train_s = time.perf_counter() - started
         step_s = seconds_per_step(out / "steps.csv")
         report = evaluate_checkpoint(out, data=str(data), split="TEST", workers=0, device="cpu", resamples=1000)
         checkpoint = out / "best.safetensors"
@@ -168,7 +184,8 @@ def run() -> dict[str, Any]:
         "dataset": str(data),
         "recipe": RECIPE,
         "export_s": export.seconds,
-        "kept": str(out) if keep else None,
+        "kept": str(out) if keep or stopped else None,
+        "stopped_run_judged": bool(stopped),
         "acceptance_test_dice_ge_0.85": bool(report["dice"] >= 0.85),
         "acceptance_onnx_mask_dice_ge_0.999": bool(parity.dice is not None and parity.dice >= 0.999),
         "beat_to_beat_ef (edge pipeline, ONNX, TEST)": beat_ef,
