@@ -4,13 +4,14 @@ then EF fine-tuning on 10 % of the labels, against the same fine-tuning from scr
 1. Pre-train evim3-tiny (the real `evim3 train pretrain` loop: STC masks at 0.8, token-skipping encoder) on
    all 300 synthetic TRAIN videos for a fixed number of steps.
 2. Fine-tune twice on the first 10 % of TRAIN (30 labelled videos), same steps, seed, clips and recipe
-   (bench_learning's loop): from the pre-trained encoder, and from a random one.
+   (bench_learning's loop): from the pre-trained encoder, and from a random one; each arm ends with the
+   weights of its best validation (50 VAL videos, 6 validations), as `evim3 train` keeps best.safetensors.
 3. TEST (50 videos, first clip): each arm's MAE with a bootstrap 95 % interval, and the paired bootstrap 95 %
    interval of the difference (scratch MAE - pre-trained MAE: above zero means pre-training helped).
 4. Linear probes (ridge, bench_learning.probe_rows) of EF on the frozen random and pre-trained encoders: did
    pre-training put EF, or anything a linear head could read, into the features at all?
 
-    python -m benchmarks fewlabels                                # ~70 minutes on 2 cores
+    python -m benchmarks fewlabels                                # ~34 minutes on 2 cores
     EVIM3_BENCH_FEWLABELS_SCALE=0.1 python -m benchmarks fewlabels  # every step count x 0.1 (smoke run)
 
 Environment: EVIM3_BENCH_FEWLABELS_SCALE (default 1), EVIM3_BENCH_TRAIN_VIDEOS / EVIM3_BENCH_TRAIN_DATA,
@@ -29,15 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.bench_learning import DEVICE, SEED, ClipSet, build, finetune, probe_rows, test_report
+from benchmarks.bench_learning import DEVICE, RECIPE, SEED, ClipSet, build, finetune, probe_rows, test_report
 from benchmarks.bench_train import PRETRAIN, dataset_folder
 from evim3.checkpoint import read_meta
 from evim3.train.loop import train
 from evim3.train.recipe import TrainConfig
 from evim3.train.tasks import init_checkpoint_file, load_encoder_weights
 
-PRETRAIN_STEPS = 950  # ~30 min at ~1.9 s a step (bench_train's pre-training recipe)
-FINETUNE_STEPS = 600  # ~12 min per arm at ~1.15 s a step
+PRETRAIN_STEPS = 950  # ~19 min at ~1.2 s a step (bench_train's pre-training recipe)
+FINETUNE_STEPS = 600  # ~7 min per arm at ~0.65 s a step
 LABEL_SHARE = 0.1
 RESAMPLES = 2000
 
@@ -75,11 +76,15 @@ def run() -> dict[str, Any]:
                 load_encoder_weights(model, checkpoint)
             print(f"== fine-tune {arm}: {finetune_steps} steps on {len(labelled)} labelled videos", flush=True)
             t0 = time.perf_counter()
-            curve = finetune(model, labelled, val, steps=finetune_steps)
+            # TEST is judged on the weights of the best validation, as `evim3 train` keeps best.safetensors: with
+            # 30 videos, 600 steps are 160 epochs, and the last step is the most over-fitted one.
+            curve = finetune(model, labelled, val, **RECIPE["evim3-tiny"], steps=finetune_steps, keep_best=True)
+            selected = next(point for point in curve if point.get("selected"))
             report = test_report(model, labelled, test)
             errors[arm] = report.pop("abs_errors")
             rows.append({"arm": f"10% labels, {arm}", "labelled_videos": len(labelled), "steps": finetune_steps,
-                         "train_min": (time.perf_counter() - t0) / 60, "final_val_mae": curve[-1]["val_mae"],
+                         "train_min": (time.perf_counter() - t0) / 60, "selected_step": selected["step"],
+                         "selected_val_mae": selected["val_mae"], "final_val_mae": curve[-1]["val_mae"],
                          "final_val_spread": curve[-1]["pred_std"], **report})
             models[arm] = model
         difference = paired_difference(errors["scratch"], errors["pre-trained"])

@@ -48,8 +48,11 @@ from evim3.train.tasks import ef_loss
 SEED = 0
 CLIP = {"frames": 16, "period": 4}
 BATCH = 8
-LR = 1e-3  # bench_train's 4e-3 at batch 32, scaled to batch 8
-WARMUP_STEPS = 37  # one epoch of 300 TRAIN videos
+# Learning rate and warm-up per network, at batch 8. evim3-tiny: the demo's recipe (cli/demo.py: 8e-3 at batch
+# 32, a quarter-epoch warm-up), the rate that left the mean predictor earliest (BENCHMARKS.md "learning:
+# tubelets"). R(2+1)D-18: 1e-3 with a one-epoch warm-up; with a 9-step warm-up (at 1e-3 or 2e-3) its batch-norm
+# statistics had not caught up after ~15 CPU steps and its validation MAE was in the hundreds.
+RECIPE = {"evim3-tiny": {"lr": 2e-3, "warmup_steps": 9}, "r2plus1d-18": {"lr": 1e-3, "warmup_steps": 37}}
 EVALS = 6  # validations per arm, evenly spaced in training time
 # network:EF loss (recipe.EF_LOSSES). evim3-tiny with the paper's MSE and with the default mse+corr; the anchor
 # with the default.
@@ -107,24 +110,26 @@ def predict(model: nn.Module, clips: Tensor, batch: int = 8) -> np.ndarray:
     return out.double().cpu().numpy()
 
 
-def finetune(model: nn.Module, train: ClipSet, val: ClipSet, *, budget_s: float | None = None,
-             steps: int | None = None, evals: int = EVALS, seed: int = SEED,
-             loss_kind: str = "mse+corr") -> list[dict[str, Any]]:
+def finetune(model: nn.Module, train: ClipSet, val: ClipSet, *, lr: float, warmup_steps: int,
+             budget_s: float | None = None, steps: int | None = None, evals: int = EVALS, seed: int = SEED,
+             loss_kind: str = "mse+corr", keep_best: bool = False) -> list[dict[str, Any]]:
     """Train with the EF loss `loss_kind` (recipe.EF_LOSSES) until `budget_s` seconds of training (validation
     excluded) or `steps` optimizer steps; validate `evals` times, evenly spaced in training time (budget) or
-    steps. Returns the curve."""
+    steps. Returns the curve. keep_best: end with the weights of the validation with the lowest MAE, as
+    `evim3 train` keeps best.safetensors (the curve's point has "selected": True)."""
     cfg = TrainConfig(stage="finetune", out="unused")  # the recipe's AdamW groups, weight decay and eps
     # A time budget has no schedule length to know: the cosine then spans 10^9 steps, i.e. a constant lr after
     # the warm-up.
     total = steps or 10**9
-    optimizer = build_optimizer(model, LR, cfg)
-    scheduler = build_scheduler(optimizer, WARMUP_STEPS, total, cfg.min_lr_factor)
+    optimizer = build_optimizer(model, lr, cfg)
+    scheduler = build_scheduler(optimizer, warmup_steps, total, cfg.min_lr_factor)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed + 1)  # random clip starts
     order: list[int] = []
     true_val = val.ef.double().numpy()
     mean_predictor = mae(true_val, np.full_like(true_val, train.ef_mean))
     curve, trained_s, step, next_eval = [], 0.0, 0, 1
+    best: dict[str, Tensor] | None = None
     while True:
         started = time.perf_counter()
         if len(order) < BATCH:
@@ -150,7 +155,13 @@ def finetune(model: nn.Module, train: ClipSet, val: ClipSet, *, budget_s: float 
             print(f"   step {step:5d}  {trained_s / 60:5.1f} min  val MAE {report['mae']:.2f} (mean predictor "
                   f"{mean_predictor:.2f})  spread {report['pred_std']:.2f} / {report['true_std']:.2f}", flush=True)
             next_eval += 1
+            if keep_best and report["mae"] <= min(point["val_mae"] for point in curve):
+                best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                for point in curve:
+                    point["selected"] = point is curve[-1]
         if progress >= 1:
+            if best is not None:
+                model.load_state_dict(best)
             return curve
 
 
@@ -284,7 +295,7 @@ def run() -> dict[str, Any]:
         network, loss_kind = arm.split(":")
         print(f"== {arm}: {budget_s / 60:.1f} min of training", flush=True)
         model = build(network, train)
-        curve = finetune(model, train, val, budget_s=budget_s, loss_kind=loss_kind)
+        curve = finetune(model, train, val, **RECIPE[network], budget_s=budget_s, loss_kind=loss_kind)
         curves[arm] = curve
         left = left_mean_at(curve)
         report = test_report(model, train, test)
@@ -301,7 +312,7 @@ def run() -> dict[str, Any]:
     probes = probe_rows(build("evim3-tiny", train), "random init", train, test)
     return {"rows": rows, "probes (ridge on frozen evim3-tiny features, TEST)": probes,
             "curves": "benchmarks/results/learning_curves.json", "png": "benchmarks/results/learning_curves.png", "dataset": str(data),
-            "recipe": {**CLIP, "batch": BATCH, "lr": LR, "warmup_steps": WARMUP_STEPS, "pad": 0,
+            "recipe": {**CLIP, "batch": BATCH, "per_network": RECIPE, "pad": 0,
                        "threads": torch.get_num_threads(), "device": str(DEVICE)},
             "left_mean_rule": f"val MAE <= {LEFT_MEAN} x mean predictor and spread >= {MIN_SPREAD} x true spread",
             "mean_predictor": "the TRAIN mean EF", "budget_min_per_arm": budget_s / 60}

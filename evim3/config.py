@@ -102,8 +102,13 @@ PRESETS: dict[str, ModelConfig] = {
     # against 20 % for the enclosure as a whole), and EF fine-tuning from scratch collapsed to the mean
     # predictor (val MAE 14.6, prediction spread 0.00 after 350 steps); all_enclosure_mean left it by
     # step 200. Measured on the synthetic data, batch 8, lr 1e-3 (BENCHMARKS.md, train).
+    # Tubelets of 2 frames (as evim3-p4's): the patch embedding sees a frame difference, so motion -- what EF
+    # is made of -- is in every token from the first step, and half the tokens make a step ~2x cheaper.
+    # From scratch with mse+corr at lr 2e-3 (batch 8) it left the mean predictor by step 100-175 in 4 of 4
+    # seeds, where 1-frame tubelets at 1e-3 took 200 (one seed) and 150 to 300+ in the old demo (BENCHMARKS.md
+    # "learning: tubelets" and "demo across seeds").
     "evim3-tiny": ModelConfig(
-        frames=32, time_patch=1, patch=16, dim=64, depth=2, final_dim=128, aggregate="all_enclosure_mean"
+        frames=32, time_patch=2, patch=16, dim=64, depth=2, final_dim=128, aggregate="all_enclosure_mean"
     ),
 }
 

@@ -15,7 +15,7 @@ from evim3.models.layout import BLOCK_ORDER, DIRECTIONS
 from evim3.models.masking import default_mask_chains, make_mask
 from evim3.models.pretrain import EViM3MAE, patch_pixels, patchify
 
-TINY = PRESETS["evim3-tiny"].replace(frames=8, dim=16, depth=1, decoder_depth=1, final_dim=32)  # grid 8x7x7
+TINY = PRESETS["evim3-tiny"].replace(frames=8, time_patch=1, dim=16, depth=1, decoder_depth=1, final_dim=32)  # grid 8x7x7
 P4_GRID = PRESETS["evim3-p4"].grid  # (32, 28, 28)
 
 
