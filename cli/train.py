@@ -159,7 +159,7 @@ def _run(stage: str, ctx: typer.Context, options: dict[str, Any]) -> None:
         # A torchrun rank whose run has finished (process group destroyed, files written) leaves without the
         # interpreter's teardown: there, a finished rank sometimes aborted ("terminate called without an active
         # exception": a C++ thread destroyed while still joinable), and torchrun reported a complete run as
-        # failed (tests/test_ddp.py, about 1 run in 3 on 2 cores).
+        # failed (tests/test_ddp.py, about half its runs on 2 cores).
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
