@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import typer
 from evim3.cli.common import cli_errors
-from evim3.cli.infer import MODEL_OPTION, PROVIDER_OPTION, STRIDE_OPTION, THREADS_OPTION, Provider
+from evim3.cli.infer import (
+    MODEL_OPTION,
+    PROVIDER_OPTION,
+    SCAN_OPTION,
+    STRIDE_OPTION,
+    THREADS_OPTION,
+    Provider,
+    ScanForm,
+)
 from evim3.runtime.backends import benchmark, open_backend
 from evim3.runtime.report import bench_table, write_json
 from rich.console import Console
@@ -20,9 +28,11 @@ def bench(
     json_path: str | None = typer.Option(None, "--json", help="Write the results as JSON."),
     threads: int | None = THREADS_OPTION,
     provider: Provider | None = PROVIDER_OPTION,
+    scan: ScanForm = SCAN_OPTION,
 ) -> None:
     """Latency p50/p90/p99, clips/s and the real-time factor at the model's fps, period and a clip stride."""
-    with open_backend(model, provider=provider.value if provider else None, threads=threads) as backend:
+    with open_backend(model, provider=provider.value if provider else None, threads=threads,
+                      scan=scan.value) as backend:
         result = benchmark(backend, batch=batch, warmup=warmup, runs=runs, stride=stride)
     Console().print(bench_table(result))
     if json_path:

@@ -16,7 +16,7 @@ import time
 
 import typer
 from evim3.cli.common import EXIT_FAILED, EXIT_USAGE, cli_errors, echo_err, fail
-from evim3.runtime.backends import Backend, open_backend
+from evim3.runtime.backends import SCAN_FORMS, Backend, open_backend
 from evim3.runtime.infer import ClipResult, InferencePipeline, SourceResult, expand_sources
 from evim3.runtime.live import is_live_source
 from evim3.runtime.overlay import check_overlay_path, write_overlay
@@ -42,6 +42,8 @@ class Provider(str, enum.Enum):
     cpu = "cpu"
 
 
+ScanForm = enum.Enum("ScanForm", {name: name for name in SCAN_FORMS}, type=str)  # typer's choice type
+
 SOURCES_ARGUMENT = typer.Argument(
     ..., metavar="SOURCE",
     help="Video or DICOM files, folders (searched recursively), rtsp:// URLs, cameras (/dev/video0).")
@@ -51,6 +53,10 @@ THREADS_OPTION = typer.Option(None, "--threads", min=1, help="CPU threads for ON
 PROVIDER_OPTION = typer.Option(
     None, "--provider", case_sensitive=False,
     help="ONNX Runtime execution provider [default: best available, tensorrt > cuda > cpu].")
+SCAN_OPTION = typer.Option(
+    "auto", "--scan", case_sensitive=False,
+    help="How ONNX Runtime on CPU runs the selective scans: fused (one op per scan, the [fast-cpu] extra; ~2x "
+         "faster), graph (the file's standard Scan loops), auto (fused when it can run here).")
 MODELS_OPTION = typer.Option(
     ..., "--model", "-m",
     help="Model file from `evim3 export`: .onnx or .engine. Give it twice, an EF (or classification) model "
@@ -76,6 +82,7 @@ def infer(
         False, "--realtime", help="Live sources: drop the oldest frames when inference falls behind."),
     threads: int | None = THREADS_OPTION,
     provider: Provider | None = PROVIDER_OPTION,
+    scan: ScanForm = SCAN_OPTION,
 ) -> None:
     """Estimate EF per clip and per video with an exported model (with a seg model: the LV area of every
     frame, every beat and its EF); a table, a timing summary, optional files."""
@@ -85,7 +92,7 @@ def infer(
     with contextlib.ExitStack() as stack:
         t0 = time.perf_counter()
         backends = [stack.enter_context(open_backend(m, provider=provider.value if provider else None,
-                                                     threads=threads)) for m in models]
+                                                     threads=threads, scan=scan.value)) for m in models]
         load_s = time.perf_counter() - t0
         clip_backend, seg_backend = _split_models(backends)
         _check_outputs(seg_backend, overlay, items)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import logging
 import os
 import tempfile
@@ -41,10 +42,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import onnx
+import onnxscript
 import torch
 from evim3.export.trt_rules import require_tensorrt_ready
 from evim3.runtime.atomic import atomic_path
 from evim3.runtime.errors import ModelFileError
+from evim3.runtime.fused_scan import SCAN_INPUTS, SCAN_OUTPUT, SCANS_KEY, names_read
 from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, PRECISION_PROP, ModelMeta
 from torch import Tensor, nn
 
@@ -53,7 +56,7 @@ from evim3.checkpoint import load_model
 from evim3.config import ModelConfig
 from evim3.models.evim3 import EViM3
 from evim3.modules.mamba import Mamba
-from evim3.ops import exportable_scan
+from evim3.ops import exportable_scan  # also registers torch.ops.evim3.scan_boundary
 
 MIN_OPSET = 17  # LayerNormalization
 EXPORTER_OPSET = 18  # what torch's dynamo exporter writes natively
@@ -63,6 +66,8 @@ BATCH_DIM = "batch"
 # recipe, 222 steps), 4 random + 1 DICOM + 8 dataset clips, against PyTorch fp32: per tensor max |dEF| 0.17,
 # mean 0.05; per channel 0.19, 0.07. Per channel does not help here, so one scale per tensor.
 PER_CHANNEL = False
+# The marker of a scan's inputs and output (evim3::scan_boundary) while the graph is built; never in a file.
+BOUNDARY_DOMAIN, BOUNDARY_OP = "evim3.export", "ScanBoundary"
 _SCAN_FUNCTION = "in selective_scan_exportable"  # how the scan's frames read in a node's stack trace
 
 
@@ -210,8 +215,21 @@ def trace_to_onnx(module: nn.Module, cfg: ModelConfig, *, batch: int, dynamic_ba
     with _quiet_exporter(), torch.no_grad(), exportable_scan():
         program = torch.export.export(module, (example,), strict=True, dynamic_shapes=dynamic_shapes)
         onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                                         output_names=[OUTPUT_NAME], optimize=True, verbose=False)
+                                         output_names=[OUTPUT_NAME], optimize=True, verbose=False,
+                                         custom_translation_table={torch.ops.evim3.scan_boundary.default: _scan_boundary_onnx})
     return onnx_program.model_proto
+
+
+def _scan_boundary_onnx(x, role: str):
+    """evim3::scan_boundary as a node of a private domain: opaque to the exporter's optimizer, so the values it
+    marks survive constant folding as they are used; remove_scan_boundaries takes it out again."""
+    if not onnx.defs.has(BOUNDARY_OP, BOUNDARY_DOMAIN):
+        param = onnx.defs.OpSchema.FormalParameter
+        onnx.defs.register_schema(onnx.defs.OpSchema(
+            BOUNDARY_OP, BOUNDARY_DOMAIN, 1, inputs=[param("x", "T")], outputs=[param("y", "T")],
+            type_constraints=[("T", ["tensor(float)", "tensor(double)"], "")],
+            attributes=[onnx.defs.OpSchema.Attribute("role", onnx.defs.OpSchema.AttrType.STRING, "")]))
+    return onnxscript.values.Op(onnxscript.values.Opset(BOUNDARY_DOMAIN, 1), BOUNDARY_OP)(x, role=role)
 
 
 @contextlib.contextmanager
@@ -232,8 +250,13 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def finish_graph(proto: onnx.ModelProto, meta: ModelMeta, *, opset: int, dynamic_batch: bool) -> None:
-    """Everything after tracing: tag the scan, drop source locations, name the batch dimension, reach the
-    asked opset, set the IR version and write the metadata."""
+    """Everything after tracing: record and remove the scan boundaries, tag the scan, drop source locations,
+    name the batch dimension, reach the asked opset, set the IR version and write the metadata."""
+    scans = remove_scan_boundaries(proto.graph)
+    kept_opsets = [entry for entry in proto.opset_import if entry.domain != BOUNDARY_DOMAIN]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept_opsets)
+    proto.metadata_props.add(key=SCANS_KEY, value=json.dumps(scans))  # set_metadata keeps it
     tag_scan_nodes(proto.graph)
     _strip_node_metadata(proto.graph)
     if dynamic_batch:
@@ -245,6 +268,55 @@ def finish_graph(proto: onnx.ModelProto, meta: ModelMeta, *, opset: int, dynamic
     proto.doc_string = (f"E-ViM3 {meta.preset} ({meta.task}): {INPUT_NAME} (N, 1, {meta.preprocess.frames}, "
                         f"{meta.preprocess.size}, {meta.preprocess.size}) normalised -> {OUTPUT_NAME}")
     set_metadata(proto, meta)
+
+
+def remove_scan_boundaries(graph: onnx.GraphProto) -> list[dict[str, str]]:
+    """Take every scan_boundary node out of the graph (its readers read what it marked) and return, per
+    selective scan, {role: name of the marked tensor} for the runtime's fused op (runtime/fused_scan.py).
+
+    A scan's input markers are those reached walking back from its output marker without crossing another
+    marker: everything between belongs to that scan.
+    """
+    markers = {node.output[0]: node for node in graph.node if node.domain == BOUNDARY_DOMAIN}
+    if not markers:
+        return []
+    producers = {out: node for node in graph.node for out in node.output}
+    scans = []
+    for node in markers.values():
+        if _role(node) != SCAN_OUTPUT:
+            continue
+        scan, seen, stack = {SCAN_OUTPUT: node.input[0]}, set(), [node.input[0]]
+        while stack:
+            name = stack.pop()
+            if name in seen or name not in producers:
+                continue
+            seen.add(name)
+            producer = producers[name]
+            if producer.domain == BOUNDARY_DOMAIN and producer is not node:
+                scan[_role(producer)] = producer.input[0]
+            else:
+                stack.extend(names_read(producer))
+        if set(scan) != {*SCAN_INPUTS, SCAN_OUTPUT}:
+            raise RuntimeError(f"scan boundary markers of one scan are incomplete: found {sorted(scan)}")
+        scans.append(scan)
+    renamed = {out: marker.input[0] for out, marker in markers.items()}
+    if renamed.keys() & {o.name for o in graph.output}:
+        raise RuntimeError("a scan boundary marker is a graph output")
+    kept = [n for n in graph.node if n.domain != BOUNDARY_DOMAIN]
+    del graph.node[:]
+    graph.node.extend(kept)
+    for g in _all_graphs(graph):
+        for n in g.node:
+            for i, name in enumerate(n.input):
+                n.input[i] = renamed.get(name, name)
+        value_info = [v for v in g.value_info if v.name not in renamed]
+        del g.value_info[:]
+        g.value_info.extend(value_info)
+    return scans
+
+
+def _role(node: onnx.NodeProto) -> str:
+    return next(onnx.helper.get_attribute_value(a).decode() for a in node.attribute if a.name == "role")
 
 
 def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -361,6 +433,9 @@ def set_metadata(proto: onnx.ModelProto, meta: ModelMeta) -> None:
         PRECISION_PROP: meta.precision,
         f"{META_KEY}.version": meta.version or __version__,
     }
+    scans = next((p.value for p in proto.metadata_props if p.key == SCANS_KEY), None)  # the graph's, kept
+    if scans is not None:
+        flat[SCANS_KEY] = scans
     del proto.metadata_props[:]
     for key, value in flat.items():
         proto.metadata_props.add(key=key, value=value)

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+from evim3.runtime import fused_scan
 from evim3.runtime.atomic import atomic_path
 from evim3.runtime.backends import Backend, open_backend
 from evim3.runtime.engine_file import check_engine_compatible, current_gpu, read_engine_header
@@ -46,8 +47,11 @@ class Tolerance:
 
 # One entry per runtime.meta.PRECISIONS, the only place these bounds are stated.
 TOLERANCES = {
-    # float32 everywhere: only summation order differs.
-    "fp32": Tolerance(max_abs=1e-4, min_cosine=0.99999),
+    # float32 everywhere: only summation order (and the scan kernels' exp) differs. Measured on the tests'
+    # deliberately sensitive model (head gain x300, EF 23-33 over 5 clips): PyTorch with the fused vs the
+    # chunked scan 2.7e-5 apart, ONNX Runtime's graph and fused-op forms 0.9-1.2e-4 from either (relative
+    # 3e-6, float32 rounding through the depth). 1e-3 keeps a margin and still fails any wrong op (>= 0.01).
+    "fp32": Tolerance(max_abs=1e-3, min_cosine=0.99999),
     # float16 weights and compute (scan in float32): a few hundredths of an EF point in practice; the
     # bound is the one that matters clinically (EF is reported to the nearest point).
     "fp16": Tolerance(max_abs=0.5, min_cosine=0.999),
@@ -241,14 +245,14 @@ def check_meta_matches(path: str, meta: ModelMeta, reference: ModelMeta) -> None
                                        f"(checkpoint or golden file) is {getattr(reference, field)!r}")
 
 
-def open_for_parity(path: str, provider: str | None = None) -> tuple[Backend, str]:
-    """(backend, precision) for an ONNX file (on `provider`) or an engine (after checking it was built
-    for this TensorRT and GPU)."""
+def open_for_parity(path: str, provider: str | None = None, scan: str = "auto") -> tuple[Backend, str]:
+    """(backend, precision) for an ONNX file (on `provider`, scans run as `scan` says) or an engine (after
+    checking it was built for this TensorRT and GPU)."""
     if path.lower().endswith(".engine"):
         header = read_engine_header(path)
         _check_engine_here(path, header)
         return open_backend(path), header.precision
-    backend = open_backend(path, provider=provider)
+    backend = open_backend(path, provider=provider, scan=scan)
     return backend, backend.meta.precision
 
 
@@ -264,23 +268,29 @@ def _check_engine_here(path: str, header) -> None:
     check_engine_compatible(path, header, trt.__version__, *gpu)
 
 
-def onnx_providers() -> list[str]:
-    """ONNX Runtime providers parity runs: CPU always, CUDA when this onnxruntime has it."""
+def onnx_targets() -> list[tuple[str, str]]:
+    """(provider, scan form) pairs parity runs an ONNX file on: CPU with the standard graph always, CPU with
+    the fused scan op when it can run here, CUDA when this onnxruntime has it."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise BackendUnavailableError(None, "onnxruntime is not installed: pip install onnxruntime") from None
-    return ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in ort.get_available_providers() else [])
+    targets = [("cpu", "graph")]
+    if fused_scan.unavailable_reason() is None:
+        targets.append(("cpu", "fused"))
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        targets.append(("cuda", "graph"))
+    return targets
 
 
 def check_files(golden: Golden, onnx: str | None = None, engine: str | None = None) -> list[ParityRow]:
     """Run the golden clips through every backend the given files allow; one row each."""
-    targets = [(onnx, p) for p in onnx_providers()] if onnx else []
+    targets = [(onnx, provider, scan) for provider, scan in onnx_targets()] if onnx else []
     if engine:
-        targets.append((engine, None))
+        targets.append((engine, None, "auto"))
     rows = []
-    for path, provider in targets:
-        backend, precision = open_for_parity(path, provider)
+    for path, provider, scan in targets:
+        backend, precision = open_for_parity(path, provider, scan)
         with backend:
             check_meta_matches(path, backend.meta, golden.meta)
             outputs = backend.run(golden.clips)

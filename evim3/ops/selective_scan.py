@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from evim3.runtime.fused_scan import SCAN_INPUTS, SCAN_OUTPUT
+
 
 def _discretize(
     u: Tensor, delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool, dtype: torch.dtype
@@ -228,19 +230,30 @@ def selective_scan_exportable(
     from torch._higher_order_ops.scan import scan
 
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-    u_c, delta = _discretize(u, delta, delta_bias, False, dtype)
+    u_c, delta = u.to(dtype), delta.to(dtype)
+    B, C = (x.to(dtype).transpose(1, 2) for x in (B, C))  # (b, L, n): Mamba's own layout, so no transposes
+    A_nd = A.to(dtype).t()  # (n, d)
+    D_col = None if D is None else D.to(dtype)[:, None]  # (d, 1)
+    bias_col = None if delta_bias is None else delta_bias.to(dtype)[:, None]
+    z = None if z is None else z.to(dtype)
+    # Mamba's full form (all its inputs, no state out) is what the edge runtime's fused op computes: mark
+    # its inputs and output, in the op's order, so the exporter can record where they are in the graph.
+    boundary = None not in (D, z, delta_bias) and delta_softplus and not return_last_state
+    if boundary:
+        u_c, delta, A_nd, B, C, D_col, z, bias_col = (
+            scan_boundary(x, role) for x, role in zip((u_c, delta, A_nd, B, C, D_col, z, bias_col), SCAN_INPUTS))
+    if bias_col is not None:
+        delta = delta + bias_col
     if delta_softplus:
         delta = _stable_softplus(delta)
-    A, B, C = A.to(dtype), B.to(dtype), C.to(dtype)
     batch, d, seqlen = u.shape
-    n = A.shape[1]
+    n = A_nd.shape[0]
     T = chunk or default_chunk(seqlen)
     K = (seqlen + T - 1) // T
-    delta_t = _token_steps(delta, T, K, row=True)  # (T, b, K, 1, d): token t of every chunk
-    du_t = _token_steps(delta * u_c, T, K, row=True)
+    delta_t = _token_steps(delta.transpose(1, 2), T, K, row=True)  # (T, b, K, 1, d): token t of every chunk
+    du_t = _token_steps((delta * u_c).transpose(1, 2), T, K, row=True)
     B_t = _token_steps(B, T, K, row=False)  # (T, b, K, n, 1)
     C_t = _token_steps(C, T, K, row=False)
-    A_nd = A.t()  # (n, d)
 
     def advance(h: Tensor, step: tuple[Tensor, ...]) -> Tensor:
         """One token in every chunk at once: h = exp(delta A) h + delta u B (exponent <= 0)."""
@@ -271,16 +284,34 @@ def selective_scan_exportable(
     # pass 2: rerun every chunk from its true entering state and read out y_t = <C_t, h_t>
     _, ys = scan(read_out, entering, (delta_t, du_t, B_t, C_t))  # (T, b, K, d)
     y = ys.permute(1, 2, 0, 3).reshape(batch, K * T, d)[:, :seqlen].transpose(1, 2)
-    out = _finish(y, u_c, D, z, u.dtype)
+    if D_col is not None:
+        y = y + u_c * D_col
+    if z is not None:
+        y = y * F.silu(z)
+    if boundary:
+        y = scan_boundary(y, SCAN_OUTPUT)
+    out = y.to(u.dtype)
     return (out, last_state.transpose(1, 2).to(u.dtype)) if return_last_state else out
 
 
+@torch.library.custom_op("evim3::scan_boundary", mutates_args=())
+def scan_boundary(x: Tensor, role: str) -> Tensor:
+    """An identity marking one input or the output of a selective scan for export: export/onnx.py writes it
+    as a node, records the name of the tensor it marks under `role` (runtime/fused_scan.py reads that to put
+    its fused op in the scan's place) and removes it, so the exported graph is what it would be without."""
+    return x.clone()
+
+
+@scan_boundary.register_fake
+def _(x: Tensor, role: str) -> Tensor:
+    return torch.empty_like(x)
+
+
 def _token_steps(x: Tensor, T: int, K: int, row: bool) -> Tensor:
-    """(b, c, L) -> (T, b, K, 1, c) if row else (T, b, K, c, 1): zero-padded to K*T tokens (identity
+    """(b, L, c) -> (T, b, K, 1, c) if row else (T, b, K, c, 1): zero-padded to K*T tokens (identity
     steps), scan axis first, and the channel axis c kept innermost through the move so that it copies
     contiguous rows."""
-    batch, c, seqlen = x.shape
-    x = x.transpose(1, 2)
+    batch, seqlen, c = x.shape
     if K * T > seqlen:
         x = torch.cat([x, x.new_zeros(batch, K * T - seqlen, c)], dim=1)
     x = x.reshape(batch, K, T, 1, c) if row else x.reshape(batch, K, T, c, 1)

@@ -20,7 +20,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).parent / "csrc" / "selective_scan_cpu.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCE = CSRC / "selective_scan_cpu.cpp"  # the torch binding; the row kernels: csrc/selective_scan_kernel.h
 CHUNK = 64  # tokens between saved states: the backward recomputes at most this many per row
 DISABLE_ENV = "EVIM3_CPU_SCAN"
 
@@ -38,7 +39,9 @@ def _build_tag() -> str:
             flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         pass
-    return hashlib.sha1(f"{platform.machine()} {flags} {SOURCE.resolve()}".encode()).hexdigest()[:10]
+    # The header's content too: torch's rebuild check hashes the listed sources only.
+    header = (CSRC / "selective_scan_kernel.h").read_bytes()
+    return hashlib.sha1(f"{platform.machine()} {flags} {SOURCE.resolve()}".encode() + header).hexdigest()[:10]
 
 
 @functools.cache
@@ -52,6 +55,7 @@ def cpu_kernel() -> ModuleType | None:
         return cpp_extension.load(
             name=f"evim3_selective_scan_cpu_{_build_tag()}",
             sources=[str(SOURCE)],
+            extra_include_paths=[str(CSRC)],
             extra_cflags=["-O3", "-fopenmp", "-march=native"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
