@@ -8,9 +8,11 @@ run(), for each preset, in one run: one random-init checkpoint, exported as `evi
 with --int8), and timed on the same clip by
   eager        PyTorch eager, with the scan this machine's dispatcher picks for CPU tensors (the fused C++
                kernel when it builds; the row names it);
-  ort          ONNX Runtime through evim3's own OnnxBackend, exactly as `evim3 infer` opens it (workers spin);
-  ort-nospin   the same with ONNX Runtime's worker spinning off;
-  ort-int8     the --int8 export (dynamic quantisation of the linear layers) through OnnxBackend;
+  ort          ONNX Runtime through evim3's own OnnxBackend, exactly as `evim3 infer` opens it: each scan one
+               fused op when the [fast-cpu] extra is installed (runtime/fused_scan.py; the row says), worker
+               spinning off then;
+  ort-graph    the file's standard graph (the scans as Scan loops; `--scan graph`), worker spinning on;
+  ort-int8     the --int8 export (dynamic quantisation of the linear layers) through OnnxBackend, as `ort`;
   gemm-floor   every linear layer of the model (and the patch Conv3d) as a plain GEMM of its own shape, on the
                same threads: the time the model's matmuls need, whatever runs the rest.
 Each engine lives in its own process (eager and the GEMM floor share PyTorch's), so one's spinning or
@@ -29,7 +31,8 @@ this benchmark then ran ORT with spinning off in the same process as PyTorch, ri
 warm-up round and over 5 runs, on a shared machine; bench_runtime ran OnnxBackend (spinning on) alone in its process,
 3 warm-ups and 20 runs, on a dynamic-batch export. Spinning alone moved ORT's evim3-tiny latency by 2.8x in
 a side-by-side check under load (on: 658 ms, off: 233 ms, load average 2.5 on 2 cores); which wins on an
-idle machine is for the quiet run to say, hence the two ort rows. Weights do not matter (random init with
+idle machine was for a quiet run to say: on for the standard graph (1.1-1.8x faster), off with the fused op
+(BENCHMARKS.md); OnnxBackend now picks by the graph it runs. Weights do not matter (random init with
 the same seed in both, and no data-dependent control flow; flushing denormals changed nothing).
 """
 
@@ -52,7 +55,7 @@ THREADS = 2
 RUN_PRESETS = tuple(os.environ.get("EVIM3_BENCH_EXPORT_PRESETS", "evim3-tiny,evim3").split(","))
 FORM_PRESETS = ("evim3-tiny", "evim3", "evim3-p4")
 FORMS = ("unrolled", "unrolled-dynamo", "scan")
-ENGINES = ("eager", "ort", "ort-nospin", "ort-int8", "gemm-floor")
+ENGINES = ("eager", "ort", "ort-graph", "ort-int8", "gemm-floor")
 WARMUP = 2
 REPEATS = int(os.environ.get("EVIM3_BENCH_EXPORT_REPEATS", "5"))
 PAUSE_S = 0.2
@@ -160,11 +163,11 @@ def _torch_worker(conn, checkpoint: str, clip: np.ndarray) -> None:
             conn.send((time.perf_counter() - t0, out))
 
 
-def _ort_worker(conn, path: str, spinning: bool, clip: np.ndarray) -> None:
-    """An OnnxBackend exactly as `evim3 infer` opens one, on THREADS threads."""
+def _ort_worker(conn, path: str, scan: str, clip: np.ndarray) -> None:
+    """An OnnxBackend exactly as `evim3 infer --scan SCAN` opens one, on THREADS threads."""
     from evim3.runtime.backends import open_backend
 
-    with open_backend(path, provider="cpu", threads=THREADS, spinning=spinning) as backend:
+    with open_backend(path, provider="cpu", threads=THREADS, scan=scan) as backend:
         conn.send({"device": backend.device})
         while conn.recv() is not None:
             t0 = time.perf_counter()
@@ -180,15 +183,15 @@ def _start(target, args: tuple):
     return process, here
 
 
-def _side_by_side(checkpoint: str, onnx_paths: dict[str, str], clip: np.ndarray) -> tuple[dict, dict]:
+def _side_by_side(checkpoint: str, onnx_paths: dict[str, tuple[str, str]], clip: np.ndarray) -> tuple[dict, dict]:
     """{engine: [seconds per repeat]}, {engine: its output (None for the GEMM floor)}, and what each worker
     reported when it started."""
     torch_proc, torch_conn = _start(_torch_worker, (checkpoint, clip))
     workers = {"eager": torch_conn, "gemm-floor": torch_conn}
     procs = [torch_proc]
     info = {"torch": torch_conn.recv()}
-    for engine, (path, spinning) in onnx_paths.items():
-        proc, conn = _start(_ort_worker, (path, spinning, clip))
+    for engine, (path, scan) in onnx_paths.items():
+        proc, conn = _start(_ort_worker, (path, scan, clip))
         workers[engine] = conn
         procs.append(proc)
         info[engine] = conn.recv()
@@ -228,7 +231,7 @@ def run(presets: tuple[str, ...] = RUN_PRESETS) -> dict:
             save_checkpoint(checkpoint, model.state_dict(), meta)
             exported = export_checkpoint(checkpoint, os.path.join(tmp, f"{preset}.onnx"))
             int8 = export_checkpoint(checkpoint, os.path.join(tmp, f"{preset}.int8.onnx"), int8=True)
-            paths = {"ort": (exported.path, True), "ort-nospin": (exported.path, False), "ort-int8": (int8.path, True)}
+            paths = {"ort": (exported.path, "auto"), "ort-graph": (exported.path, "graph"), "ort-int8": (int8.path, "auto")}
             clip = np.random.default_rng(0).standard_normal((1, 1, meta.preprocess.frames, meta.preprocess.size,
                                                              meta.preprocess.size), dtype=np.float32)
             times, outputs, info = _side_by_side(checkpoint, paths, clip)

@@ -186,6 +186,8 @@ class OnnxBackend(Backend):
         if reason is None:
             try:
                 return fused_scan.fused_model_bytes(path, self.threads)
+            except ModelFileError:
+                return None  # not an ONNX file: ONNX Runtime's own load says so, as for any file
             except ValueError as e:
                 reason = str(e)
         if scan == "fused":

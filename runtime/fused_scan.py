@@ -28,7 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from evim3.runtime.errors import ModelFileError
 from evim3.runtime.meta import META_KEY
+
+import evim3
 
 SCANS_KEY = f"{META_KEY}.scans"  # ONNX metadata_props: JSON list, one {role: tensor name} per scan
 OP_TYPE = "SelectiveScan"
@@ -40,7 +43,9 @@ SCAN_INPUTS = ("u", "delta", "A_t", "B", "C", "D", "z", "delta_bias")
 SCAN_OUTPUT = "out"
 
 _CSRC = Path(__file__).parent / "csrc" / "selective_scan_op.cpp"
-_KERNEL_HEADER_DIR = Path(__file__).parents[1] / "evim3" / "ops" / "csrc"  # installed as package data
+# The row kernel's header: package data of evim3.ops (found through evim3's own path: importing evim3.ops
+# would import torch; in a source checkout this package lives outside evim3/, installed inside it).
+_KERNEL_HEADER_DIR = Path(evim3.__file__).parent / "ops" / "csrc"
 _SYMBOL = "evim3_selective_scan_forward"
 
 
@@ -153,14 +158,20 @@ def scan_boundaries(props: dict[str, str]) -> list[dict[str, str]] | None:
     return scans
 
 
-def fused_model_bytes(path: str, threads: int) -> bytes:
-    """The ONNX file at `path` with its scans fused (fuse_scans), serialised for ONNX Runtime. ValueError
-    when the file does not record where its scans are."""
+def fused_model_bytes(path: str, threads: int) -> bytes | None:
+    """The ONNX file at `path` with its scans fused (fuse_scans), serialised for ONNX Runtime; None when its
+    graph has no Scan loop to replace. ValueError when it has some but does not record where its scans are;
+    ModelFileError when it is not an ONNX file."""
     import onnx
 
-    model = onnx.load(path)
+    try:
+        model = onnx.load(path)
+    except Exception as e:  # noqa: BLE001 -- protobuf raises DecodeError, OSError, RuntimeError...
+        raise ModelFileError(path, f"not a readable ONNX file ({type(e).__name__})") from None
     scans = scan_boundaries({p.key: p.value for p in model.metadata_props})
     if not scans:
+        if not any(node.op_type == "Scan" for node in model.graph.node):
+            return None
         raise ValueError("the file does not record where its scans are (exported before evim3 did: export it again)")
     return fuse_scans(model, scans, threads).SerializeToString()
 

@@ -130,3 +130,22 @@ def test_core_never_imports_export_or_cli() -> None:
 
 def test_export_never_imports_cli() -> None:
     assert forbidden_imports("export", ("evim3.cli",)) == []
+
+
+def test_wheel_carries_the_kernel_sources(tmp_path: Path) -> None:
+    """The C++ sources compiled on first use (the torch extension and the runtime's fused scan op) are in the
+    wheel, where the code looks for them (evim3/ops/csrc beside the installed evim3/runtime)."""
+    import shutil
+    import zipfile
+
+    # From a copy: a build/ folder left in the checkout would be packed again, hiding a missing package-data rule.
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "runs"))
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path)], cwd=source, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    (wheel,) = tmp_path.glob("evim3-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for source in ("evim3/ops/csrc/selective_scan_kernel.h", "evim3/ops/csrc/selective_scan_cpu.cpp",
+                   "evim3/runtime/csrc/selective_scan_op.cpp"):
+        assert source in names, source
