@@ -26,7 +26,7 @@ from evim3.runtime.parity_check import (
 def check(
     checkpoint: str | None = typer.Argument(
         None, help="evim3 checkpoint the reference is computed from (omit with --load-golden)."),
-    onnx: str | None = typer.Option(None, "--onnx", help="ONNX file to check (ONNX Runtime CPU, and CUDA if present)."),
+    onnx: str | None = typer.Option(None, "--onnx", help="ONNX file to check (ONNX Runtime CPU: the standard graph and, with the [fast-cpu] extra, the fused scan op; CUDA if present)."),
     engine: str | None = typer.Option(None, "--engine", help="TensorRT engine file to check."),
     save_golden_path: str | None = typer.Option(
         None, "--save-golden", help="Write the clips and PyTorch outputs here (.npz) for a machine without torch."),
