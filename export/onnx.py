@@ -11,6 +11,10 @@ How the graph is made, and why:
 * Direction permutations are Gathers of constant index tables (the model's buffers).
 * torch's exporter writes opset 18; opset 17 (the default, for older TensorRT/ONNX Runtime) is reached by
   rewriting the few ops whose form changed in 18 (``downgrade_to_opset17``).
+* Each selective scan's inputs and output are marked while tracing (``evim3::scan_boundary``, a node of a
+  private domain the optimizer cannot fold through), then the markers are removed and the names of the tensors
+  they marked are written to the metadata (``evim3.scans``): the edge runtime puts its fused scan op in each
+  scan's place from them (runtime/fused_scan.py). The file itself is the standard graph.
 * Every node of the selective scan is renamed with the prefix ``SCAN_TAG``: TensorRT (export/tensorrt.py)
   keeps those layers in float32 when it builds an fp16 engine from the fp32 graph.
 * ``fp16=True`` exports the model with float16 weights and compute, but float32 for the scan (and its
@@ -143,6 +147,11 @@ def quantize_linear_layers(proto: onnx.ModelProto) -> onnx.ModelProto:
 
     proto = copy.deepcopy(proto)
     _drop_empty_list_attributes(proto)
+    # The quantiser infers shapes itself; ONNX Runtime 1.30's infers twice and the second pass rejects the
+    # first's value_info inside the Scan bodies ("Inferred shape and existing shape differ"). Without the
+    # exporter's value_info both passes start clean (1.30 and 1.32 checked).
+    for graph in _all_graphs(proto.graph):
+        del graph.value_info[:]
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "int8.onnx")
         disabled = logging.root.manager.disable
@@ -239,7 +248,7 @@ def trace_to_onnx(module: nn.Module, cfg: ModelConfig, *, batch: int, dynamic_ba
         program = torch.export.export(module, (example,), strict=True, dynamic_shapes=dynamic_shapes)
         onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
                                          output_names=[OUTPUT_NAME], optimize=True, verbose=False,
-                                         custom_translation_table={torch.ops.evim3.scan_boundary.default: _scan_boundary_onnx})
+                                         custom_translation_table=_SCAN_BOUNDARY_TRANSLATION)
     return onnx_program.model_proto
 
 
@@ -253,6 +262,9 @@ def _scan_boundary_onnx(x, role: str):
             type_constraints=[("T", ["tensor(float)", "tensor(double)"], "")],
             attributes=[onnx.defs.OpSchema.Attribute("role", onnx.defs.OpSchema.AttrType.STRING, "")]))
     return onnxscript.values.Op(onnxscript.values.Opset(BOUNDARY_DOMAIN, 1), BOUNDARY_OP)(x, role=role)
+
+
+_SCAN_BOUNDARY_TRANSLATION = {torch.ops.evim3.scan_boundary.default: _scan_boundary_onnx}
 
 
 @contextlib.contextmanager

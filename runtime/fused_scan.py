@@ -62,7 +62,7 @@ def unavailable_reason() -> str | None:
 @functools.cache
 def _kernel() -> tuple[Any, str | None]:
     """(the compiled kernel's C function, None) or (None, why it could not be built). Built once per machine
-    and source (-march=native: a cache shared between machines keys builds by CPU flags)."""
+    and source (-march=native: a cache shared between machines keys builds by CPU flags); ~2 s, silently."""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         return None, "no C++ compiler found (set CXX) to build the fused scan kernel"

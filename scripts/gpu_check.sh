@@ -8,6 +8,11 @@
 #                                     then 10 %-label fine-tuning, scratch vs pre-trained (benchmarks/bench_fewlabels.py,
 #                                     ~70 min on 2 cores); its BENCHMARKS.md section and log go to $OUT
 #
+#   scripts/gpu_check.sh edge-cpu     instead, the edge runtime on this machine's many CPU cores (issue 15): PyTorch
+#                                     eager vs ONNX Runtime with the fused scan op and with the standard graph,
+#                                     evim3-tiny and evim3 (benchmarks/bench_export.py, EVIM3_BENCH_EXPORT_THREADS,
+#                                     default 16); needs onnxruntime-extensions (carry its wheel); output to $OUT
+#
 #   EVIM3_GPU_CHECK_BUILD_MAMBA=1   first try `pip install mamba-ssm --no-build-isolation` (built from source for
 #                                   this GPU's architecture only; EVIM3_MAMBA_BUILD_S seconds at most, default
 #                                   300, on top of the 8 minutes); its rows are skipped with the reason otherwise
@@ -35,6 +40,16 @@ if [ "${1:-}" = fewlabels ]; then
     status=$?
     cp BENCHMARKS.md "${OUT:-/tmp}/BENCHMARKS.md"
     exit $status
+fi
+
+if [ "${1:-}" = edge-cpu ]; then
+    set -o pipefail
+    lscpu | grep -E "Model name|^CPU\(s\)|Thread|Core|Socket" | tee "${OUT:-/tmp}/edge_cpu.log"
+    python -c "from evim3.runtime import fused_scan; print('fused scan op:', fused_scan.unavailable_reason() or 'available')" \
+        2>&1 | tee -a "${OUT:-/tmp}/edge_cpu.log"
+    EVIM3_BENCH_EXPORT_THREADS="${EVIM3_BENCH_EXPORT_THREADS:-16}" python -m benchmarks export --no-record 2>&1 \
+        | tee -a "${OUT:-/tmp}/edge_cpu.log"
+    exit $?
 fi
 
 timeout 380 python scripts/gpu_check.py
