@@ -67,8 +67,9 @@ def _kernel() -> tuple[Any, str | None]:
     if compiler is None:
         return None, "no C++ compiler found (set CXX) to build the fused scan kernel"
     header = _KERNEL_HEADER_DIR / "selective_scan_kernel.h"
-    if not header.is_file():
-        return None, f"the scan kernel's header is missing ({header})"
+    for source in (header, _CSRC):
+        if not source.is_file():
+            return None, f"the fused scan kernel's source is missing ({source})"
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
     tag = hashlib.sha1(b"\0".join([_CSRC.read_bytes(), header.read_bytes(), " ".join(flags).encode(),
                                    _cpu_flags().encode(), compiler.encode()])).hexdigest()[:12]
@@ -107,6 +108,12 @@ def selective_scan_op(u: np.ndarray, delta: np.ndarray, A_t: np.ndarray, B: np.n
         raise RuntimeError(reason)
     batch, d, length = u.shape
     n = A_t.shape[0]
+    expected = {"delta": (delta.shape, u.shape), "z": (z.shape, u.shape), "A_t": (A_t.shape, (n, d)),
+                "B": (B.shape, (batch, length, n)), "C": (C.shape, (batch, length, n)),
+                "D": ((D.size,), (d,)), "delta_bias": ((delta_bias.size,), (d,))}
+    wrong = [f"{name} {tuple(got)} (expected {want})" for name, (got, want) in expected.items() if tuple(got) != want]
+    if wrong:  # the C kernel trusts its sizes: check them here
+        raise ValueError(f"SelectiveScan inputs do not fit u {u.shape}: {', '.join(wrong)}")
 
     def ready(x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x, dtype=np.float32)

@@ -333,6 +333,9 @@ def test_fused_op_kernel_matches_the_float64_reference() -> None:
     one, two = (fused_scan.selective_scan_op(*arrays, threads=t) for t in (1, 2))
     assert rel_l2(torch.from_numpy(two), expected) <= F32_REL_TOL
     np.testing.assert_array_equal(one, two)
+    short_C = [a[:, :-1] if role == "C" else a for role, a in zip(fused_scan.SCAN_INPUTS, arrays)]
+    with pytest.raises(ValueError, match=r"C \(2, 1030, 5\) \(expected \(2, 1031, 5\)\)"):
+        fused_scan.selective_scan_op(*short_C)  # the C kernel trusts its sizes: the wrapper must not
 
 
 def test_export_records_every_scan_boundary(tiny: dict) -> None:
