@@ -176,13 +176,13 @@ class OnnxBackend(Backend):
 
     def _fused_model(self, path: str, scan: str, provider: str) -> bytes | None:
         """The graph with the fused scan op, serialised, when `scan` asks for it and it can run here; None
-        for the file's own graph. scan='fused' raises where 'auto' falls back (saying why, unless the only
-        reason is that the optional extra is not installed)."""
+        for the file's own graph. scan='fused' raises where 'auto' falls back (saying why, unless the op does
+        not apply: a GPU provider, or the optional extra not installed)."""
         if scan == "graph":
             return None
-        reason = ("the fused scan op runs on CPU only" if provider != "CPUExecutionProvider"
-                  else fused_scan.unavailable_reason())
-        quiet = reason is not None and "is not installed" in reason
+        not_applicable = ("the fused scan op runs on CPU only" if provider != "CPUExecutionProvider"
+                          else fused_scan.missing_extra())
+        reason = not_applicable or fused_scan.unavailable_reason()
         if reason is None:
             try:
                 return fused_scan.fused_model_bytes(path, self.threads)
@@ -192,7 +192,7 @@ class OnnxBackend(Backend):
                 reason = str(e)
         if scan == "fused":
             raise BackendUnavailableError(path, f"cannot run the fused scan op: {reason}")
-        if not quiet:
+        if not_applicable is None:
             print(f"warning: {path}: running the standard scan graph ({reason})", file=sys.stderr)
         return None
 

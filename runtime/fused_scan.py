@@ -49,14 +49,19 @@ _KERNEL_HEADER_DIR = Path(evim3.__file__).parent / "ops" / "csrc"
 _SYMBOL = "evim3_selective_scan_forward"
 
 
-def unavailable_reason() -> str | None:
-    """None when the fused op can run here; else what is missing, in one line."""
+def missing_extra() -> str | None:
+    """None when the [fast-cpu] extra's packages import; else which one is missing, in one line."""
     try:
         import onnx  # noqa: F401
         import onnxruntime_extensions  # noqa: F401
     except ImportError as e:
         return f"{e.name} is not installed (pip install 'evim3[fast-cpu]')"
-    return _kernel()[1]
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """None when the fused op can run here; else what is missing, in one line."""
+    return missing_extra() or _kernel()[1]
 
 
 @functools.cache
