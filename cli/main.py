@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import typer
-from evim3.cli import bench, check, convert, data, demo, evaluate, export_cmd, infer, info, train
+from evim3.cli import bench, check, convert, data, demo, evaluate, export_cmd, infer, info, serve, train
 
 from evim3 import __version__
 
@@ -44,6 +44,7 @@ app.command("infer")(infer.infer)
 app.command("bench")(bench.bench)
 app.command("convert")(convert.convert)
 app.command("demo")(demo.demo)
+app.command("serve")(serve.serve)
 
 
 def main() -> None:

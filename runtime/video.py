@@ -41,7 +41,7 @@ from evim3.runtime.errors import (
     UnsupportedCodecError,
 )
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import get_decoder, iter_pixels
+from pydicom.pixels import apply_color_lut, get_decoder, iter_pixels
 from pydicom.uid import (
     UID,
     ExplicitVRBigEndian,
@@ -453,8 +453,7 @@ def _dicom_frame_decoder(ds: pydicom.Dataset, path: str, transfer_syntax: UID, n
         needs = "; ".join(decoder.missing_dependencies)
         raise UnsupportedCodecError(path, f"transfer syntax {transfer_syntax.name} needs a decoder plugin: {needs}")
     photometric = ds.PhotometricInterpretation
-    if photometric == "PALETTE COLOR":
-        raise UnsupportedCodecError(path, "PALETTE COLOR photometric interpretation is not supported")
+    palette = photometric == "PALETTE COLOR"  # indices into colour tables (Doppler overlays of older carts)
     bits_stored = int(ds.get("BitsStored") or ds.BitsAllocated)
     signed = int(ds.get("PixelRepresentation") or 0) == 1
     # Pillow's libjpeg-turbo decodes baseline JPEG, the usual echo cine, about 4x faster than pylibjpeg.
@@ -474,9 +473,18 @@ def _dicom_frame_decoder(ds: pydicom.Dataset, path: str, transfer_syntax: UID, n
             notes.extend(str(w.message) for w in caught)
             if frame is None:
                 return
-            yield _gray_uint8(frame, photometric, bits_stored, signed)
+            yield _palette_gray(frame, ds) if palette else _gray_uint8(frame, photometric, bits_stored, signed)
 
     return frames
+
+
+def _palette_gray(indices: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """A PALETTE COLOR frame through its colour lookup tables (pydicom's apply_color_lut), as (H, W) uint8 gray
+    (GRAY_WEIGHTS, as RGB frames); 16-bit table entries are scaled onto 0..255."""
+    rgb = apply_color_lut(indices, ds).astype(np.float32)
+    if int(ds.RedPaletteColorLookupTableDescriptor[2]) > 8:
+        rgb /= 257.0
+    return np.clip(np.rint(rgb @ GRAY_WEIGHTS), 0, 255).astype(np.uint8)
 
 
 def _gray_uint8(pixels: np.ndarray, photometric: str, bits_stored: int, signed: bool) -> np.ndarray:

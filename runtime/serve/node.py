@@ -1,0 +1,214 @@
+"""The node: SCP, analysis worker, sender and status server around one spool, and their restart semantics.
+
+Threads: pynetdicom's (one per association, at most ``max_associations``) write the spool and the queue;
+one worker analyses received jobs one at a time (the model uses the CPU threads); one sender delivers.
+
+Stop (SIGTERM or SIGINT): the SCP stops accepting and ends its associations, the worker finishes the job it
+is running (its result is queued for delivery), the sender finishes the delivery it is making, and the
+process exits 0. Pending work stays in the queue for the next start. After SIGKILL (or a power cut) the next
+start puts jobs left running back to received and removes unacknowledged temporary files; nothing
+acknowledged is lost, and outputs are rebuilt with the same UIDs.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import socket
+import threading
+import time
+import traceback
+
+import pydicom
+from evim3.runtime.serve.analyse import Analyser, AnalysisError
+from evim3.runtime.serve.audit import AuditLog
+from evim3.runtime.serve.config import ServeConfig, server_tls_context
+from evim3.runtime.serve.http import StatusServer
+from evim3.runtime.serve.jobqueue import Job, JobQueue
+from evim3.runtime.serve.scp import StorageSCP
+from evim3.runtime.serve.send import Destination, retry_in, send
+from evim3.runtime.serve.spool import Spool
+from evim3.runtime.serve.sr import build_sr, derived_uid
+from evim3.runtime.serve.triage import triage
+
+from evim3 import __version__
+
+IDLE_WAIT_S = 1.0
+
+
+class Node:
+    def __init__(self, config: ServeConfig, log=print):
+        self.config = config
+        self.log = log
+        self.started = time.time()
+        self.spool = Spool(config.spool)
+        self.queue = JobQueue(self.spool.root / "queue.sqlite")
+        self.audit = AuditLog(self.spool.root / "audit.jsonl")
+        self.analyser = Analyser(config.models, threads=config.threads, scan=config.scan)
+        self.destinations = config.destinations
+        self.device_uid = derived_uid("evim3 serve device", config.aet, socket.gethostname())
+        self.stopping = threading.Event()
+        self._work = threading.Event()  # a job was queued
+        self._deliver = threading.Event()  # a delivery became due
+        self.scp = StorageSCP(config.aet, self.spool, self.queue, self.audit,
+                              int(config.max_dataset_mb * 1024 * 1024), config.allow_aet, config.max_associations,
+                              on_queued=self._work.set)
+        self.http: StatusServer | None = None
+        self._threads: list[threading.Thread] = []
+
+    # --- lifecycle ---
+
+    def start(self) -> None:
+        requeued = self.queue.requeue_interrupted()
+        removed = self.spool.remove_temp_files()
+        self.audit.event("start", version=__version__, aet=self.config.aet, requeued=requeued,
+                         temp_files_removed=removed, models=[m.sha256 for m in self.analyser.models])
+        if self.config.http_port:
+            self.http = StatusServer(self.config.http_host, self.config.http_port, self.health, self.queue_status)
+            self.http.start()
+        ssl_context = server_tls_context(self.config) if self.config.tls else None
+        self.scp.start(self.config.host, self.config.port, ssl_context)
+        for target, name in ((self._work_loop, "evim3-worker"), (self._send_loop, "evim3-sender")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.scp.stop()
+        self._work.set()
+        self._deliver.set()
+        for thread in self._threads:
+            thread.join()
+        if self.http:
+            self.http.stop()
+        self.audit.event("stop")
+        self.analyser.close()
+        self.queue.close()
+        self.audit.close()
+
+    def serve_forever(self) -> int:
+        """Start, wait for SIGTERM/SIGINT, stop; the exit code."""
+        def on_signal(signum, frame) -> None:
+            self.stopping.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            where = f"{self.config.aet}@{self.config.host}:{self.config.port}"
+            http = f", status on http://{self.config.http_host}:{self.http.port}/health" if self.http else ""
+            self.log(f"evim3 serve: {where} receiving echo cines{http}, forwarding to "
+                     f"{', '.join(map(str, self.destinations))}")
+            while not self.stopping.wait(0.5):
+                pass
+            self.log("evim3 serve: stopping (finishing the current job)")
+        finally:
+            self.stop()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return 0
+
+    # --- status ---
+
+    def health(self) -> dict:
+        return {"status": "stopping" if self.stopping.is_set() else "ok", "version": __version__,
+                "aet": self.config.aet, "port": self.config.port, "uptime_s": round(time.time() - self.started, 1),
+                "models": [{"path": m.path, "task": m.task, "preset": m.preset, "sha256": m.sha256}
+                           for m in self.analyser.models],
+                "destinations": [str(d) for d in self.destinations],
+                **self.queue.counts(), "last_error": self.queue.last_error()}
+
+    def queue_status(self) -> dict:
+        return {**self.queue.counts(), "last_error": self.queue.last_error(), **self.queue.recent()}
+
+    # --- analysis ---
+
+    def _work_loop(self) -> None:
+        while not self.stopping.is_set():
+            job = self.queue.claim_job()
+            if job is None:
+                self._work.wait(IDLE_WAIT_S)
+                self._work.clear()
+                continue
+            self.process(job)
+
+    def process(self, job: Job) -> None:
+        self.audit.event("running", job=job.uid_hash, state="running")
+        t0 = time.perf_counter()
+        verdict = triage(job.path, self.analyser.min_seconds)
+        if not verdict.analyse:
+            state = "failed" if verdict.failed else "skipped"
+            self.queue.finish_job(job.sop_instance_uid, state, verdict.reason)
+            self.audit.event(state, job=job.uid_hash, state=state, reason=verdict.reason)
+            return
+        try:
+            analysis = self.analyser.analyse(job.path)
+            outputs = self._write_outputs(job, analysis)
+        except AnalysisError as e:
+            reason = str(e).replace(f"{job.path}: ", "")
+            self.queue.finish_job(job.sop_instance_uid, "failed", reason)
+            self.audit.event("failed", job=job.uid_hash, state="failed", reason=reason)
+            return
+        except Exception as e:  # noqa: BLE001 -- one bad job must not stop the node
+            reason = f"internal error: {type(e).__name__}: {e}"
+            self.queue.finish_job(job.sop_instance_uid, "failed", reason)
+            self.audit.event("failed", job=job.uid_hash, state="failed", reason=reason,
+                             trace=traceback.format_exc(limit=3))
+            return
+        self.queue.finish_job(job.sop_instance_uid, "done", ef=analysis.ef, outputs=outputs,
+                              destinations=[str(d) for d in self.destinations])
+        self.audit.event("done", job=job.uid_hash, state="done", ef=analysis.ef, beats=len(analysis.beats),
+                         seconds=round(time.perf_counter() - t0, 3))
+        self._deliver.set()
+
+    def _write_outputs(self, job: Job, analysis) -> list[str]:
+        """The SR (and the secondary capture), durably in the spool; their paths."""
+        header = pydicom.dcmread(job.path, stop_before_pixels=True)
+        presets = [m.preset for m in self.analyser.models]
+        sr = build_sr(header, analysis, self.analyser.model_hash, presets, self.config.aet, self.device_uid)
+        paths = [self._save(job, sr, "sr")]
+        if self.config.secondary_capture:
+            from evim3.runtime.serve.capture import build_capture
+
+            capture = build_capture(header, analysis, self.analyser.model_hash, presets)
+            paths.append(self._save(job, capture, "sc"))
+        return paths
+
+    def _save(self, job: Job, ds: pydicom.Dataset, kind: str) -> str:
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        path = self.spool.out_path(job.sop_instance_uid, kind)
+        self.spool.write(path, buffer.getvalue())
+        return str(path)
+
+    # --- delivery ---
+
+    def _send_loop(self) -> None:
+        config = self.config
+        while not self.stopping.is_set():
+            for delivery in self.queue.due_deliveries():
+                if self.stopping.is_set():
+                    return
+                destination = Destination.parse(delivery.destination)
+                attempt = delivery.attempts + 1
+                try:
+                    result = send(delivery.outputs, destination, config.aet)
+                except Exception as e:  # noqa: BLE001 -- e.g. an output file gone: retried, then dead
+                    from evim3.runtime.serve.send import SendResult
+
+                    result = SendResult(False, False, f"{type(e).__name__}: {e}")
+                if result.ok:
+                    self.queue.delivery_sent(delivery.sop_instance_uid, delivery.destination)
+                    self.audit.event("sent", job=delivery.uid_hash, destination=delivery.destination,
+                                     attempt=attempt, state="sent")
+                    continue
+                dead = result.permanent or attempt >= config.max_tries
+                wait = retry_in(attempt, config.retry_base_s, config.retry_cap_s)
+                self.queue.delivery_failed(delivery.sop_instance_uid, delivery.destination, result.error, dead, wait)
+                self.audit.event("dead" if dead else "retry", job=delivery.uid_hash, destination=delivery.destination,
+                                 attempt=attempt, error=result.error, state="dead" if dead else "pending",
+                                 retry_in_s=None if dead else wait)
+            upcoming = self.queue.next_delivery_at()
+            wait = IDLE_WAIT_S if upcoming is None else min(IDLE_WAIT_S, max(0.0, upcoming - time.time()))
+            self._deliver.wait(wait)
+            self._deliver.clear()
