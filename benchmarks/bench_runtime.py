@@ -14,7 +14,8 @@ from typing import Any
 
 import av
 import numpy as np
-from evim3.runtime.backends import available_cpus, benchmark, open_backend
+from evim3.runtime.api import load
+from evim3.runtime.backends import available_cpus, open_backend
 from evim3.runtime.infer import InferencePipeline
 
 VIDEO_SECONDS = 10.0
@@ -81,8 +82,8 @@ def pipeline_row(model: str, video: str, batch: int) -> dict[str, Any]:
 
 
 def latency_row(model: str, batch: int, warmup: int, runs: int) -> dict[str, Any]:
-    with open_backend(model) as backend:
-        r = benchmark(backend, batch=batch, warmup=warmup, runs=runs)
+    with load(model) as loaded:
+        r = loaded.benchmark(batch=batch, warmup=warmup, runs=runs)
     return {"measure": f"latency, batch {batch}, {runs} runs", "preset": r["preset"], "device": r["device"],
             "stride": r["stride"], "p50_ms": r["latency_ms"]["p50"], "p90_ms": r["latency_ms"]["p90"],
             "clips_per_s": r["clips_per_s"], "realtime_factor": r["realtime_factor"]}

@@ -13,7 +13,7 @@ from evim3.cli.infer import (
     Provider,
     ScanForm,
 )
-from evim3.runtime.backends import benchmark, open_backend
+from evim3.runtime.api import load
 from evim3.runtime.report import bench_table, write_json
 from rich.console import Console
 
@@ -31,9 +31,9 @@ def bench(
     scan: ScanForm = SCAN_OPTION,
 ) -> None:
     """Latency p50/p90/p99, clips/s and the real-time factor at the model's fps, period and a clip stride."""
-    with open_backend(model, provider=provider.value if provider else None, threads=threads,
-                      scan=scan.value) as backend:
-        result = benchmark(backend, batch=batch, warmup=warmup, runs=runs, stride=stride)
+    with load(model, provider=provider.value if provider else None, threads=threads, scan=scan.value,
+              stride=stride) as loaded:
+        result = loaded.benchmark(batch=batch, warmup=warmup, runs=runs)
     Console().print(bench_table(result))
     if json_path:
         write_json(json_path, result)

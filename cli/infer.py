@@ -16,7 +16,8 @@ import time
 
 import typer
 from evim3.cli.common import EXIT_FAILED, EXIT_USAGE, cli_errors, echo_err, fail
-from evim3.runtime.backends import SCAN_FORMS, Backend, open_backend
+from evim3.runtime.api import Model, load
+from evim3.runtime.backends import SCAN_FORMS
 from evim3.runtime.infer import ClipResult, InferencePipeline, SourceResult, expand_sources
 from evim3.runtime.live import is_live_source
 from evim3.runtime.overlay import check_overlay_path, write_overlay
@@ -91,32 +92,32 @@ def infer(
     items = list(expand_sources(sources))
     with contextlib.ExitStack() as stack:
         t0 = time.perf_counter()
-        backends = [stack.enter_context(open_backend(m, provider=provider.value if provider else None,
-                                                     threads=threads, scan=scan.value)) for m in models]
+        loaded = [stack.enter_context(load(m, provider=provider.value if provider else None, threads=threads,
+                                           scan=scan.value, stride=stride, batch=batch)) for m in models]
         load_s = time.perf_counter() - t0
-        clip_backend, seg_backend = _split_models(backends)
-        _check_outputs(seg_backend, overlay, items)
-        first = clip_backend or seg_backend  # its results carry the other's (_merge), the --plot strip too
-        pipelines = [InferencePipeline(b, stride=stride, batch=batch, keep_strip=bool(plot) and b is first,
-                                       keep_frames=bool(overlay) and b is seg_backend)
-                     for b in (clip_backend, seg_backend) if b is not None]
-        results = _run_sources(pipelines, items, realtime)
-        devices = [b.device for b in backends]
+        clip_model, seg_model = _split_models(loaded)
+        _check_outputs(seg_model, overlay, items)
+        first = clip_model or seg_model  # its results carry the other's (_merge), the --plot strip too
+        runs = [(m, m.pipeline(keep_strip=bool(plot) and m is first, keep_frames=bool(overlay) and m is seg_model,
+                               keep_masks=False)) for m in (clip_model, seg_model) if m is not None]
+        results = _run_sources(runs, items, realtime)
+        devices = [m.device for m in loaded]
+    pipelines = [pipeline for _, pipeline in runs]
     class_names = pipelines[0].class_names
-    clip_model, seg_model = clip_backend is not None, seg_backend is not None
-    Console().print(results_table(results, class_names, clip_model, seg_model))
+    has_clip_model, has_seg_model = clip_model is not None, seg_model is not None
+    Console().print(results_table(results, class_names, has_clip_model, has_seg_model))
     for table in beats_tables(results):
         Console().print(table)
     lines = source_notes(results)
     for pipeline, device in zip(pipelines, devices):
-        lines += timing_lines(pipeline.timings, f"{device}, {pipeline.task} model" if seg_model else device)
+        lines += timing_lines(pipeline.timings, f"{device}, {pipeline.task} model" if has_seg_model else device)
     typer.echo("\n".join(lines))
-    described = [_model_info(p, models[backends.index(p.backend)], d, load_s) for p, d in zip(pipelines, devices)]
+    described = [_model_info(p, models[loaded.index(m)], devices[loaded.index(m)], load_s) for m, p in runs]
     info = {**described[0], "models": described, "batch": batch, "realtime": realtime}
     if json_path:
         write_json(json_path, run_document(results, pipelines[0].timings, info, class_names))
     if csv_path:
-        write_csv(csv_path, results, class_names, clip_model, seg_model)
+        write_csv(csv_path, results, class_names, has_clip_model, has_seg_model)
     if plot:
         shown = write_plot(plot, results, class_names)
         if shown < sum(bool(r.clips) for r in results):
@@ -127,19 +128,19 @@ def infer(
         raise typer.Exit(EXIT_FAILED)
 
 
-def _split_models(backends: list[Backend]) -> tuple[Backend | None, Backend | None]:
+def _split_models(loaded: list[Model]) -> tuple[Model | None, Model | None]:
     """(the EF or classification model, the seg model): at most one of each."""
-    seg = [b for b in backends if b.meta.task == "seg"]
-    clip = [b for b in backends if b.meta.task != "seg"]
+    seg = [m for m in loaded if m.task == "seg"]
+    clip = [m for m in loaded if m.task != "seg"]
     if len(seg) > 1 or len(clip) > 1:
         fail(f"--model takes at most one seg model and one EF or classification model; got tasks "
-             f"{', '.join(b.meta.task for b in backends)}", EXIT_USAGE)
+             f"{', '.join(m.task for m in loaded)}", EXIT_USAGE)
     return (clip or [None])[0], (seg or [None])[0]
 
 
-def _check_outputs(seg_backend: Backend | None, overlay: str | None, items: list[tuple[str, object]]) -> None:
+def _check_outputs(seg_model: Model | None, overlay: str | None, items: list[tuple[str, object]]) -> None:
     """Refuse, before any work, an overlay the models or sources cannot give."""
-    if overlay and seg_backend is None:
+    if overlay and seg_model is None:
         fail("--overlay draws a seg model's LV: give a seg model with --model", EXIT_USAGE)
     if overlay and len(items) != 1:
         fail(f"--overlay takes one video file; got {len(items)} sources", EXIT_USAGE)
@@ -159,7 +160,7 @@ def _model_info(pipeline: InferencePipeline, path: str, device: str, load_s: flo
             "timings": pipeline.timings.to_dict()}
 
 
-def _run_sources(pipelines: list[InferencePipeline], items: list[tuple[str, object]],
+def _run_sources(runs: list[tuple[Model, InferencePipeline]], items: list[tuple[str, object]],
                  realtime: bool) -> list[SourceResult]:
     """Every source in order, through every pipeline (a clip model's, then a seg model's, merged into one
     result); a failing one is reported on one line and the others still run."""
@@ -171,11 +172,11 @@ def _run_sources(pipelines: list[InferencePipeline], items: list[tuple[str, obje
         task = progress.add_task("videos", total=files)
         for source, error in items:
             if error is not None:
-                result = SourceResult(source, task=pipelines[0].task, error=str(error))
+                result = SourceResult(source, task=runs[0][1].task, error=str(error))
             else:
                 if not is_live_source(source):
                     progress.update(task, description=source[-40:])
-                result = _merge([_run_source(p, source, realtime) for p in pipelines])
+                result = _merge([_run_source(m, p, source, realtime) for m, p in runs])
                 if not is_live_source(source):
                     progress.advance(task)
             if not result.ok:
@@ -184,11 +185,9 @@ def _run_sources(pipelines: list[InferencePipeline], items: list[tuple[str, obje
     return results
 
 
-def _run_source(pipeline: InferencePipeline, source: str, realtime: bool) -> SourceResult:
-    if is_live_source(source):
-        show = functools.partial(_print_clip, source, pipeline.class_names)
-        return pipeline.run_live(source, realtime=realtime, on_clip=show)
-    return pipeline.run_file(source)
+def _run_source(model: Model, pipeline: InferencePipeline, source: str, realtime: bool) -> SourceResult:
+    show = functools.partial(_print_clip, source, pipeline.class_names)
+    return model.analyse(source, pipeline=pipeline, realtime=realtime, on_clip=show).raw
 
 
 def _merge(results: list[SourceResult]) -> SourceResult:

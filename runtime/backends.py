@@ -11,7 +11,6 @@ from __future__ import annotations
 import abc
 import os
 import sys
-import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -368,37 +367,3 @@ class TensorRTBackend(Backend):
             self._cudart.cudaStreamDestroy(self._stream)
             self._stream = None
         self._context = self._engine = None
-
-
-def latency_percentiles(seconds: list[float], quantiles: tuple[int, ...] = (50, 90, 99)) -> dict[str, float]:
-    """{'p50': ms, ...} of a list of durations in seconds."""
-    values = np.percentile(np.asarray(seconds) * 1e3, quantiles) if seconds else [float("nan")] * len(quantiles)
-    return {f"p{q}": float(v) for q, v in zip(quantiles, values)}
-
-
-def benchmark(backend: Backend, batch: int = 1, warmup: int = 3, runs: int = 20, stride: int | None = None,
-              seed: int = 0) -> dict[str, Any]:
-    """Latency of backend.run on random clips of the model's shape, and what it means in real time.
-
-    A clip covers spec.clip_span resampled frames; with stride s a video second needs spec.fps / s clips, so
-    real-time factor = clips/s / (fps / s).
-    """
-    spec = backend.meta.preprocess
-    stride = stride or spec.default_stride
-    clips = np.random.default_rng(seed).standard_normal((batch, *backend.input_shape), dtype=np.float32)
-    for _ in range(warmup):
-        backend.run(clips)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        backend.run(clips)
-        times.append(time.perf_counter() - t0)
-    clips_per_s = batch * len(times) / sum(times)
-    clips_per_video_second = spec.fps / stride
-    return {
-        "model": backend.path, "preset": backend.meta.preset, "device": backend.device,
-        "batch": batch, "warmup": warmup, "runs": runs,
-        "clip": list(backend.input_shape), "fps": spec.fps, "period": spec.period, "stride": stride,
-        "latency_ms": latency_percentiles(times), "clips_per_s": clips_per_s,
-        "realtime_factor": clips_per_s / clips_per_video_second,
-    }

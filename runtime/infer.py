@@ -15,14 +15,13 @@ import math
 import os
 import queue
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
-from evim3.runtime.backends import Backend, latency_percentiles
+from evim3.runtime.backends import Backend
 from evim3.runtime.errors import EchoInputError, Evim3Error, TooShortError
 from evim3.runtime.live import LiveFrame, LiveReader, is_live_source
 from evim3.runtime.meta import PreprocessSpec
@@ -33,16 +32,16 @@ from evim3.runtime.preprocess import (
     motion_window_frames,
     normalise,
     real_frame_share,
-    resized_spacing,
     sample_clip_indices,
     stream_to_uint8,
 )
+from evim3.runtime.provenance import Provenance
 from evim3.runtime.seg import FrameStitcher, LVReport, analyse_lv
-from evim3.runtime.video import Region, iter_video_files, open_video
+from evim3.runtime.timing import Stopwatch, Timings
+from evim3.runtime.video import VideoReader, iter_video_files, open_video
 
 STRIP_FRAMES = 8  # frames kept per source for the --plot strip
 PREFETCH_FRAMES = 64  # prepared (spec.size^2 uint8) frames the decoding thread may run ahead of inference
-_END = object()  # end of an iterator, for next()
 T = TypeVar("T")
 # Shortest video analysed: a clip mostly made of repeated frames cannot measure a heartbeat. Shorter than the
 # model's clip but above this, the clip loops the video, with a warning and its share of real frames.
@@ -83,6 +82,8 @@ class SourceResult:
     lv: LVReport | None = None  # seg models: the LV of every frame, the beats, their EF
     lv_masks: list[np.ndarray | None] = field(default_factory=list, repr=False)  # seg, keep_frames: per frame
     frames: list[np.ndarray] = field(default_factory=list, repr=False)  # keep_frames: the prepared frames
+    timings: Timings = field(default_factory=Timings, repr=False)  # of this source alone
+    provenance: Provenance | None = None  # the frames the model saw, and the maps back to the source's
 
     @property
     def ok(self) -> bool:
@@ -116,79 +117,6 @@ class SourceResult:
             d.update(dropped_frames=self.dropped_frames, interrupted=self.interrupted)
         d["clips"] = [c.to_dict(class_names) for c in self.clips]
         return d
-
-
-@dataclass
-class Stage:
-    """Durations of one pipeline stage, one sample per call (per video, per frame, per batch...)."""
-
-    unit: str
-    seconds: list[float] = field(default_factory=list)
-
-    @property
-    def total_s(self) -> float:
-        return float(sum(self.seconds))
-
-    def to_dict(self) -> dict:
-        return {"unit": self.unit, "count": len(self.seconds), "total_s": self.total_s,
-                **{f"{k}_ms": v for k, v in latency_percentiles(self.seconds, (50, 95)).items()}}
-
-
-@dataclass
-class Timings:
-    stages: dict[str, Stage] = field(default_factory=dict)  # "decode", "preprocess", "inference"
-    video_s: float = 0.0  # seconds of video analysed
-    wall_s: float = 0.0  # wall time spent on sources (model loading excluded)
-    clips: int = 0
-
-    def stage(self, name: str, unit: str) -> Stage:
-        """The stage `name` timed per `unit`; files and live streams time decoding per video/per frame."""
-        key = f"{name} per {unit}"
-        return self.stages.setdefault(key, Stage(unit))
-
-    def total(self, name: str) -> float:
-        return sum(s.total_s for key, s in self.stages.items() if key.startswith(f"{name} "))
-
-    @property
-    def realtime_factor(self) -> float:
-        """Video seconds analysed per wall second."""
-        return self.video_s / self.wall_s if self.wall_s > 0 else float("nan")
-
-    @property
-    def input_share(self) -> float:
-        """Fraction of the wall time spent decoding and preprocessing."""
-        return (self.total("decode") + self.total("preprocess")) / self.wall_s if self.wall_s > 0 else float("nan")
-
-    def to_dict(self) -> dict:
-        return {"stages": {k: s.to_dict() for k, s in self.stages.items()}, "video_s": self.video_s,
-                "wall_s": self.wall_s, "clips": self.clips, "realtime_factor": self.realtime_factor,
-                "decode_preprocess_share": self.input_share}
-
-
-class _Clock:
-    """Seconds accumulated by timing() blocks and _clocked iterators (on whichever thread)."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    @contextlib.contextmanager
-    def timing(self) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds += time.perf_counter() - t0
-
-
-def _clocked(items: Iterable[T], clock: _Clock) -> Iterator[T]:
-    """`items`, adding to `clock` the time spent producing each (not the time the consumer holds it)."""
-    iterator = iter(items)
-    while True:
-        with clock.timing():
-            item = next(iterator, _END)
-        if item is _END:
-            return
-        yield item
 
 
 def in_background(items: Iterable[T], depth: int) -> Iterator[T]:
@@ -276,14 +204,16 @@ def expand_sources(sources: list[str]) -> Iterator[tuple[str, EchoInputError | N
 
 
 class InferencePipeline:
-    """Runs sources through one backend; collects per-stage timings over every source it runs.
+    """Runs sources through one backend; `timings` adds up the per-stage timings of every source it runs (each
+    result carries its own).
 
     keep_frames (seg models, for --overlay): keep every prepared frame and LV mask of a file in its result,
-    size^2 bytes and size^2 / 8 bytes per frame, so memory grows with the video's length.
+    size^2 bytes and size^2 / 8 bytes per frame, so memory grows with the video's length; keep_masks: the
+    masks only.
     """
 
     def __init__(self, backend: Backend, stride: int | None = None, batch: int = 1, keep_strip: bool = False,
-                 keep_frames: bool = False):
+                 keep_frames: bool = False, keep_masks: bool = False):
         self.backend = backend
         self.spec = backend.meta.preprocess
         self.task = backend.meta.task
@@ -294,77 +224,85 @@ class InferencePipeline:
         self.batch = batch
         self.keep_strip = keep_strip
         self.keep_frames = keep_frames
+        self.keep_masks = keep_masks or keep_frames
         self.timings = Timings()
 
-    @contextlib.contextmanager
-    def _timed(self, name: str, unit: str) -> Iterator[None]:
-        """Add the duration of the `with` block to the stage `name` (per `unit`)."""
-        stage = self.timings.stage(name, unit)
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            stage.seconds.append(time.perf_counter() - t0)
-
-    def _run_clips(self, clips: np.ndarray) -> list[Any]:
+    def _run_clips(self, clips: np.ndarray, timings: Timings) -> list[Any]:
         """Backend outputs per clip: values (EF, or class probabilities), or a seg model's LV evidence (T, H, W)."""
-        with self._timed("inference", "batch"):
+        with timings.stage("inference", "batch").timed():
             out = self.backend.run(clips[:, None])
-        self.timings.clips += len(clips)
+        timings.clips += len(clips)
         if self.task == "seg":
             return list(lv_evidence(out))
         return clip_values(out, self.backend.meta).tolist()
 
     def run_file(self, path: str) -> SourceResult:
-        """Decode, preprocess and analyse one video/DICOM file; a bad file gives a result with .error.
+        """Decode, preprocess and analyse one video/DICOM file; a bad file gives a result with .error."""
+        return self.run_reader(lambda: open_video(path), path)
+
+    def run_reader(self, open_reader: Callable[[], VideoReader], source: str) -> SourceResult:
+        """Analyse what `open_reader` opens (a file, a DICOM dataset, frames in memory); a bad source gives a
+        result with .error.
 
         A stream: a thread decodes, crops, resizes and resamples (``stream_to_uint8``) up to PREFETCH_FRAMES
         ahead while this thread runs the clips, each as soon as its frames are in; only the frames of the
-        clips still to come are kept. A file found bad at its end (cut short) drops the clips it gave.
+        clips still to come are kept. A source found bad at its end (cut short) drops the clips it gave.
         """
-        t0 = time.perf_counter()
-        decode, prepare = _Clock(), _Clock()
-        regions: list[Region] = []  # the region preprocessing cropped to (stated or found)
+        timings = Timings()
+        wall, decode, prepare = Stopwatch(), Stopwatch(), Stopwatch()
         stitcher = FrameStitcher() if self.task == "seg" else None
+        result = SourceResult(source, task=self.task)  # replaced by the analysis, or by the error
         try:
-            with decode.timing():  # opening reads headers (and a DICOM file's whole dataset)
-                reader = open_video(path)
-            with reader:
-                source = _clocked(reader.frames(), decode)
-                prepared = _clocked(stream_to_uint8(source, reader.fps, self.spec, reader.meta["region"],
-                                                    regions.append), prepare)
-                with contextlib.closing(in_background(prepared, PREFETCH_FRAMES)) as frames:
-                    result = self._analyse(path, frames, lambda: reader.num_frames / reader.fps, stitcher)
-            if stitcher:
-                self._measure_lv(result, stitcher, reader.meta, regions[0])
+            with wall:
+                with decode:  # opening reads headers (and a DICOM file's whole dataset)
+                    reader = open_reader()
+                with reader:
+                    provenance = Provenance(source, reader.fps, 0, reader.meta["region"], self.spec,
+                                            spacing_cm=reader.meta.get("spacing_cm"),
+                                            spacing_source=reader.meta.get("spacing_source"),
+                                            notes=reader.meta["notes"])
+
+                    def found(region: tuple[int, int, int, int]) -> None:
+                        provenance.region = region
+
+                    frames = prepare.over(stream_to_uint8(decode.over(reader.frames()), reader.fps, self.spec,
+                                                          reader.meta["region"], found))
+                    with contextlib.closing(in_background(frames, PREFETCH_FRAMES)) as frames:
+                        result = self._analyse(frames, lambda: reader.num_frames / reader.fps, provenance,
+                                               timings, stitcher)
+                provenance.num_frames = reader.num_frames or 0
+                if stitcher:
+                    self._measure_lv(result, stitcher, provenance, timings)
             return result
         except EchoInputError as e:
-            return SourceResult(path, task=self.task, error=str(e))
-        finally:
-            self.timings.stage("decode", "video").seconds.append(decode.seconds)
-            self.timings.stage("preprocess", "video").seconds.append(prepare.seconds - decode.seconds)
-            self.timings.wall_s += time.perf_counter() - t0
+            result = SourceResult(source, task=self.task, error=str(e))
+            return result
+        finally:  # a failed source's decoding time counts too
+            timings.stage("decode", "video").seconds.append(decode.seconds)
+            timings.stage("preprocess", "video").seconds.append(prepare.seconds - decode.seconds)
+            timings.wall_s += wall.seconds
+            result.timings = timings
+            self.timings.add(timings)
 
-    def _measure_lv(self, result: SourceResult, stitcher: FrameStitcher, meta: dict[str, Any],
-                    region: Region) -> None:
+    def _measure_lv(self, result: SourceResult, stitcher: FrameStitcher, provenance: Provenance,
+                    timings: Timings) -> None:
         """The LV report of a seg model's stitched masks, in cm when the file states its pixel spacing."""
-        spacing = meta.get("spacing_cm")
-        if spacing is not None:
-            spacing = resized_spacing(spacing, region, self.spec.size)
-        with self._timed("LV analysis", "video"):
-            result.lv = analyse_lv(stitcher.masks(), self.spec.fps, spacing, meta.get("spacing_source"))
+        with timings.stage("LV analysis", "video").timed():
+            result.lv = analyse_lv(stitcher.masks(), self.spec.fps, provenance.model_spacing_cm,
+                                   provenance.spacing_source)
         result.lv.clips = len(result.clips)
-        if self.keep_frames:
+        if self.keep_masks:
             result.lv_masks = list(stitcher.masks())
 
-    def _analyse(self, source: str, frames: Iterable[np.ndarray], duration_s: Callable[[], float],
-                 stitcher: FrameStitcher | None = None) -> SourceResult:
+    def _analyse(self, frames: Iterable[np.ndarray], duration_s: Callable[[], float], provenance: Provenance,
+                 timings: Timings, stitcher: FrameStitcher | None = None) -> SourceResult:
         """Clips every `stride` frames of a stream of prepared (uint8, spec.fps) frames, run in batches as
         their frames arrive; a video shorter than one clip gives one clip that loops it. `duration_s` tells
         the source's duration once the stream has ended. A seg model's clips go to `stitcher`, which settles
         each frame once no clip still to come holds it; its last clip is aligned to the video's end, so that
-        the frames after the last clip of the stride have masks too."""
-        spec, span = self.spec, self.spec.clip_span
+        the frames after the last clip of the stride have masks too. `provenance` is told the count of
+        model frames."""
+        source, spec, span = provenance.source, self.spec, self.spec.clip_span
         window: deque[np.ndarray] = deque()  # prepared frames first, first + 1, ...
         first = count = next_start = 0
         pending: list[tuple[np.ndarray, np.ndarray, float]] = []  # (frame indices, uint8 clip, share of real frames)
@@ -382,7 +320,7 @@ class InferencePipeline:
                 pending.append((indices, np.stack([window[i] for i in indices - first]), 1.0))
                 next_start += self.stride
                 if len(pending) == self.batch:
-                    self._run_pending(pending, result, stitcher, settled=self._kept_from(next_start, count))
+                    self._run_pending(pending, result, stitcher, self._kept_from(next_start, count), timings)
             while window and first < self._kept_from(next_start, count):
                 window.popleft()
                 first += 1
@@ -394,10 +332,12 @@ class InferencePipeline:
         elif stitcher and next_start - self.stride + span < count:  # the last clip ended before the video
             indices = sample_clip_indices(count, spec, count - span)
             pending.append((indices, np.stack([window[i] for i in indices - first]), 1.0))
-        self._run_pending(pending, result, stitcher, settled=count)
+        self._run_pending(pending, result, stitcher, count, timings)
         if strip:
             result.strip = strip.frames()
-        self.timings.video_s += result.duration_s
+        timings.video_s += result.duration_s
+        provenance.model_frames = count
+        result.provenance = provenance
         return result
 
     def _kept_from(self, next_start: int, count: int) -> int:
@@ -406,12 +346,12 @@ class InferencePipeline:
         return min(next_start, count - self.spec.clip_span) if self.task == "seg" else next_start
 
     def _run_pending(self, pending: list[tuple[np.ndarray, np.ndarray, float]], result: SourceResult,
-                     stitcher: FrameStitcher | None, settled: int) -> None:
+                     stitcher: FrameStitcher | None, settled: int, timings: Timings) -> None:
         """Run the pending clips as one batch and empty the list; a stitcher then settles the frames before
         `settled`, which no clip still to come holds."""
         spec = self.spec
         if pending:
-            outputs = self._run_clips(normalise(np.stack([clip for _, clip, _ in pending]), spec))
+            outputs = self._run_clips(normalise(np.stack([clip for _, clip, _ in pending]), spec), timings)
             for (indices, _, share), output in zip(pending, outputs):
                 start = int(indices[0])
                 if stitcher:
@@ -427,38 +367,44 @@ class InferencePipeline:
                  on_clip: Callable[[ClipResult], None] | None = None) -> SourceResult:
         """Analyse a stream as it arrives, one clip every `stride` resampled frames, until the stream ends or
         Ctrl-C. `on_clip` sees each clip as soon as it is computed."""
-        t0 = time.perf_counter()
+        timings, wall = Timings(), Stopwatch()
         result = SourceResult(source, task=self.task)
         if self.task == "seg":
             result.error = (f"{source}: a seg model measures beats over a whole file; live sources are not "
                             "supported (record the stream to a file)")
             return result
-        decode = self.timings.stage("decode", "frame")
+        decode = timings.stage("decode", "frame")
         try:
-            # The queue holds two clips' worth of frames, so after a --realtime drop the consumer can
-            # restart from a whole contiguous clip.
-            reader = LiveReader(source, queue_seconds=2 * self.spec.clip_seconds + 1.0, realtime=realtime)
-            with reader:
-                try:
-                    for clip in self._live_clips(reader.frames(), reader.fps, result):
-                        result.clips.append(clip)
-                        if on_clip:
-                            on_clip(clip)
-                except KeyboardInterrupt:
-                    result.interrupted = True
-                finally:
-                    reader.stop()
-                    result.dropped_frames = reader.dropped
-                    decode.seconds.extend(reader.decode_seconds)
-                    result.duration_s = len(reader.decode_seconds) / reader.fps
+            with wall:
+                # The queue holds two clips' worth of frames, so after a --realtime drop the consumer can
+                # restart from a whole contiguous clip.
+                reader = LiveReader(source, queue_seconds=2 * self.spec.clip_seconds + 1.0, realtime=realtime)
+                result.provenance = Provenance(source, reader.fps, 0, None, self.spec)
+                with reader:
+                    try:
+                        for clip in self._live_clips(reader.frames(), reader.fps, result, timings):
+                            result.clips.append(clip)
+                            if on_clip:
+                                on_clip(clip)
+                    except KeyboardInterrupt:
+                        result.interrupted = True
+                    finally:
+                        reader.stop()
+                        result.dropped_frames = reader.dropped
+                        decode.seconds.extend(reader.decode_seconds)
+                        result.duration_s = len(reader.decode_seconds) / reader.fps
+                        result.provenance.num_frames = len(reader.decode_seconds)
         except Evim3Error as e:
             result.error = str(e)
         finally:
-            self.timings.wall_s += time.perf_counter() - t0
-            self.timings.video_s += result.duration_s
+            timings.wall_s += wall.seconds
+            timings.video_s += result.duration_s
+            result.timings = timings
+            self.timings.add(timings)
         return result
 
-    def _live_clips(self, frames: Iterator[LiveFrame], fps: float, result: SourceResult) -> Iterator[ClipResult]:
+    def _live_clips(self, frames: Iterator[LiveFrame], fps: float, result: SourceResult,
+                    timings: Timings) -> Iterator[ClipResult]:
         """Clips over a window of contiguous source frames that slides by `stride` resampled frames."""
         spec = self.spec
         ratio = fps / spec.fps  # source frames per resampled frame
@@ -473,14 +419,15 @@ class InferencePipeline:
             window.append(frame)
             if len(window) < window_len:
                 continue
-            with self._timed("preprocess", "clip"):
+            with timings.stage("preprocess", "clip").timed():
                 images = np.stack([f.image for f in window])
                 # As stream_to_uint8: the motion in the first frames (here, of the first whole window).
                 region = region or motion_region(images[:motion_window_frames(fps)])
+                result.provenance.region = region
                 resampled = frames_to_input(images, fps, spec, region)
                 start = max(0, len(resampled) - spec.clip_span)
                 clip = resampled[sample_clip_indices(len(resampled), spec, start)]
-            (values,) = self._run_clips(clip[None])
+            (values,) = self._run_clips(clip[None], timings)
             if self.keep_strip:
                 result.strip = _thin(result.strip + [(window[0].time, clip[0])])
             yield ClipResult(window[0].time, window[-1].time, values)

@@ -19,6 +19,7 @@ decoded and records the error in ``meta["notes"]``.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -152,6 +153,30 @@ def open_video(path: str | os.PathLike, decode_threads: int = 0) -> VideoReader:
         raise EmptyFileError(path, "file is empty (0 bytes)")
     is_dicom = _has_dicom_magic(path) or os.path.splitext(path)[1].lower() in DICOM_EXTENSIONS
     return _open_dicom(path) if is_dicom else _open_with_pyav(path, decode_threads)
+
+
+def open_frames(frames: Iterable[np.ndarray], fps: float, source: str = "frames") -> VideoReader:
+    """Frames already decoded, uint8 gray (H, W) or RGB (H, W, 3), at `fps`, as a VideoReader (RGB to gray
+    with GRAY_WEIGHTS, as DICOM frames); the size is that of the first frame."""
+    if not fps > 0:
+        raise ValueError(f"frames need their frame rate: fps must be positive, got {fps}")
+    iterator = iter(frames)
+    first = next(iterator, None)
+    if first is None:
+        raise NoFramesError(source, "no frames given")
+    shape = np.shape(first)
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] != 3):
+        raise NotAVideoError(source, f"frames must be (H, W) gray or (H, W, 3) RGB, got {shape}")
+
+    def gray() -> Iterator[np.ndarray]:
+        for frame in itertools.chain([first], iterator):
+            frame = np.asarray(frame)
+            if frame.dtype != np.uint8 or frame.shape != shape:
+                raise NotAVideoError(source, f"frames must all be uint8 of shape {shape}, got {frame.dtype} "
+                                             f"{frame.shape}")
+            yield frame if frame.ndim == 2 else np.clip(np.rint(frame @ GRAY_WEIGHTS), 0, 255).astype(np.uint8)
+
+    return VideoReader(source, float(fps), _video_meta(None, [], shape[:2]), gray)
 
 
 def read_video(path: str | os.PathLike, decode_threads: int = 0) -> Video:
@@ -321,7 +346,18 @@ def _gray_frames(container: av.container.InputContainer, stream: av.VideoStream,
 
 def _open_dicom(path: str) -> VideoReader:
     """The dataset is read whole (pydicom), its frames decoded one at a time."""
-    ds, notes = _read_dicom_dataset(path)
+    return open_dicom_dataset(*_read_dicom_dataset(path), source=path)
+
+
+def open_dicom_dataset(ds: pydicom.Dataset, notes: list[str] | None = None, source: str | None = None
+                       ) -> VideoReader:
+    """A DICOM cine already in memory (read by pydicom, or received over the network) as a VideoReader;
+    `source` names it in messages (default: its SOPInstanceUID). A dataset without file meta gets the
+    transfer syntax pydicom read it in written into its file meta (the decoders need it)."""
+    path = source or f"DICOM {ds.get('SOPInstanceUID', '(no SOPInstanceUID)')}"
+    notes = [] if notes is None else notes
+    if not hasattr(ds, "file_meta"):
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
     if "PixelData" not in ds:
         raise NoPixelDataError(path, "DICOM file has no pixel data (a report or other non-image object)")
     undescribed = [keyword for keyword in PIXEL_DESCRIPTION if keyword not in ds]
@@ -377,9 +413,9 @@ def _transfer_syntax(ds: pydicom.Dataset) -> UID:
     """The file's transfer syntax. A bare dataset (no file meta) is native pixel data in the encoding pydicom
     read it in; the decoders need that written into the file meta."""
     if "TransferSyntaxUID" not in ds.file_meta:
-        implicit_vr, little_endian = ds.original_encoding
+        implicit_vr, little_endian = ds.original_encoding  # (None, None): built in memory, never encoded
         ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit_vr else
-                                          ExplicitVRLittleEndian if little_endian else ExplicitVRBigEndian)
+                                          ExplicitVRBigEndian if little_endian is False else ExplicitVRLittleEndian)
     return ds.file_meta.TransferSyntaxUID
 
 

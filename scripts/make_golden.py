@@ -16,10 +16,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the golden helpers and the test fixtures' builders live there
 
-from conftest import SYNTH_FRAME_RANGE, SYNTH_SEED, SYNTH_VIDEOS  # noqa: E402
-from golden import GOLDEN_DIR, build_models, compute, write_golden  # noqa: E402
+from conftest import SYNTH_FRAME_RANGE, SYNTH_SEED, SYNTH_VIDEOS
+from golden import GOLDEN_DIR, build_models, compute, write_golden
 
-from evim3.data.synth import generate_dataset  # noqa: E402
+from evim3.data.synth import generate_dataset
 
 
 def main() -> None:

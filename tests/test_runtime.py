@@ -21,10 +21,10 @@ import av
 import numpy as np
 import onnx
 import pytest
+from evim3.runtime.api import load
 from evim3.runtime.backends import (
     BackendUnavailableError,
     OnnxBackend,
-    benchmark,
     fallback_note,
     open_backend,
 )
@@ -41,6 +41,7 @@ from evim3.runtime.live import LiveFrame, LiveReader, is_live_source
 from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, PRECISION_PROP, ModelMeta, PreprocessSpec
 from evim3.runtime.outputs import class_probabilities, meta_output_width
 from evim3.runtime.preprocess import sample_clip_indices, sliding_clip_starts, video_to_input
+from evim3.runtime.provenance import Provenance
 from evim3.runtime.report import run_document, write_csv, write_json, write_plot
 from evim3.runtime.video import read_video
 from onnx import TensorProto, helper, numpy_helper
@@ -256,8 +257,8 @@ def test_tensorrt_backend_without_tensorrt_says_what_is_missing(tmp_path) -> Non
 
 
 def test_benchmark_reports_latency_and_real_time_factor(ef_model: str) -> None:
-    with open_backend(ef_model) as backend:
-        result = benchmark(backend, batch=3, warmup=1, runs=7, stride=4)
+    with load(ef_model, stride=4) as model:
+        result = model.benchmark(batch=3, warmup=1, runs=7)
     lat = result["latency_ms"]
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
     assert result["runs"] == 7 and result["clip"] == [1, 8, 16, 16]
@@ -361,7 +362,8 @@ def test_prefetching_thread_passes_items_and_errors_in_order_and_stops_when_clos
 def test_default_stride_is_half_a_clip_span(ef_model: str) -> None:
     with open_backend(ef_model) as backend:
         assert InferencePipeline(backend).stride == SPEC.clip_span // 2
-        assert benchmark(backend, runs=1, warmup=0)["stride"] == SPEC.clip_span // 2
+        with load(ef_model) as model:
+            assert model.benchmark(runs=1, warmup=0)["stride"] == SPEC.clip_span // 2
         with pytest.raises(ValueError, match="stride and batch must be >= 1"):
             InferencePipeline(backend, batch=0)
     assert PreprocessSpec(frames=1).default_stride == 1  # a one-frame clip still advances
@@ -411,7 +413,8 @@ def test_live_clips_never_span_dropped_frames(ef_model: str) -> None:
     frames = [LiveFrame(i, i / 25, rng.integers(0, 255, (32, 32), dtype=np.uint8)) for i in indices]
     with open_backend(ef_model) as backend:
         pipeline = InferencePipeline(backend, stride=4)
-        clips = list(pipeline._live_clips(iter(frames), 25.0, SourceResult("test")))
+        result = SourceResult("test", provenance=Provenance("test", 25.0, 0, None, SPEC))
+        clips = list(pipeline._live_clips(iter(frames), 25.0, result, Timings()))
     spans = [(round(c.start_s * 25), round(c.end_s * 25)) for c in clips]
     assert spans == [(0, 7), (20, 27), (24, 31), (28, 35), (32, 39)]
 
