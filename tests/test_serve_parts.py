@@ -48,8 +48,10 @@ FRAMES, SIZE, FRAME_TIME_MS = 24, 64, 1000 / 30
 
 
 def need_tool(name: str) -> str:
-    """The path of a Debian-packaged tool; skipped when missing, except under CI, where it is a failure."""
-    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    """The path of a Debian-packaged tool (DCMTK's, not pynetdicom's same-named console scripts); skipped when
+    missing, except under CI, where it is a failure."""
+    debian = [f"{folder}/{name}" for folder in ("/usr/bin", "/usr/sbin") if os.path.exists(f"{folder}/{name}")]
+    path = debian[0] if debian else shutil.which(name)
     if path is None:
         message = f"{name} is not installed (apt-get install orthanc dcmtk; .ci/run does)"
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):

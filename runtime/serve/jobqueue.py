@@ -13,6 +13,7 @@ restart, with the same UIDs, so the destination keeps one copy.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -77,6 +78,9 @@ class JobQueue:
 
     def __init__(self, path: str | Path):
         self.path = str(path)
+        # 0600 before SQLite opens it: its -wal and -shm files take the database file's permissions
+        os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.chmod(self.path, 0o600)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._lock = threading.Lock()
         with self._lock:

@@ -29,7 +29,7 @@ from evim3.runtime.serve.scp import StorageSCP
 from evim3.runtime.serve.send import Destination, retry_in, send
 from evim3.runtime.serve.spool import Spool
 from evim3.runtime.serve.sr import build_sr, derived_uid
-from evim3.runtime.serve.triage import triage
+from evim3.runtime.serve.triage import read_header, triage
 
 from evim3 import __version__
 
@@ -163,7 +163,7 @@ class Node:
 
     def _write_outputs(self, job: Job, analysis) -> list[str]:
         """The SR (and the secondary capture), durably in the spool; their paths."""
-        header = pydicom.dcmread(job.path, stop_before_pixels=True)
+        header = read_header(job.path)
         presets = [m.preset for m in self.analyser.models]
         sr = build_sr(header, analysis, self.analyser.model_hash, presets, self.config.aet, self.device_uid)
         paths = [self._save(job, sr, "sr")]

@@ -19,6 +19,7 @@ import pydicom
 from evim3.runtime.serve.audit import AuditLog
 from evim3.runtime.serve.jobqueue import JobQueue
 from evim3.runtime.serve.spool import Spool, uid_hash
+from evim3.runtime.serve.triage import drop_stray_delimiters
 from pydicom.encaps import generate_frames
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -116,7 +117,10 @@ class StorageSCP:
 
 def check_dataset(ds: pydicom.Dataset, request_sop_uid: str, request_sop_class: str) -> str:
     """Parse every element; the SOP UIDs must match the request's and the pixel data hold every frame.
-    Returns the SOP Instance UID; raises DatasetError (or pydicom's error) when the dataset is unusable."""
+    Returns the SOP Instance UID; raises DatasetError (or pydicom's error) when the dataset is unusable.
+    Stray top-level delimiters (a vendor fault pydicom reads past) are dropped from this in-memory copy;
+    the spool keeps the bytes as received."""
+    drop_stray_delimiters(ds)
     for _ in ds.iterall():  # converts every raw element: bad bytes raise here
         pass
     sop_uid, sop_class = str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))

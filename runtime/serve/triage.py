@@ -22,6 +22,21 @@ ULTRASOUND_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.6.1": "Ultrasound Image Storage",
 }
 TIMING_KEYWORDS = ("FrameTime", "CineRate", "RecommendedDisplayFrameRate")
+# Item, item delimitation and sequence delimitation tags: they belong inside sequences; some vendors' files
+# carry one at the top level, which pydicom reads as an element of unknown VR.
+DELIMITER_TAGS = (0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD)
+
+
+def drop_stray_delimiters(ds: pydicom.Dataset) -> pydicom.Dataset:
+    for tag in DELIMITER_TAGS:
+        if tag in ds:
+            del ds[tag]
+    return ds
+
+
+def read_header(path: str) -> pydicom.Dataset:
+    """The dataset without its pixel data, stray delimiters dropped."""
+    return drop_stray_delimiters(pydicom.dcmread(path, stop_before_pixels=True, force=True))
 
 
 @dataclass
@@ -33,7 +48,7 @@ class Verdict:
 
 def triage(path: str, min_seconds: float) -> Verdict:
     try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        header = read_header(path)
     except Exception as e:  # noqa: BLE001 -- any parse error is the job's reason
         return Verdict(False, f"unreadable dataset: {e}", failed=True)
     sop_class = str(header.get("SOPClassUID", ""))
