@@ -32,7 +32,7 @@ pytest.importorskip("pynetdicom")
 pytest.importorskip("highdicom")
 
 from evim3.runtime.meta import ModelMeta, PreprocessSpec
-from evim3.runtime.serve.analyse import Analysis, BeatResult, to_source_points, trace_outline
+from evim3.runtime.serve.analyse import Analysis, BeatResult, trace_outline
 from evim3.runtime.serve.config import ServeConfig
 from evim3.runtime.serve.jobqueue import JobQueue
 from evim3.runtime.serve.send import Destination, retry_in
@@ -381,13 +381,32 @@ def test_sr_is_tid1500_with_deterministic_uids_and_passes_dsrdump(tmp_path: Path
     assert "Device Observer UID" in text and "Algorithm Version" in text
 
 
-def test_contours_map_back_to_source_pixels() -> None:
+def test_outline_is_the_regions_boundary_in_order() -> None:
     mask = np.zeros((32, 32), bool)
     mask[8:24, 12:20] = True
     outline = trace_outline(mask)
     assert (outline[0] == outline[-1]).all() and len(outline) == 2 * (16 + 8) - 4 + 1
     assert outline[:, 0].min() == 12 and outline[:, 0].max() == 19 and outline[:, 1].min() == 8
-    # a 100 x 200 (h x w) region at (10, 30) shrunk to 32: scale 0.16, padded top by 8
-    points = to_source_points(np.array([[0.0, 8.0], [31.0, 23.0]]), (10, 110, 30, 230), 32)
-    np.testing.assert_allclose(points, [[30 + 0.5 / 0.16 - 0.5, 10 + 0.5 / 0.16 - 0.5],
-                                        [30 + 31.5 / 0.16 - 0.5, 10 + 15.5 / 0.16 - 0.5]])
+    steps = np.abs(np.diff(outline, axis=0)).max(axis=1)
+    assert (steps == 1).all()  # neighbours, in order
+
+
+def test_seg_beats_come_with_source_frames_and_contours_inside_the_lv(tmp_path: Path) -> None:
+    """The adapter on a real pipeline run: beats of the threshold segmenter, their ED/ES as source frames,
+    contours in source pixels around the drawn LV (centred, 0.32 x 0.68 of the side at ED)."""
+    from evim3.runtime.serve.analyse import Analyser
+
+    cine = write_cine(tmp_path / "cine.dcm", pixels=beating_frames(frames=48, size=96))
+    analyser = Analyser([contract_ef_model(tmp_path / "ef.onnx"), threshold_seg_model(tmp_path / "seg.onnx")])
+    try:
+        analysis = analyser.analyse(str(cine))
+    finally:
+        analyser.close()
+    assert analysis.ef is not None and analysis.beats, analysis.no_beat_reason
+    for beat in analysis.beats:
+        assert 0 <= beat.ed_frame < 48 and 0 <= beat.es_frame < 48 and beat.ed_frame != beat.es_frame
+        ed, es = beat.ed_contour, beat.es_contour
+        width, height = np.ptp(ed[:, 0]), np.ptp(ed[:, 1])
+        assert abs(ed[:, 0].mean() - 47.5) < 3 and abs(ed[:, 1].mean() - 47.5) < 3
+        assert 0.7 * 96 * 0.68 < height < 1.1 * 96 * 0.68 and 0.6 * 96 * 0.32 < width < 1.2 * 96 * 0.32
+        assert np.ptp(es[:, 1]) < height  # smaller at end-systole
