@@ -41,6 +41,8 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import UltrasoundMultiFrameImageStorage, Verification
 
 NODE_AET = "EVIM3"
+# The node runs where torch is not installed: importing it fails in the node's interpreter.
+NODE_MAIN = "import sys; sys.modules['torch'] = None; from evim3.cli.main import main; main()"
 STORESCU_FLAGS = {"native": [], "jpeg": ["-xy"], "rle": ["-xr"], "palette": []}
 
 
@@ -52,7 +54,7 @@ class Node:
         self.root = root
         self.port, self.http_port = port or free_port(), free_port()
         self.spool = root / "spool"
-        self.args = [sys.executable, "-c", "from evim3.cli.main import main; main()", "serve", *models,
+        self.args = [sys.executable, "-c", NODE_MAIN, "serve", *models,
                      "--aet", NODE_AET, "--port", str(self.port), "--host", "127.0.0.1", "--spool", str(self.spool),
                      "--http-port", str(self.http_port), "--threads", "1", *extra]
         for f in forward:
@@ -339,7 +341,7 @@ def test_status_audit_log_and_spool_hold_no_patient_data(node: Node, cines: dict
 
 def test_check_validates_and_echoes_every_destination(orthanc: Orthanc, models: dict, tmp_path: Path) -> None:
     def check(*forward: str) -> subprocess.CompletedProcess:
-        args = [sys.executable, "-c", "from evim3.cli.main import main; main()", "serve", models["ef"], "--spool",
+        args = [sys.executable, "-c", NODE_MAIN, "serve", models["ef"], "--spool",
                 str(tmp_path / "spool"), "--check", *[a for f in forward for a in ("--forward", f)]]
         return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
 

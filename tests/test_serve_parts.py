@@ -410,3 +410,48 @@ def test_seg_beats_come_with_source_frames_and_contours_inside_the_lv(tmp_path: 
         assert abs(ed[:, 0].mean() - 47.5) < 3 and abs(ed[:, 1].mean() - 47.5) < 3
         assert 0.7 * 96 * 0.68 < height < 1.1 * 96 * 0.68 and 0.6 * 96 * 0.32 < width < 1.2 * 96 * 0.32
         assert np.ptp(es[:, 1]) < height  # smaller at end-systole
+
+
+def test_scp_bounds_dataset_size_and_associations_and_spools_what_it_received(tmp_path: Path) -> None:
+    """The SCP in-process: an association over --max-associations is rejected, a dataset over
+    --max-dataset-mb gets A700, one within them is spooled (the bytes as received) and queued."""
+    from evim3.runtime.serve.audit import AuditLog
+    from evim3.runtime.serve.scp import StorageSCP
+    from pynetdicom import AE
+    from pynetdicom.sop_class import UltrasoundMultiFrameImageStorage
+
+    spool = Spool(tmp_path / "spool")
+    queue = JobQueue(tmp_path / "spool" / "queue.sqlite")
+    audit = AuditLog(tmp_path / "spool" / "audit.jsonl")
+    queued = []
+    scp = StorageSCP("EVIM3", spool, queue, audit, max_dataset_bytes=50_000, allow_aet=[], max_associations=1,
+                     on_queued=lambda: queued.append(1))
+    port = free_port()
+    scp.start("127.0.0.1", port)
+    try:
+        ae = AE(ae_title="CART")
+        ae.add_requested_context(UltrasoundMultiFrameImageStorage, ExplicitVRLittleEndian)
+        first = ae.associate("127.0.0.1", port, ae_title="EVIM3")
+        assert first.is_established
+        second = ae.associate("127.0.0.1", port, ae_title="EVIM3")
+        assert second.is_rejected  # over --max-associations
+        big, small = us_dataset(beating_frames()), us_dataset(beating_frames(frames=4))
+        assert first.send_c_store(big).Status == 0xA700  # 98 KB over the 50 KB limit
+        assert first.send_c_store(small).Status == 0x0000
+        first.release()
+    finally:
+        scp.stop()
+        queue.close()
+        audit.close()
+    assert not queue_path_has(tmp_path, big.SOPInstanceUID) and queued == [1]
+    stored = pydicom.dcmread(spool.received_path(small.SOPInstanceUID))
+    assert stored.SOPInstanceUID == small.SOPInstanceUID and stored.PixelData == small.PixelData
+    assert stored.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+
+
+def queue_path_has(tmp_path: Path, sop_uid: str) -> bool:
+    queue = JobQueue(tmp_path / "spool" / "queue.sqlite")
+    try:
+        return queue.has_job(sop_uid)
+    finally:
+        queue.close()
