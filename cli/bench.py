@@ -13,8 +13,8 @@ from evim3.cli.infer import (
     Provider,
     ScanForm,
 )
+from evim3.cli.report import bench_table, write_json
 from evim3.runtime.api import load
-from evim3.runtime.report import bench_table, write_json
 from rich.console import Console
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import typer
 from evim3.cli.common import EXIT_FAILED, EXIT_INCONCLUSIVE, EXIT_USAGE, cli_errors, fail
 from evim3.runtime.parity_check import (
-    FLAT_SPREAD,
     check_files,
     dataset_videos,
     flat_reason,
@@ -18,8 +17,8 @@ from evim3.runtime.parity_check import (
     load_golden,
     reference_spread,
     save_golden,
-    spread_unit,
 )
+from evim3.runtime.tasks import task_spec
 
 
 @cli_errors
@@ -67,9 +66,9 @@ def check(
     typer.echo(f"reference: {source} ({golden.meta.preset}, task {golden.meta.task}); "
                f"clips: {', '.join(golden.names)}")
     typer.echo(format_table(rows, golden.meta.task))
-    spread, bound = reference_spread(golden), FLAT_SPREAD[golden.meta.task]
-    typer.echo(f"reference spread over the {len(golden.names)} clips: SD {spread:.3g} {spread_unit(golden.meta.task)}"
-               f" (flat below {bound:g})")
+    spec = task_spec(golden.meta.task)
+    typer.echo(f"reference spread over the {len(golden.names)} clips: SD {reference_spread(golden):.3g} "
+               f"{spec.spread_unit} (flat below {spec.flat_spread:g})")
     reason = flat_reason(golden)
     if reason:
         message = (f"parity INCONCLUSIVE: {reason}, so agreement proves nothing about the exported graph; check a "

@@ -16,12 +16,7 @@ import time
 
 import typer
 from evim3.cli.common import EXIT_FAILED, EXIT_USAGE, cli_errors, echo_err, fail
-from evim3.runtime.api import Model, load
-from evim3.runtime.backends import SCAN_FORMS
-from evim3.runtime.infer import ClipResult, InferencePipeline, SourceResult, expand_sources
-from evim3.runtime.live import is_live_source
-from evim3.runtime.overlay import check_overlay_path, write_overlay
-from evim3.runtime.report import (
+from evim3.cli.report import (
     beats_tables,
     check_plot_available,
     clip_line,
@@ -33,6 +28,12 @@ from evim3.runtime.report import (
     write_json,
     write_plot,
 )
+from evim3.runtime.api import Model, load
+from evim3.runtime.backend_ort import SCAN_FORMS
+from evim3.runtime.infer import ClipResult, InferencePipeline, SourceResult, expand_sources
+from evim3.runtime.live import is_live_source
+from evim3.runtime.overlay import check_overlay_path, write_overlay
+from evim3.runtime.tasks import task_spec
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -130,8 +131,8 @@ def infer(
 
 def _split_models(loaded: list[Model]) -> tuple[Model | None, Model | None]:
     """(the EF or classification model, the seg model): at most one of each."""
-    seg = [m for m in loaded if m.task == "seg"]
-    clip = [m for m in loaded if m.task != "seg"]
+    seg = [m for m in loaded if task_spec(m.task).per_frame]
+    clip = [m for m in loaded if not task_spec(m.task).per_frame]
     if len(seg) > 1 or len(clip) > 1:
         fail(f"--model takes at most one seg model and one EF or classification model; got tasks "
              f"{', '.join(m.task for m in loaded)}", EXIT_USAGE)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pydicom
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 # What predict() takes: a file (video or DICOM) or live source by path, a pydicom Dataset, or frames.
-Source = Union[str, os.PathLike, pydicom.Dataset, Iterable[np.ndarray]]
+Source = str | os.PathLike | pydicom.Dataset | Iterable[np.ndarray]
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ from evim3.runtime.backends import Backend
 from evim3.runtime.errors import EchoInputError, Evim3Error, TooShortError
 from evim3.runtime.live import LiveFrame, LiveReader, is_live_source
 from evim3.runtime.meta import PreprocessSpec
-from evim3.runtime.outputs import clip_values, lv_evidence
 from evim3.runtime.preprocess import (
     frames_to_input,
     motion_region,
@@ -37,6 +36,7 @@ from evim3.runtime.preprocess import (
 )
 from evim3.runtime.provenance import Provenance
 from evim3.runtime.seg import FrameStitcher, LVReport, analyse_lv
+from evim3.runtime.tasks import task_spec
 from evim3.runtime.timing import Stopwatch, Timings
 from evim3.runtime.video import VideoReader, iter_video_files, open_video
 
@@ -73,7 +73,7 @@ class SourceResult:
 
     source: str
     clips: list[ClipResult] = field(default_factory=list)
-    task: str = "ef"  # of the model whose clips these are (evim3.runtime.meta.TASKS)
+    task: str = "ef"  # of the model whose clips these are (evim3.runtime.tasks)
     duration_s: float = 0.0  # seconds of video analysed
     error: str | None = None
     dropped_frames: int = 0  # live --realtime only
@@ -105,12 +105,7 @@ class SourceResult:
     def to_dict(self, class_names: list[str]) -> dict:
         d: dict = {"source": self.source, "ok": self.ok, "error": self.error, "duration_s": self.duration_s,
                    "num_clips": len(self.clips), "real_frame_share": self.real_share}
-        mean = self.mean_values()
-        if class_names:
-            d["probabilities"] = None if mean is None else dict(zip(class_names, mean))
-            d["prediction"] = None if mean is None else class_names[int(np.argmax(mean))]
-        elif self.task == "ef":
-            d["ef"] = None if mean is None else mean[0]
+        d.update(task_spec(self.task).video_entry(self.mean_values(), class_names))
         if self.lv is not None:
             d["lv"] = self.lv.to_dict()
         if self.dropped_frames or self.interrupted:
@@ -217,7 +212,8 @@ class InferencePipeline:
         self.backend = backend
         self.spec = backend.meta.preprocess
         self.task = backend.meta.task
-        self.class_names = backend.meta.class_names if self.task == "classification" else []
+        self.task_spec = task_spec(self.task)
+        self.class_names = self.task_spec.value_names(backend.meta)
         self.stride = stride or self.spec.default_stride
         if self.stride < 1 or batch < 1:
             raise ValueError(f"stride and batch must be >= 1 (got stride {stride}, batch {batch})")
@@ -232,9 +228,7 @@ class InferencePipeline:
         with timings.stage("inference", "batch").timed():
             out = self.backend.run(clips[:, None])
         timings.clips += len(clips)
-        if self.task == "seg":
-            return list(lv_evidence(out))
-        return clip_values(out, self.backend.meta).tolist()
+        return self.task_spec.clip_outputs(out, self.backend.meta)
 
     def run_file(self, path: str) -> SourceResult:
         """Decode, preprocess and analyse one video/DICOM file; a bad file gives a result with .error."""
@@ -250,7 +244,7 @@ class InferencePipeline:
         """
         timings = Timings()
         wall, decode, prepare = Stopwatch(), Stopwatch(), Stopwatch()
-        stitcher = FrameStitcher() if self.task == "seg" else None
+        stitcher = FrameStitcher() if self.task_spec.per_frame else None
         result = SourceResult(source, task=self.task)  # replaced by the analysis, or by the error
         try:
             with wall:
@@ -342,8 +336,8 @@ class InferencePipeline:
 
     def _kept_from(self, next_start: int, count: int) -> int:
         """The first of `count` frames so far that a clip still to come may hold: the next clip's start, and
-        for a seg model that of a last clip aligned to the video's end (at most one clip span back)."""
-        return min(next_start, count - self.spec.clip_span) if self.task == "seg" else next_start
+        for a per-frame (seg) model that of a last clip aligned to the video's end (at most one clip span back)."""
+        return min(next_start, count - self.spec.clip_span) if self.task_spec.per_frame else next_start
 
     def _run_pending(self, pending: list[tuple[np.ndarray, np.ndarray, float]], result: SourceResult,
                      stitcher: FrameStitcher | None, settled: int, timings: Timings) -> None:
@@ -369,9 +363,9 @@ class InferencePipeline:
         Ctrl-C. `on_clip` sees each clip as soon as it is computed."""
         timings, wall = Timings(), Stopwatch()
         result = SourceResult(source, task=self.task)
-        if self.task == "seg":
-            result.error = (f"{source}: a seg model measures beats over a whole file; live sources are not "
-                            "supported (record the stream to a file)")
+        if self.task_spec.per_frame:
+            result.error = (f"{source}: a {self.task} model measures beats over a whole file; live sources are "
+                            "not supported (record the stream to a file)")
             return result
         decode = timings.stage("decode", "frame")
         try:

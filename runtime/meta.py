@@ -17,10 +17,8 @@ META_KEY = "evim3"
 ENGINE_MAGIC = b"EVIM3TRT"
 # Graph I/O names shared by export and runtime.
 INPUT_NAME = "clip"  # (N, 1, frames, size, size) float32, already normalised
-# (N, 1) EF in points for task "ef"; (N, K) logits for task "classification"; (N, 2, frames, size, size)
-# background/LV logits for every pixel of every frame for task "seg" (runtime/outputs.py reads them)
+# What it holds is the task's (evim3.runtime.tasks: EF points, logits, per-pixel logits)
 OUTPUT_NAME = "output"
-TASKS = ("ef", "classification", "seg")
 # Of an exported file's weights and compute (checkpoints are fp32). int8: linear layers quantised to 8 bits
 # (ONNX: ONNX Runtime's dynamic quantisation, for CPUs; engine: TensorRT INT8 calibrated on clips).
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -61,7 +59,7 @@ class ModelMeta:
     preset: str
     model: dict[str, Any]  # evim3.config.ModelConfig as a dict
     preprocess: PreprocessSpec
-    task: str = "ef"  # one of TASKS
+    task: str = "ef"  # a registered task (evim3.runtime.tasks)
     ef_mean: float | None = None
     # EF = ef_std * (network output): the network regresses EF in units of the training set's spread, so
     # fine-tuning from scratch is not stuck predicting the mean. 1.0 for the paper's checkpoints (raw EF).
@@ -72,8 +70,9 @@ class ModelMeta:
     precision: str = "fp32"  # one of PRECISIONS: what an exported file computes in
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r} (expected one of {', '.join(TASKS)})")
+        from evim3.runtime.tasks import task_spec  # the registry imports numpy; this module stays pure Python
+
+        task_spec(self.task)  # ValueError naming the registered tasks
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r} (expected one of {', '.join(PRECISIONS)})")
 

@@ -212,12 +212,14 @@ def _videos_under(folder: str) -> list[str]:
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in names:
             path = os.path.join(root, name)
-            if not name.startswith(".") and _is_video_file_name(path):
+            if not name.startswith(".") and is_video_file_name(path):
                 files.append(path)
     return sorted(files)
 
 
-def _is_video_file_name(path: str) -> bool:
+def is_video_file_name(path: str) -> bool:
+    """Whether `path` names a file the readers take: a known video or DICOM suffix, or no suffix and the
+    DICOM marker (the one rule for every folder walk: infer, check)."""
     extension = os.path.splitext(path)[1].lower()
     if extension in VIDEO_EXTENSIONS or extension in DICOM_EXTENSIONS:
         return True

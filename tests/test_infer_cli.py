@@ -315,7 +315,8 @@ def needs_tensorrt() -> None:
 def test_tensorrt_engine_matches_onnxruntime_and_runs_infer(needs_tensorrt: None, tiny_onnx: str, tmp_path) -> None:
     import pydicom.examples
     from evim3.export.tensorrt import build_engine
-    from evim3.runtime.backends import TensorRTBackend, open_backend
+    from evim3.runtime.backend_trt import TensorRTBackend
+    from evim3.runtime.backends import open_backend
 
     engine = build_engine(tiny_onnx, tmp_path / "tiny.engine").path
     clips = np.random.default_rng(0).standard_normal((3, 1, 32, 112, 112), dtype=np.float32)

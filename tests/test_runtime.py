@@ -21,14 +21,11 @@ import av
 import numpy as np
 import onnx
 import pytest
+from evim3.cli.report import run_document, write_csv, write_json, write_plot
 from evim3.runtime.api import load
-from evim3.runtime.backends import (
-    BackendUnavailableError,
-    OnnxBackend,
-    fallback_note,
-    open_backend,
-)
-from evim3.runtime.errors import EchoInputError, ModelFileError
+from evim3.runtime.backend_ort import OnnxBackend, fallback_note
+from evim3.runtime.backends import open_backend
+from evim3.runtime.errors import BackendUnavailableError, EchoInputError, ModelFileError
 from evim3.runtime.infer import (
     ClipResult,
     InferencePipeline,
@@ -39,10 +36,10 @@ from evim3.runtime.infer import (
 )
 from evim3.runtime.live import LiveFrame, LiveReader, is_live_source
 from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, PRECISION_PROP, ModelMeta, PreprocessSpec
-from evim3.runtime.outputs import class_probabilities, meta_output_width
+from evim3.runtime.outputs import class_probabilities
 from evim3.runtime.preprocess import sample_clip_indices, sliding_clip_starts, video_to_input
 from evim3.runtime.provenance import Provenance
-from evim3.runtime.report import run_document, write_csv, write_json, write_plot
+from evim3.runtime.tasks import task_spec
 from evim3.runtime.video import read_video
 from onnx import TensorProto, helper, numpy_helper
 
@@ -67,7 +64,7 @@ def make_contract_onnx(path: str | os.PathLike, meta: ModelMeta = EF_META, batch
     mean(clip) * [1, 2, ..., K] (classification; one logit for two classes). `frames` overrides the graph's
     clip length, `outputs` its output width."""
     spec = meta.preprocess
-    k = outputs or meta_output_width(meta)
+    k = outputs or task_spec(meta.task).output_width(len(meta.class_names))
     shape = [batch, 1, frames or spec.frames, spec.size, spec.size]
     scale, bias = ([[10.0]], [[50.0]]) if meta.task == "ef" else ([list(range(1, k + 1))], [[0.0] * k])
     graph = helper.make_graph(

@@ -15,6 +15,8 @@ import csv
 import io
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,7 @@ from torch.utils.data import DataLoader
 from evim3.checkpoint import checkpoint_file, load_model
 from evim3.runtime.atomic import atomic_path, write_atomic
 from evim3.runtime.errors import CheckpointError, DatasetError
-from evim3.runtime.meta import PreprocessSpec
+from evim3.runtime.meta import ModelMeta, PreprocessSpec
 from evim3.runtime.outputs import class_probabilities, lv_masks
 from evim3.train.distributed import resolve_device
 from evim3.train.metrics import (
@@ -83,52 +85,102 @@ def evaluate_checkpoint(
     resamples: int = 1000,
     max_videos: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate `checkpoint` on `split` of an EchoNet-layout folder (EF) or a classification CSV; write
+    """Evaluate `checkpoint` on `split` of an EchoNet-layout folder (EF, seg) or a classification CSV; write
     predictions.csv, metrics.json (and for EF scatter.png, bland_altman.png) into `out`. Returns the
     metrics with the file paths."""
     path = checkpoint_file(checkpoint)
     torch_device = resolve_device(device)
     model, meta = load_model_for_eval(path, torch_device)
-    clips = SEG_CLIPS if meta.task == "seg" else clips
+    if meta.task not in EVALUATORS:
+        raise CheckpointError(path, f"task {meta.task!r} has no evaluation (evim3.train.evaluate.EVALUATORS)")
+    evaluator = EVALUATORS[meta.task]
+    clips = evaluator.clips or clips
     out = out or os.path.join(os.path.dirname(os.path.abspath(path)), f"eval_{split.lower()}_{clips}")
-    if meta.task == "seg":
-        from evim3.data.segmentation import EchoNetSegDataset
-
-        _check_data_folder(data, "a seg")
-        dataset = EchoNetSegDataset(data, split, meta.preprocess, clips="first", max_videos=max_videos)
-        os.makedirs(out, exist_ok=True)
-        report = _seg_outputs(model, dataset, DataLoader(dataset, batch_size=batch, num_workers=workers),
-                              torch_device, meta.preprocess, out, resamples)
-        report.update({"checkpoint": os.path.abspath(path), "split": split.upper(), "clips": clips,
-                       "out": os.path.abspath(out)})
-        write_atomic(os.path.join(out, METRICS_JSON), json.dumps(report, indent=2) + "\n")
-        return report
-    if meta.task == "ef":
-        from evim3.data.echonet import EchoNetDataset
-
-        _check_data_folder(data, "an EF")
-        dataset = EchoNetDataset(data, split, meta.preprocess, clips=clips, max_videos=max_videos)
-    else:
-        from evim3.data.classification import VideoClassificationDataset
-
-        if not csv_path:
-            raise DatasetError(None, "a classification checkpoint is evaluated on a CSV: give --csv")
-        dataset = VideoClassificationDataset(csv_path, split, meta.preprocess, clips=clips, max_videos=max_videos)
-        if dataset.class_names != meta.class_names:
-            raise DatasetError(csv_path, f"classes {dataset.class_names} differ from the checkpoint's {meta.class_names}")
-    # "all" gives each video its own clip count: one video per batch.
-    loader = DataLoader(dataset, batch_size=1 if clips == "all" else batch, num_workers=workers)
-    rows = predict(model, loader, torch_device)
-
-    os.makedirs(out, exist_ok=True)
-    if meta.task == "ef":
-        report = _ef_outputs(rows, out, resamples)
-    else:
-        report = _classification_outputs(rows, meta.class_names, out)
+    job = EvalJob(model, meta, torch_device, data, csv_path, split, clips, out, batch, workers, resamples,
+                  max_videos)
+    report = evaluator.run(job)
     report.update({"checkpoint": os.path.abspath(path), "split": split.upper(), "clips": clips,
                    "out": os.path.abspath(out)})
     write_atomic(os.path.join(out, METRICS_JSON), json.dumps(report, indent=2) + "\n")
     return report
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """What one evaluation runs on and where it writes."""
+
+    model: torch.nn.Module
+    meta: ModelMeta
+    device: torch.device
+    data: str | None
+    csv_path: str | None
+    split: str
+    clips: str | int
+    out: str
+    batch: int
+    workers: int
+    resamples: int
+    max_videos: int | None
+
+    def loader(self, dataset: Any, batch: int | None = None) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch or self.batch, num_workers=self.workers)
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """A task's evaluation: `run` writes predictions and plots into job.out and returns the metrics;
+    `clips` overrides --clips when the task evaluates fixed clips."""
+
+    run: Callable[[EvalJob], dict[str, Any]]
+    clips: str | None = None
+
+
+def _evaluate_ef(job: EvalJob) -> dict[str, Any]:
+    from evim3.data.echonet import EchoNetDataset
+
+    _check_data_folder(job.data, "an EF")
+    dataset = EchoNetDataset(job.data, job.split, job.meta.preprocess, clips=job.clips, max_videos=job.max_videos)
+    rows = _clip_rows(job, dataset)
+    return _ef_outputs(rows, job.out, job.resamples)
+
+
+def _evaluate_classification(job: EvalJob) -> dict[str, Any]:
+    from evim3.data.classification import VideoClassificationDataset
+
+    if not job.csv_path:
+        raise DatasetError(None, "a classification checkpoint is evaluated on a CSV: give --csv")
+    dataset = VideoClassificationDataset(job.csv_path, job.split, job.meta.preprocess, clips=job.clips,
+                                         max_videos=job.max_videos)
+    if dataset.class_names != job.meta.class_names:
+        raise DatasetError(job.csv_path, f"classes {dataset.class_names} differ from the checkpoint's "
+                                         f"{job.meta.class_names}")
+    rows = _clip_rows(job, dataset)
+    return _classification_outputs(rows, job.meta.class_names, job.out)
+
+
+def _clip_rows(job: EvalJob, dataset: Any) -> list[dict[str, Any]]:
+    """Every video's clip outputs; "all" gives each video its own clip count: one video per batch."""
+    rows = predict(job.model, job.loader(dataset, 1 if job.clips == "all" else None), job.device)
+    os.makedirs(job.out, exist_ok=True)
+    return rows
+
+
+def _evaluate_seg(job: EvalJob) -> dict[str, Any]:
+    from evim3.data.segmentation import EchoNetSegDataset
+
+    _check_data_folder(job.data, "a seg")
+    dataset = EchoNetSegDataset(job.data, job.split, job.meta.preprocess, clips="first", max_videos=job.max_videos)
+    os.makedirs(job.out, exist_ok=True)
+    return _seg_outputs(job.model, dataset, job.loader(dataset), job.device, job.meta.preprocess, job.out,
+                        job.resamples)
+
+
+# The evaluation of each task, by its name (evim3.runtime.tasks): the one place a task's `evim3 eval` is found.
+EVALUATORS: dict[str, Evaluator] = {
+    "ef": Evaluator(_evaluate_ef),
+    "classification": Evaluator(_evaluate_classification),
+    "seg": Evaluator(_evaluate_seg, clips=SEG_CLIPS),
+}
 
 
 def _check_data_folder(data: str | None, what: str) -> None:

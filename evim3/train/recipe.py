@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from evim3.config import ModelConfig, get_preset
-from evim3.runtime.meta import TASKS, PreprocessSpec
+from evim3.runtime.meta import PreprocessSpec
+from evim3.runtime.tasks import task_spec
 
 # torch is imported inside the functions that use it: `evim3 train` builds its flags and their defaults from
 # TrainConfig when the CLI starts, and the CLI must start without torch (`evim3 infer` on an edge box).
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from torch.optim.swa_utils import AveragedModel
 
 STAGES = ("pretrain", "finetune")
-# Fine-tuning tasks: evim3.runtime.meta.TASKS, the one list (ef, classification, seg).
+# Fine-tuning tasks: the ones registered in evim3.runtime.tasks (ef, classification, seg).
 MASK_STRATEGIES = ("stc", "random", "tube")
 # EF fine-tuning losses: "mse" is the paper's; "mse+corr" adds 1 - r, the batch's Pearson correlation between
 # predicted and true EF. MSE alone rewards answering the mean while the features do not yet carry EF: the head
@@ -54,7 +55,7 @@ class TrainConfig:
     out: str  # run folder: checkpoints, logs, summary
     data: str | None = None  # EchoNet-Dynamic-layout folder (EF, seg, pre-training)
     csv: str | None = None  # CSV of path,label,split (classification; pre-training may use it too)
-    task: str = "ef"  # TASKS: "ef" | "classification" | "seg" (fine-tuning)
+    task: str = "ef"  # a registered task (evim3.runtime.tasks): "ef" | "classification" | "seg" (fine-tuning)
     ef_loss: str = "mse+corr"  # EF_LOSSES
     preset: str = "evim3"
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields (tests, experiments)
@@ -104,8 +105,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r} (expected one of {', '.join(STAGES)})")
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r} (expected one of {', '.join(TASKS)})")
+        task_spec(self.task)  # ValueError naming the registered tasks
         if self.ef_loss not in EF_LOSSES:
             raise ValueError(f"unknown EF loss {self.ef_loss!r} (expected one of {', '.join(EF_LOSSES)})")
         if self.mask_strategy not in MASK_STRATEGIES:

@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from evim3.checkpoint import checkpoint_file, load_checkpoint
 from evim3.models.evim3 import EViM3
 from evim3.runtime.errors import CheckpointError, DatasetError
-from evim3.runtime.meta import TASKS, ModelMeta, PreprocessSpec
+from evim3.runtime.meta import ModelMeta, PreprocessSpec
 from evim3.runtime.outputs import lv_masks
+from evim3.runtime.tasks import task_names
 from evim3.train.distributed import DistContext, all_gather_rows
 from evim3.train.metrics import classification_report, overlap_counts, regression_report, segmentation_report
 from evim3.train.recipe import TrainConfig
@@ -78,7 +79,7 @@ class Task:
     def meta(self, spec: PreprocessSpec, data: dict[str, Any]) -> ModelMeta:
         return ModelMeta(
             preset=self.cfg.preset, model=self.cfg.model_config().to_dict(), preprocess=spec,
-            task=self.name if self.name in TASKS else "ef",  # pre-training checkpoints carry "ef"
+            task=self.name if self.name in task_names() else "ef",  # pre-training checkpoints carry "ef"
             ef_mean=self.info.get("ef_mean"), ef_std=self.info.get("ef_std", 1.0),
             class_names=self.info.get("class_names", []),
             data={"stage": self.cfg.stage, **data},

@@ -1,6 +1,7 @@
 """What `evim3 infer` and `evim3 bench` show and write: a terminal table, the timing summary, JSON and CSV
 (one row per video, per-clip values and, for a seg model, every beat and every frame's LV area included;
-written atomically) and the --plot PNG (matplotlib, optional).
+written atomically) and the --plot PNG (matplotlib, optional). Presentation is the CLI's: the runtime gives
+results (evim3.runtime.api), this turns them into tables and files.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import Any
 
 import numpy as np
 from evim3.runtime.atomic import atomic_path, write_atomic
-from evim3.runtime.infer import STRIP_FRAMES, ClipResult, SourceResult, Timings
+from evim3.runtime.infer import STRIP_FRAMES, ClipResult, SourceResult
 from evim3.runtime.seg import LVReport
+from evim3.runtime.timing import Timings
 from rich.table import Table
 
 PLOT_MAX_SOURCES = 12  # a figure with more rows is unreadable
