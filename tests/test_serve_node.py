@@ -4,7 +4,7 @@ the SR validator. One Orthanc and one main node per module; nodes of their own f
 and TLS. Models: a shrunk evim3-tiny exported to ONNX (a real Mamba graph, random init) as the EF model and
 the threshold segmenter of test_seg_infer (real beats, real contours).
 
-Under CI (CI=true) a missing Orthanc or DCMTK fails these tests (test_serve_parts.need_tool).
+Where CI is set, a missing Orthanc or DCMTK fails these tests (test_serve_parts.need_tool, tests/ci.py).
 """
 
 from __future__ import annotations

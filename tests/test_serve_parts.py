@@ -4,7 +4,7 @@ DCMTK's dsrdump), backoff, configuration errors. The helpers here (cines, Orthan
 test_serve_node.py too.
 
 DCMTK and Orthanc come from Debian packages (`.ci/run` installs them). Missing, their tests skip here and
-FAIL under CI (CI=true), so a CI run cannot pass without them.
+fail where CI is set (tests/ci.py), so a CI run cannot pass without them.
 """
 
 from __future__ import annotations
@@ -23,13 +23,17 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from ci import require
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless, generate_uid
 
-pytest.importorskip("pynetdicom")
-pytest.importorskip("highdicom")
+try:
+    import highdicom  # noqa: F401
+    import pynetdicom  # noqa: F401
+except ImportError as e:
+    require(f"the [serve] extra is not installed ({e.name}): pip install -e '.[serve]'")
 
 from evim3.runtime.meta import ModelMeta, PreprocessSpec
 from evim3.runtime.serve.analyse import Analysis, BeatResult, trace_outline
@@ -49,14 +53,10 @@ FRAMES, SIZE, FRAME_TIME_MS = 24, 64, 1000 / 30
 
 def need_tool(name: str) -> str:
     """The path of a Debian-packaged tool (DCMTK's, not pynetdicom's same-named console scripts); skipped when
-    missing, except under CI, where it is a failure."""
+    missing, a failure where CI is set (tests/ci.py)."""
     debian = [f"{folder}/{name}" for folder in ("/usr/bin", "/usr/sbin") if os.path.exists(f"{folder}/{name}")]
     path = debian[0] if debian else shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (apt-get install orthanc dcmtk; .ci/run does)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require(None if path else f"{name} is not installed (apt-get install orthanc dcmtk openssl; .ci/run does)")
     return path
 
 
