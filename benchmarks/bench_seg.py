@@ -35,6 +35,7 @@ import torch
 from evim3.export.onnx import export_checkpoint
 from evim3.export.parity import make_golden
 from evim3.runtime.backends import open_backend
+from evim3.runtime.echonet_layout import MASKS_DIR
 from evim3.runtime.infer import InferencePipeline
 from evim3.runtime.meta import PreprocessSpec
 from evim3.runtime.outputs import lv_masks
@@ -51,7 +52,7 @@ from evim3.runtime.video import read_video
 from benchmarks.bench_train import SEED, dataset_folder
 from evim3.checkpoint import load_model
 from evim3.data.echonet import EchoNetDataset
-from evim3.data.synth import MASKS_DIR, read_truth_masks
+from evim3.data.synth import read_truth_masks
 from evim3.train.evaluate import evaluate_checkpoint
 from evim3.train.loop import train
 from evim3.train.metrics import mae, overlap_counts, pooled_dice, regression_report

@@ -31,10 +31,11 @@ def synth(
 ) -> None:
     """Write synthetic apical-four-chamber echo videos in the EchoNet-Dynamic layout (FileList.csv,
     VolumeTracings.csv, Videos/*.avi), with EF measured from the drawn left ventricle."""
+    from evim3.runtime.echonet_layout import SPLITS
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from evim3.data.synth import DEFAULT_FPS, SPLITS, generate_dataset
+    from evim3.data.synth import DEFAULT_FPS, generate_dataset
 
     columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress_bar:

@@ -19,6 +19,7 @@ import numpy as np
 from evim3.runtime import fused_scan
 from evim3.runtime.atomic import atomic_path
 from evim3.runtime.backends import Backend, open_backend
+from evim3.runtime.echonet_layout import FILELIST_NAME, video_path
 from evim3.runtime.engine_file import check_engine_compatible, current_gpu, read_engine_header
 from evim3.runtime.errors import BackendUnavailableError, ModelFileError
 from evim3.runtime.formats import format_of
@@ -89,12 +90,11 @@ def dataset_videos(folder: str | os.PathLike, count: int = DATASET_CLIPS, split:
     import csv
 
     folder = os.fspath(folder)
-    filelist = os.path.join(folder, "FileList.csv")
+    filelist = os.path.join(folder, FILELIST_NAME)
     if os.path.isfile(filelist):
         with open(filelist, newline="") as f:
             rows = [row for row in csv.DictReader(f) if row.get("Split", "").upper() == split]
-        names = [row["FileName"] if os.path.splitext(row["FileName"])[1] else row["FileName"] + ".avi" for row in rows]
-        paths = [os.path.join(folder, "Videos", name) for name in names]
+        paths = [video_path(folder, row["FileName"]) for row in rows]
     elif os.path.isdir(folder):
         paths = [path for path in (os.path.join(folder, n) for n in sorted(os.listdir(folder)))
                  if os.path.isfile(path) and is_video_file_name(path)]

@@ -12,3 +12,7 @@ The datasets turn pixels into model input only through ``evim3.runtime.preproces
 edge runtime runs. Import submodules directly: this package imports nothing, so ``synth``, ``tables`` and
 ``check`` stay torch-free.
 """
+
+# Zero padding of TRAIN clips before the random crop back to size, pixels (the paper's augmentation): the
+# datasets' default and `evim3 train --pad`'s.
+CROP_PAD = 12

@@ -9,7 +9,6 @@ import os
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from evim3.data.synth import FILELIST_COLUMNS, FILELIST_NAME, SPLITS, TRACINGS_NAME, VIDEOS_DIR
 from evim3.data.tables import (
     MIN_TRACED_FRAMES,
     ef_problem,
@@ -18,6 +17,7 @@ from evim3.data.tables import (
     video_name,
     volume_problems,
 )
+from evim3.runtime.echonet_layout import FILELIST_COLUMNS, FILELIST_NAME, SPLITS, TRACINGS_NAME, VIDEOS_DIR
 from evim3.runtime.errors import DatasetError, EchoInputError
 from evim3.runtime.video import read_video
 

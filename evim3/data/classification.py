@@ -10,6 +10,7 @@ import os
 import numpy as np
 import torch
 
+from evim3.data import CROP_PAD
 from evim3.data.echonet import ClipDataset, Clips, check_files_exist, select_rows
 from evim3.data.tables import read_csv_table
 from evim3.runtime.errors import DatasetError
@@ -34,7 +35,7 @@ class VideoClassificationDataset(ClipDataset):
         spec: PreprocessSpec,
         *,
         clips: Clips = "random",
-        pad: int = 12,
+        pad: int = CROP_PAD,
         keep_ratio: float = 1.0,
         max_videos: int | None = None,
         stride: int | None = None,

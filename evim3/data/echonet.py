@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from evim3.data.synth import FILELIST_COLUMNS, FILELIST_NAME, TRACINGS_NAME, VIDEOS_DIR
+from evim3.data import CROP_PAD
 from evim3.data.tables import (
     MIN_TRACED_FRAMES,
     SHOWN,
@@ -27,6 +27,7 @@ from evim3.data.tables import (
     traced_frame_counts,
     video_name,
 )
+from evim3.runtime.echonet_layout import FILELIST_COLUMNS, FILELIST_NAME, TRACINGS_NAME, VIDEOS_DIR
 from evim3.runtime.errors import DatasetError, EchoInputError
 from evim3.runtime.meta import PreprocessSpec
 from evim3.runtime.preprocess import normalise, sample_clip_indices, sliding_clip_starts, video_to_uint8
@@ -208,7 +209,7 @@ class EchoNetDataset(ClipDataset):
         spec: PreprocessSpec,
         *,
         clips: Clips = "random",
-        pad: int = 12,
+        pad: int = CROP_PAD,
         keep_ratio: float = 1.0,
         drop_untraced: bool = True,
         max_videos: int | None = None,

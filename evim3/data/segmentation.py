@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from evim3.data import CROP_PAD
 from evim3.data.echonet import EchoNetDataset
-from evim3.data.synth import TRACINGS_NAME
-from evim3.data.tables import video_name
 from evim3.data.tracings import ed_es_frames, read_tracings, resampled_frame, traced_mask
+from evim3.runtime.echonet_layout import TRACINGS_NAME, video_name
 from evim3.runtime.errors import DatasetError
 from evim3.runtime.meta import PreprocessSpec
 from evim3.runtime.preprocess import frames_to_uint8, normalise, sample_clip_indices, ultrasound_region
@@ -81,7 +81,7 @@ class EchoNetSegDataset(EchoNetDataset):
     clip: ED anchored, the pair centred). TRAIN items are padded and cropped, masks with their frames."""
 
     def __init__(self, root: str | os.PathLike, split: str, spec: PreprocessSpec, *, clips: str = "random",
-                 pad: int = 12, keep_ratio: float = 1.0, max_videos: int | None = None, cache: bool = False,
+                 pad: int = CROP_PAD, keep_ratio: float = 1.0, max_videos: int | None = None, cache: bool = False,
                  substitute_unreadable: bool = False):
         if clips not in ("random", "first"):
             raise ValueError(f"segmentation clips are 'random' or 'first' (the traced clip), got {clips!r}")

@@ -31,18 +31,16 @@ import av
 import numpy as np
 
 from evim3.runtime.atomic import atomic_path, write_atomic
+from evim3.runtime.echonet_layout import (
+    FILELIST_COLUMNS,
+    FILELIST_NAME,
+    MASKS_DIR,
+    TRACING_COLUMNS,
+    TRACINGS_NAME,
+    VIDEOS_DIR,
+)
 from evim3.runtime.errors import DatasetError
 from evim3.runtime.seg import area_length_volume
-
-# The EchoNet-Dynamic layout, which the loaders in evim3.data also read.
-FILELIST_NAME = "FileList.csv"
-TRACINGS_NAME = "VolumeTracings.csv"
-VIDEOS_DIR = "Videos"
-# Not part of EchoNet's layout: the generator's per-frame LV truth, (T, H, W) bool at the video's own geometry.
-MASKS_DIR = "Masks"
-FILELIST_COLUMNS = ("FileName", "EF", "ESV", "EDV", "FrameHeight", "FrameWidth", "FPS", "NumberOfFrames", "Split")
-TRACING_COLUMNS = ("FileName", "X1", "Y1", "X2", "Y2", "Frame")
-SPLITS = ("TRAIN", "VAL", "TEST")
 
 DEFAULT_SIZE = (112, 112)  # (height, width), as EchoNet-Dynamic
 DEFAULT_FPS = 50

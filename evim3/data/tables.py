@@ -9,7 +9,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from evim3.data.synth import TRACING_COLUMNS
+from evim3.runtime.echonet_layout import TRACING_COLUMNS, video_name
 from evim3.runtime.errors import DatasetError
 
 EF_RANGE = (0.0, 100.0)  # percent
@@ -30,11 +30,6 @@ def read_csv_table(path: str, required_columns: Sequence[str]) -> list[dict[str,
                 path, f"header lacks {', '.join(missing)} (has {','.join(header)}; expected {','.join(required_columns)})"
             )
         return list(reader)
-
-
-def video_name(file_name: str) -> str:
-    """FileList names come with or without .avi, depending on the EchoNet release; the files have it."""
-    return file_name if os.path.splitext(file_name)[1] else file_name + ".avi"
 
 
 def traced_frame_counts(path: str) -> dict[str, int]:

@@ -18,8 +18,8 @@ import os
 
 import numpy as np
 
-from evim3.data.synth import TRACING_COLUMNS
-from evim3.data.tables import read_csv_table, video_name
+from evim3.data.tables import read_csv_table
+from evim3.runtime.echonet_layout import TRACING_COLUMNS, video_name
 from evim3.runtime.errors import DatasetError
 from evim3.runtime.preprocess import preprocessed_points, resample_indices
 from evim3.runtime.video import Region

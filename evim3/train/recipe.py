@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from evim3.config import ModelConfig, get_preset
+from evim3.data import CROP_PAD
 from evim3.runtime.meta import PreprocessSpec
 from evim3.runtime.tasks import task_spec
 
@@ -62,7 +63,7 @@ class TrainConfig:
     frames: int | None = None  # clip length; None = the preset's
     period: int = 2
     fps: float = 50.0
-    pad: int = 12  # random-crop padding of TRAIN clips, pixels
+    pad: int = CROP_PAD  # random-crop padding of TRAIN clips, pixels
     keep_ratio: float = 1.0  # share of the TRAIN split used (reduced-label runs)
     max_videos: int | None = None  # cap per split (quick runs)
     stats_videos: int = 128  # videos sampled for the normalisation mean/std
