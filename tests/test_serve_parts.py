@@ -455,3 +455,20 @@ def queue_path_has(tmp_path: Path, sop_uid: str) -> bool:
         return queue.has_job(sop_uid)
     finally:
         queue.close()
+
+
+def test_a_port_in_use_is_one_line_and_the_node_cleans_up(tmp_path: Path) -> None:
+    from evim3.runtime.errors import Evim3Error
+    from evim3.runtime.serve.node import Node
+
+    model = contract_ef_model(tmp_path / "ef.onnx")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for where in ({"port": port, "http_port": 0}, {"port": free_port(), "http_port": port}):
+            config = ServeConfig(models=[model], spool=str(tmp_path / "spool"), forward=["PACS@127.0.0.1:1"],
+                                 host="127.0.0.1", http_host="127.0.0.1", **where)
+            name = "--port" if where["http_port"] == 0 else "--http-port"
+            with pytest.raises(Evim3Error, match=f"^{name} {port}: cannot listen on 127.0.0.1: "):
+                Node(config).serve_forever()

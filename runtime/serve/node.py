@@ -20,6 +20,7 @@ import time
 import traceback
 
 import pydicom
+from evim3.runtime.errors import Evim3Error
 from evim3.runtime.serve.analyse import Analyser, AnalysisError
 from evim3.runtime.serve.audit import AuditLog
 from evim3.runtime.serve.config import ServeConfig, server_tls_context
@@ -63,11 +64,19 @@ class Node:
         removed = self.spool.remove_temp_files()
         self.audit.event("start", version=__version__, aet=self.config.aet, requeued=requeued,
                          temp_files_removed=removed, models=[m.sha256 for m in self.analyser.models])
-        if self.config.http_port:
-            self.http = StatusServer(self.config.http_host, self.config.http_port, self.health, self.queue_status)
+        config = self.config
+        if config.http_port:
+            try:
+                self.http = StatusServer(config.http_host, config.http_port, self.health, self.queue_status)
+            except OSError as e:
+                raise Evim3Error(None, f"--http-port {config.http_port}: cannot listen on {config.http_host}: "
+                                       f"{e.strerror or e}") from None
             self.http.start()
-        ssl_context = server_tls_context(self.config) if self.config.tls else None
-        self.scp.start(self.config.host, self.config.port, ssl_context)
+        ssl_context = server_tls_context(config) if config.tls else None
+        try:
+            self.scp.start(config.host, config.port, ssl_context)
+        except OSError as e:
+            raise Evim3Error(None, f"--port {config.port}: cannot listen on {config.host}: {e.strerror or e}") from None
         for target, name in ((self._work_loop, "evim3-worker"), (self._send_loop, "evim3-sender")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
