@@ -472,3 +472,37 @@ def test_a_port_in_use_is_one_line_and_the_node_cleans_up(tmp_path: Path) -> Non
             name = "--port" if where["http_port"] == 0 else "--http-port"
             with pytest.raises(Evim3Error, match=f"^{name} {port}: cannot listen on 127.0.0.1: "):
                 Node(config).serve_forever()
+
+
+def test_worker_fails_a_vanished_file_and_sender_retries_then_dead_letters(tmp_path: Path) -> None:
+    """In-process (nothing started): a job whose spooled file is gone fails with its reason; a delivery to a
+    port nobody listens on is retried with backoff until --max-tries, then dead."""
+    from evim3.runtime.serve.node import Node
+
+    model = contract_ef_model(tmp_path / "ef.onnx")
+    config = ServeConfig(models=[model], spool=str(tmp_path / "spool"), forward=[f"PACS@127.0.0.1:{free_port()}"],
+                         max_tries=2, retry_base_s=0.01, retry_cap_s=0.01, http_port=0)
+    node = Node(config)
+    try:
+        node.queue.add_job("1.2.3", uid_hash("1.2.3"), str(tmp_path / "gone.dcm"), "CART")
+        node.process(node.queue.claim_job())
+        job = node.queue.job("1.2.3")
+        assert job.state == "failed" and job.reason.startswith("unreadable dataset")
+        cine = write_cine(tmp_path / "cine.dcm")
+        uid = str(pydicom.dcmread(cine, stop_before_pixels=True).SOPInstanceUID)
+        node.queue.add_job(uid, uid_hash(uid), str(cine), "CART")
+        node.process(node.queue.claim_job())
+        assert node.queue.job(uid).state == "done" and len(node.queue.job(uid).outputs) == 1
+        (delivery,) = node.queue.due_deliveries()
+        node.deliver(delivery)
+        assert node.queue.counts()["deliveries"]["pending"] == 1
+        time.sleep(0.05)
+        (delivery,) = node.queue.due_deliveries()
+        assert delivery.attempts == 1
+        node.deliver(delivery)
+        assert node.queue.counts()["deliveries"] == {"pending": 0, "sent": 0, "dead": 1}
+        events = [e["event"] for e in json.loads("[" + ",".join(
+            (tmp_path / "spool" / "audit.jsonl").read_text().splitlines()) + "]")]
+        assert events[-2:] == ["retry", "dead"]
+    finally:
+        node.stop()

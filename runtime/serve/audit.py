@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,11 @@ class AuditLog:
                  "event": event, **{k: v for k, v in fields.items() if v is not None}}
         line = json.dumps(entry, sort_keys=False, default=str)
         with self._lock:
-            self._file.write(line + "\n")
-            self._file.flush()
+            try:
+                self._file.write(line + "\n")
+                self._file.flush()
+            except (OSError, ValueError) as e:  # a full disk must not turn a stored dataset into a failure
+                print(f"evim3 serve: audit log not written ({e}): {line}", file=sys.stderr)
 
     def close(self) -> None:
         with self._lock:

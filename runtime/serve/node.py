@@ -25,9 +25,9 @@ from evim3.runtime.serve.analyse import Analyser, AnalysisError
 from evim3.runtime.serve.audit import AuditLog
 from evim3.runtime.serve.config import ServeConfig, server_tls_context
 from evim3.runtime.serve.http import StatusServer
-from evim3.runtime.serve.jobqueue import Job, JobQueue
+from evim3.runtime.serve.jobqueue import Delivery, Job, JobQueue
 from evim3.runtime.serve.scp import StorageSCP
-from evim3.runtime.serve.send import Destination, retry_in, send
+from evim3.runtime.serve.send import Destination, SendResult, retry_in, send
 from evim3.runtime.serve.spool import Spool
 from evim3.runtime.serve.sr import build_sr, derived_uid
 from evim3.runtime.serve.triage import read_header, triage
@@ -35,6 +35,7 @@ from evim3.runtime.serve.triage import read_header, triage
 from evim3 import __version__
 
 IDLE_WAIT_S = 1.0
+SPOOL_RETRY_S = 5.0  # a job whose outputs the spool could not write is tried again after this
 
 
 class Node:
@@ -139,24 +140,33 @@ class Node:
                 self._work.wait(IDLE_WAIT_S)
                 self._work.clear()
                 continue
-            self.process(job)
+            try:
+                self.process(job)
+            except Exception as e:  # noqa: BLE001 -- the queue itself failed: say so, keep the worker alive
+                self.log(f"evim3 serve: worker error: {type(e).__name__}: {e}")
+                self.stopping.wait(SPOOL_RETRY_S)
 
     def process(self, job: Job) -> None:
         self.audit.event("running", job=job.uid_hash, state="running")
         t0 = time.perf_counter()
-        verdict = triage(job.path, self.analyser.min_seconds)
-        if not verdict.analyse:
-            state = "failed" if verdict.failed else "skipped"
-            self.queue.finish_job(job.sop_instance_uid, state, verdict.reason)
-            self.audit.event(state, job=job.uid_hash, state=state, reason=verdict.reason)
-            return
         try:
+            verdict = triage(job.path, self.analyser.min_seconds)
+            if not verdict.analyse:
+                state = "failed" if verdict.failed else "skipped"
+                self.queue.finish_job(job.sop_instance_uid, state, verdict.reason)
+                self.audit.event(state, job=job.uid_hash, state=state, reason=verdict.reason)
+                return
             analysis = self.analyser.analyse(job.path)
             outputs = self._write_outputs(job, analysis)
         except AnalysisError as e:
             reason = str(e).replace(f"{job.path}: ", "")
             self.queue.finish_job(job.sop_instance_uid, "failed", reason)
             self.audit.event("failed", job=job.uid_hash, state="failed", reason=reason)
+            return
+        except OSError as e:  # the spool cannot hold the outputs (disk full): keep the job, try again later
+            self.queue.finish_job(job.sop_instance_uid, "received", f"waiting for the spool: {e}")
+            self.audit.event("requeued", job=job.uid_hash, state="received", reason=f"spool: {e}")
+            self.stopping.wait(SPOOL_RETRY_S)
             return
         except Exception as e:  # noqa: BLE001 -- one bad job must not stop the node
             reason = f"internal error: {type(e).__name__}: {e}"
@@ -193,31 +203,36 @@ class Node:
     # --- delivery ---
 
     def _send_loop(self) -> None:
-        config = self.config
         while not self.stopping.is_set():
-            for delivery in self.queue.due_deliveries():
-                if self.stopping.is_set():
-                    return
-                destination = Destination.parse(delivery.destination)
-                attempt = delivery.attempts + 1
-                try:
-                    result = send(delivery.outputs, destination, config.aet)
-                except Exception as e:  # noqa: BLE001 -- e.g. an output file gone: retried, then dead
-                    from evim3.runtime.serve.send import SendResult
-
-                    result = SendResult(False, False, f"{type(e).__name__}: {e}")
-                if result.ok:
-                    self.queue.delivery_sent(delivery.sop_instance_uid, delivery.destination)
-                    self.audit.event("sent", job=delivery.uid_hash, destination=delivery.destination,
-                                     attempt=attempt, state="sent")
-                    continue
-                dead = result.permanent or attempt >= config.max_tries
-                wait = retry_in(attempt, config.retry_base_s, config.retry_cap_s)
-                self.queue.delivery_failed(delivery.sop_instance_uid, delivery.destination, result.error, dead, wait)
-                self.audit.event("dead" if dead else "retry", job=delivery.uid_hash, destination=delivery.destination,
-                                 attempt=attempt, error=result.error, state="dead" if dead else "pending",
-                                 retry_in_s=None if dead else wait)
+            try:
+                for delivery in self.queue.due_deliveries():
+                    if self.stopping.is_set():
+                        return
+                    self.deliver(delivery)
+            except Exception as e:  # noqa: BLE001 -- the queue itself failed: say so, keep the sender alive
+                self.log(f"evim3 serve: sender error: {type(e).__name__}: {e}")
+                self.stopping.wait(SPOOL_RETRY_S)
             upcoming = self.queue.next_delivery_at()
             wait = IDLE_WAIT_S if upcoming is None else min(IDLE_WAIT_S, max(0.0, upcoming - time.time()))
             self._deliver.wait(wait)
             self._deliver.clear()
+
+    def deliver(self, delivery: Delivery) -> None:
+        """One try of one delivery: sent, or retried later (backoff), or dead."""
+        config = self.config
+        attempt = delivery.attempts + 1
+        try:
+            result = send(delivery.outputs, Destination.parse(delivery.destination), config.aet)
+        except Exception as e:  # noqa: BLE001 -- e.g. an output file gone: retried, then dead
+            result = SendResult(False, False, f"{type(e).__name__}: {e}")
+        if result.ok:
+            self.queue.delivery_sent(delivery.sop_instance_uid, delivery.destination)
+            self.audit.event("sent", job=delivery.uid_hash, destination=delivery.destination, attempt=attempt,
+                             state="sent")
+            return
+        dead = result.permanent or attempt >= config.max_tries
+        wait = retry_in(attempt, config.retry_base_s, config.retry_cap_s)
+        self.queue.delivery_failed(delivery.sop_instance_uid, delivery.destination, result.error, dead, wait)
+        self.audit.event("dead" if dead else "retry", job=delivery.uid_hash, destination=delivery.destination,
+                         attempt=attempt, error=result.error, state="dead" if dead else "pending",
+                         retry_in_s=None if dead else wait)
