@@ -205,7 +205,7 @@ def cines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cines")
     pixels = beating_frames(frames=48)  # 1.6 s: a few beats for the segmenter
     return {encoding: write_cine(root / f"{encoding}.dcm", encoding, pixels)
-            for encoding in ("native", "jpeg", "rle", "palette", "delimiter")}
+            for encoding in ("native", "jpeg", "rle", "jpegls", "deflated", "palette", "delimiter")}
 
 
 # --- the main node ---
@@ -247,7 +247,9 @@ def test_rejecting_destination_is_a_dead_letter_and_the_node_keeps_serving(node:
     sop_uid = pydicom.dcmread(cine, stop_before_pixels=True).SOPInstanceUID
     assert storescu(node, cine).returncode == 0
     dead = wait_for(lambda: [d for d in node.deliveries(sop_uid) if d["state"] == "dead"], what="a dead letter")
-    assert dead[0]["attempts"] == 1 and "rejected" in dead[0]["last_error"]  # permanent: no retry
+    # dead at the permanent rejection, not after --max-tries (8); a connection Orthanc drops before it answers
+    # (seen under load) is a transient failure and one retry
+    assert dead[0]["attempts"] <= 2 and "rejected (permanent" in dead[0]["last_error"]
     health = node.get("/health")
     assert health["status"] == "ok" and health["deliveries"]["dead"] >= 1 and health["last_error"]
     assert echoscu(node).returncode == 0
@@ -322,6 +324,22 @@ def test_palette_and_stray_delimiter_cines_are_analysed(node: Node, orthanc: Ort
         uid = pydicom.dcmread(cine, stop_before_pixels=True).SOPInstanceUID
         (sr,) = wait_for(lambda u=uid: srs_for(orthanc, u), what=f"the SR of {cine.name}")
         assert sr_ef(sr)[0] == pytest.approx(infer_ef(cine, models["ef"]), rel=1e-12, abs=1e-10)
+
+
+def test_jpeg_ls_and_deflated_cines_are_received_and_answered(node: Node, orthanc: Orthanc, cines: dict) -> None:
+    """The other transfer syntaxes carts send, from pynetdicom as the cart (a dataset in its own syntax)."""
+    for encoding in ("jpegls", "deflated"):
+        ds = pydicom.dcmread(cines[encoding])
+        ae = AE(ae_title="CART")
+        ae.add_requested_context(UltrasoundMultiFrameImageStorage, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AET)
+        assert assoc.is_established
+        try:
+            assert assoc.accepted_contexts[0].transfer_syntax[0] == ds.file_meta.TransferSyntaxUID
+            assert assoc.send_c_store(ds).Status == 0
+        finally:
+            assoc.release()
+        wait_for(lambda u=ds.SOPInstanceUID: srs_for(orthanc, u), what=f"the SR of the {encoding} cine")
 
 
 def test_status_audit_log_and_spool_hold_no_patient_data(node: Node, cines: dict) -> None:

@@ -27,7 +27,14 @@ from ci import require
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless, generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
 
 try:
     import highdicom  # noqa: F401
@@ -111,12 +118,17 @@ def us_dataset(pixels: np.ndarray, sop_class: str = US_MULTIFRAME, region: bool 
 
 
 def write_cine(path: Path, encoding: str = "native", pixels: np.ndarray | None = None, **kwargs) -> Path:
-    """encoding: native (explicit VR little endian), rle, jpeg (baseline, one JPEG per frame), palette
+    """encoding: native (explicit VR little endian), rle, jpeg (baseline, one JPEG per frame), jpegls (lossless),
+    deflated (deflated explicit VR little endian), palette
     (PALETTE COLOR with 8-bit LUTs), delimiter (a stray sequence delimiter item at the top level)."""
     pixels = beating_frames() if pixels is None else pixels
     ds = us_dataset(pixels, **kwargs)
     if encoding == "rle":
         ds.compress(RLELossless, encoding_plugin="pydicom")
+    elif encoding == "jpegls":
+        ds.compress(JPEGLSLossless)
+    elif encoding == "deflated":
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     elif encoding == "jpeg":
         frames = []
         for frame in pixels:
@@ -344,7 +356,7 @@ def test_triage_gives_a_reason_for_every_cine_it_skips(tmp_path: Path) -> None:
     assert "not an ultrasound image" in triage(str(tmp_path / "ct.dcm"), 0.5).reason
 
 
-@pytest.mark.parametrize("encoding", ["native", "rle", "jpeg", "palette", "delimiter"])
+@pytest.mark.parametrize("encoding", ["native", "rle", "jpeg", "jpegls", "deflated", "palette", "delimiter"])
 def test_every_encoding_reads_to_the_drawn_frames(tmp_path: Path, encoding: str) -> None:
     """What the node (and `evim3 infer`) decode: the frames drawn, up to JPEG's loss; palette through its LUT."""
     from evim3.runtime.video import read_video
