@@ -264,7 +264,8 @@ def sr_ef(sr: pydicom.Dataset) -> list[float]:
     def walk(items) -> None:
         for item in items:
             if item.get("ValueType") == "NUM" and item.ConceptNameCodeSequence[0].CodeValue == LVEF.value:
-                values.append(float(item.MeasuredValueSequence[0].NumericValue))
+                value = item.MeasuredValueSequence[0]  # the exact double (FD) where the decimal string rounds
+                values.append(float(value.get("FloatingPointValue", value.NumericValue)))
             if "ContentSequence" in item:
                 walk(item.ContentSequence)
 
