@@ -53,6 +53,7 @@ from evim3.runtime.serve.triage import triage
 
 US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+RETIRED_US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 # Cines the test models read: 24 frames of 64x64 at 30 fps = 0.8 s (the models need 0.5 s)
 FRAMES, SIZE, FRAME_TIME_MS = 24, 64, 1000 / 30
@@ -341,6 +342,7 @@ def test_destination_and_configuration_errors_are_one_line_each(tmp_path: Path) 
 def test_triage_gives_a_reason_for_every_cine_it_skips(tmp_path: Path) -> None:
     ok = write_cine(tmp_path / "ok.dcm")
     assert triage(str(ok), 0.5).analyse
+    assert triage(str(write_cine(tmp_path / "old.dcm", sop_class=RETIRED_US_MULTIFRAME)), 0.5).analyse
     still = us_dataset(beating_frames()[0], sop_class=US_IMAGE)
     still.save_as(tmp_path / "still.dcm", enforce_file_format=True)
     assert triage(str(tmp_path / "still.dcm"), 0.5).reason == "single frame: a still image, not a cine"
@@ -452,11 +454,21 @@ def test_scp_bounds_dataset_size_and_associations_and_spools_what_it_received(tm
         assert first.send_c_store(big).Status == 0xA700  # 98 KB over the 50 KB limit
         assert first.send_c_store(small).Status == 0x0000
         first.release()
+        ae.requested_contexts = []
+        ae.add_requested_context(RETIRED_US_MULTIFRAME, ExplicitVRLittleEndian)
+        for _ in range(50):  # the released association leaves the server's count a moment later
+            old_cart = ae.associate("127.0.0.1", port, ae_title="EVIM3")
+            if old_cart.is_established:
+                break
+            time.sleep(0.1)
+        retired = us_dataset(beating_frames(frames=4), sop_class=RETIRED_US_MULTIFRAME)
+        assert old_cart.send_c_store(retired).Status == 0x0000  # the retired class older carts send
+        old_cart.release()
     finally:
         scp.stop()
         queue.close()
         audit.close()
-    assert not queue_path_has(tmp_path, big.SOPInstanceUID) and queued == [1]
+    assert not queue_path_has(tmp_path, big.SOPInstanceUID) and queued == [1, 1]
     stored = pydicom.dcmread(spool.received_path(small.SOPInstanceUID))
     assert stored.SOPInstanceUID == small.SOPInstanceUID and stored.PixelData == small.PixelData
     assert stored.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian

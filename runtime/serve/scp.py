@@ -1,6 +1,7 @@
 """The Storage and Verification SCP (pynetdicom).
 
-Accepted: Ultrasound Multi-frame Image Storage and Ultrasound Image Storage in the transfer syntaxes of
+Accepted: Ultrasound Multi-frame Image Storage and Ultrasound Image Storage (and their retired versions) in
+the transfer syntaxes of
 ``TRANSFER_SYNTAXES`` (every JPEG one listed explicitly), and Verification (C-ECHO). Every other SOP
 class is refused at association negotiation.
 
@@ -19,7 +20,7 @@ import pydicom
 from evim3.runtime.serve.audit import AuditLog
 from evim3.runtime.serve.jobqueue import JobQueue
 from evim3.runtime.serve.spool import Spool, uid_hash
-from evim3.runtime.serve.triage import drop_stray_delimiters
+from evim3.runtime.serve.triage import RETIRED_ULTRASOUND_SOP_CLASSES, drop_stray_delimiters
 from pydicom.encaps import generate_frames
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -33,10 +34,17 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, evt, register_uid, sop_class
+from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import UltrasoundImageStorage, UltrasoundMultiFrameImageStorage, Verification
 
-STORAGE_SOP_CLASSES = (UltrasoundMultiFrameImageStorage, UltrasoundImageStorage)
+# The current classes and their retired predecessors, which older carts still send (pynetdicom serves a
+# retired class only once it is registered with the storage service)
+for _uid, _keyword in zip(RETIRED_ULTRASOUND_SOP_CLASSES, ("UltrasoundMultiFrameImageStorageRetired",
+                                                           "UltrasoundImageStorageRetired")):
+    if not hasattr(sop_class, _keyword):
+        register_uid(_uid, _keyword, StorageServiceClass)
+STORAGE_SOP_CLASSES = (UltrasoundMultiFrameImageStorage, UltrasoundImageStorage, *RETIRED_ULTRASOUND_SOP_CLASSES)
 TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
     JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
@@ -60,8 +68,8 @@ class StorageSCP:
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_associations = max_associations
         self.ae.require_calling_aet = list(allow_aet)
-        for sop_class in STORAGE_SOP_CLASSES:
-            self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        for storage_class in STORAGE_SOP_CLASSES:
+            self.ae.add_supported_context(storage_class, TRANSFER_SYNTAXES)
         self.ae.add_supported_context(Verification)
         self.server = None
 

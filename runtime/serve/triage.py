@@ -17,9 +17,12 @@ import pydicom
 from evim3.runtime.errors import EchoInputError, SingleFrameError
 from evim3.runtime.video import open_video
 
+RETIRED_ULTRASOUND_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.3", "1.2.840.10008.5.1.4.1.1.6")
 ULTRASOUND_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.3.1": "Ultrasound Multi-frame Image Storage",
     "1.2.840.10008.5.1.4.1.1.6.1": "Ultrasound Image Storage",
+    RETIRED_ULTRASOUND_SOP_CLASSES[0]: "Ultrasound Multi-frame Image Storage (Retired)",
+    RETIRED_ULTRASOUND_SOP_CLASSES[1]: "Ultrasound Image Storage (Retired)",
 }
 TIMING_KEYWORDS = ("FrameTime", "CineRate", "RecommendedDisplayFrameRate")
 # Item, item delimitation and sequence delimitation tags: they belong inside sequences; some vendors' files
