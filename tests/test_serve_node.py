@@ -16,6 +16,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -112,7 +113,7 @@ class Node:
     def deliveries(self, sop_uid: str) -> list[dict]:
         from evim3.runtime.serve.spool import uid_hash
 
-        return [d for d in self.get("/queue")["deliveries"] if d["job"] == uid_hash(sop_uid)]
+        return [d for d in self.get("/queue?limit=500")["deliveries"] if d["job"] == uid_hash(sop_uid)]
 
 
 def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
@@ -360,7 +361,9 @@ def test_status_audit_log_and_spool_hold_no_patient_data(node: Node, cines: dict
     assert {"status", "uptime_s", "models", "jobs", "deliveries", "last_error"} <= set(health)
     assert health["models"][0]["sha256"] and health["jobs"]["done"] >= 1
     queue = node.get("/queue")
-    assert {"jobs", "deliveries"} <= set(queue)
+    assert {"jobs", "deliveries"} <= set(queue) and len(node.get("/queue?limit=1")["jobs"]) == 1
+    with pytest.raises(urllib.error.HTTPError, match="400"):
+        node.get("/queue?limit=0")
     audit_text = (node.spool / "audit.jsonl").read_text()
     source = pydicom.dcmread(cines["native"], stop_before_pixels=True)
     for secret in ("Test^Echo", "EVIM3-1", "19700101", source.StudyInstanceUID, source.SOPInstanceUID):

@@ -120,7 +120,7 @@ class Node:
 
     # --- status ---
 
-    def health(self) -> dict:
+    def health(self, params: dict | None = None) -> dict:
         return {"status": "stopping" if self.stopping.is_set() else "ok", "version": __version__,
                 "aet": self.config.aet, "port": self.config.port, "uptime_s": round(time.time() - self.started, 1),
                 "models": [{"path": m.path, "task": m.task, "preset": m.preset, "sha256": m.sha256}
@@ -128,8 +128,12 @@ class Node:
                 "destinations": [str(d) for d in self.destinations],
                 **self.queue.counts(), "last_error": self.queue.last_error()}
 
-    def queue_status(self) -> dict:
-        return {**self.queue.counts(), "last_error": self.queue.last_error(), **self.queue.recent()}
+    def queue_status(self, params: dict | None = None) -> dict:
+        """Counts, the last error, and the latest jobs and deliveries (?limit=N, 1-1000, default 50)."""
+        limit = int((params or {}).get("limit", 50))
+        if not 1 <= limit <= 1000:
+            raise ValueError("limit must be 1-1000")
+        return {**self.queue.counts(), "last_error": self.queue.last_error(), **self.queue.recent(limit)}
 
     # --- analysis ---
 
