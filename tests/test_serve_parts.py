@@ -333,9 +333,9 @@ def test_destination_and_configuration_errors_are_one_line_each(tmp_path: Path) 
         with pytest.raises(ValueError):
             Destination.parse(bad)
     config = ServeConfig(models=[str(tmp_path / "none.onnx")], spool=str(tmp_path / "s"), aet="",
-                         forward=["nope"], port=0, tls_cert="c.pem")
+                         forward=["nope"], port=0, tls_cert="c.pem", scan="fast")
     problems = config.problems()
-    assert len(problems) == 5, problems  # AE title, model, port, destination, TLS
+    assert len(problems) == 6, problems  # AE title, model, port, destination, TLS, scan
     assert all("\n" not in p for p in problems)
 
 

@@ -6,6 +6,7 @@ import os
 import ssl
 from dataclasses import dataclass, field
 
+from evim3.runtime.backends import SCAN_FORMS
 from evim3.runtime.serve.send import Destination, check_aet
 
 DEFAULT_PORT = 11112
@@ -83,6 +84,8 @@ class ServeConfig:
                     server_tls_context(self)
                 except (OSError, ssl.SSLError) as e:
                     out.append(f"TLS certificates cannot be used: {e}")
+        if self.scan not in SCAN_FORMS:
+            out.append(f"--scan {self.scan}: one of {', '.join(SCAN_FORMS)}")
         if self.max_associations < 1:
             out.append("--max-associations must be at least 1")
         if self.max_dataset_mb <= 0:
