@@ -6,7 +6,7 @@ import os
 import ssl
 from dataclasses import dataclass, field
 
-from evim3.runtime.backends import SCAN_FORMS
+from evim3.runtime.backend_ort import SCAN_FORMS
 from evim3.runtime.serve.send import Destination, check_aet
 
 DEFAULT_PORT = 11112
