@@ -531,3 +531,15 @@ def test_worker_fails_a_vanished_file_and_sender_retries_then_dead_letters(tmp_p
         assert events[-2:] == ["retry", "dead"]
     finally:
         node.stop()
+
+
+def test_secondary_capture_is_in_the_source_study_with_derived_uids(tmp_path: Path) -> None:
+    from evim3.runtime.serve.capture import HEIGHT, WIDTH, build_capture
+
+    source = pydicom.dcmread(write_cine(tmp_path / "cine.dcm"), stop_before_pixels=True)
+    analysis = Analysis(ef=55.2, ef_method="ef model", clip_efs=[50.0, 60.0], clip_times=[(0.0, 0.6), (0.3, 0.9)])
+    sc = build_capture(source, analysis, "ab" * 32, ["contract"])
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and sc.StudyInstanceUID == source.StudyInstanceUID
+    assert sc.SOPInstanceUID == derived_uid(source.SOPInstanceUID, "ab" * 32, "sc")
+    assert sc.PatientID == source.PatientID and sc.BurnedInAnnotation == "YES"
+    assert sc.pixel_array.shape == (HEIGHT, WIDTH, 3) and sc.pixel_array.max() > 0

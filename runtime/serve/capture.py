@@ -63,6 +63,7 @@ def build_capture(source: pydicom.Dataset, analysis: Analysis, model_hash: str, 
         patient_id=patient["PatientID"], patient_name=patient["PatientName"],
         patient_birth_date=patient["PatientBirthDate"] or None, patient_sex=patient["PatientSex"] or None,
         patient_orientation=("L", "F"), **{k: v for k, v in study.items() if v is not None})
+    sc.PatientOrientation = None  # a chart has no patient orientation (type 2: present, empty); highdicom asks one
     sc.SeriesDescription = f"evim3 EF per clip ({', '.join(presets)}; unverified)"
     sc.BurnedInAnnotation = "YES"
     return sc
