@@ -90,7 +90,7 @@ def measure(implementation: str, seqlen: int, runs: int, out_npy: str | None = N
 
     import torch
 
-    from evim3.ops.selective_scan import selective_scan_chunked, selective_scan_ref
+    from evim3.ops import selective_scan_chunked, selective_scan_ref
     from evim3.ops.selective_scan_cpu import selective_scan_cpu
 
     torch.set_num_threads(THREADS)

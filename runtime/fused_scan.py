@@ -4,7 +4,7 @@ The exported graph is standard ONNX: each selective scan is three ``Scan`` loops
 which every ONNX runtime and TensorRT take, but which ONNX Runtime's CPU provider runs as thousands of tiny
 kernel calls (~85 % of evim3-tiny's time, BENCHMARKS.md). The exporter records where each scan's inputs and
 output are in the graph (metadata ``SCANS_KEY``); ``fuse_scans`` replaces each scan by one ``SelectiveScan``
-node whose kernel is the fused C++ row kernel the torch extension runs (evim3/ops/csrc/selective_scan_kernel.h,
+node whose kernel is the fused C++ row kernel the torch extension runs (runtime/csrc/selective_scan_kernel.h,
 compiled here without torch, called through ctypes from onnxruntime-extensions' Python-op bridge). The rewrite
 happens in memory when a session opens: the file on disk stays the standard graph.
 
@@ -31,8 +31,6 @@ import numpy as np
 from evim3.runtime.errors import ModelFileError
 from evim3.runtime.meta import META_KEY
 
-import evim3
-
 SCANS_KEY = f"{META_KEY}.scans"  # ONNX metadata_props: JSON list, one {role: tensor name} per scan
 OP_TYPE = "SelectiveScan"
 OP_DOMAIN = "ai.onnx.contrib"  # where onnxruntime-extensions looks up Python ops
@@ -43,9 +41,9 @@ SCAN_INPUTS = ("u", "delta", "A_t", "B", "C", "D", "z", "delta_bias")
 SCAN_OUTPUT = "out"
 
 _CSRC = Path(__file__).parent / "csrc" / "selective_scan_op.cpp"
-# The row kernel's header: package data of evim3.ops (found through evim3's own path: importing evim3.ops
-# would import torch; in a source checkout this package lives outside evim3/, installed inside it).
-_KERNEL_HEADER_DIR = Path(evim3.__file__).parent / "ops" / "csrc"
+# The row kernels, shared with the core's torch extension (evim3/ops/selective_scan_cpu.py includes it from
+# here): the runtime owns them, so that the edge layer needs nothing from the layer above it.
+KERNEL_HEADER = Path(__file__).parent / "csrc" / "selective_scan_kernel.h"
 _SYMBOL = "evim3_selective_scan_forward"
 
 
@@ -71,7 +69,7 @@ def _kernel() -> tuple[Any, str | None]:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         return None, "no C++ compiler found (set CXX) to build the fused scan kernel"
-    header = _KERNEL_HEADER_DIR / "selective_scan_kernel.h"
+    header = KERNEL_HEADER
     for source in (header, _CSRC):
         if not source.is_file():
             return None, f"the fused scan kernel's source is missing ({source})"
@@ -84,7 +82,7 @@ def _kernel() -> tuple[Any, str | None]:
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as folder:  # built aside, moved in whole
             built = Path(folder) / library.name
-            result = subprocess.run([compiler, *flags, f"-I{_KERNEL_HEADER_DIR}", str(_CSRC), "-o", str(built)],
+            result = subprocess.run([compiler, *flags, f"-I{KERNEL_HEADER.parent}", str(_CSRC), "-o", str(built)],
                                     check=False, capture_output=True, text=True)
             if result.returncode != 0:
                 last = (result.stderr.strip().splitlines() or ["(no output)"])[-1]

@@ -134,7 +134,7 @@ def test_export_never_imports_cli() -> None:
 
 def test_wheel_carries_the_kernel_sources(tmp_path: Path) -> None:
     """The C++ sources compiled on first use (the torch extension and the runtime's fused scan op) are in the
-    wheel, where the code looks for them (evim3/ops/csrc beside the installed evim3/runtime)."""
+    wheel, where the code looks for them (the shared row kernels in evim3/runtime/csrc)."""
     import shutil
     import zipfile
 
@@ -146,6 +146,6 @@ def test_wheel_carries_the_kernel_sources(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     (wheel,) = tmp_path.glob("evim3-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for source in ("evim3/ops/csrc/selective_scan_kernel.h", "evim3/ops/csrc/selective_scan_cpu.cpp",
+    for source in ("evim3/runtime/csrc/selective_scan_kernel.h", "evim3/ops/csrc/selective_scan_cpu.cpp",
                    "evim3/runtime/csrc/selective_scan_op.cpp"):
         assert source in names, source

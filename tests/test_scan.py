@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evim3.ops import scan_name, selective_scan, selective_scan_chunked, selective_scan_ref
-from evim3.ops.selective_scan import chunked_scan_core
+from evim3.ops.selective_scan_chunked import chunked_scan_core
 
 F64_ABS_TOL = 1e-10
 F32_REL_TOL = 1e-5
@@ -268,3 +268,28 @@ def test_triton_scan_compiled_for_the_gpu_matches_reference() -> None:
     assert rel_l2(y, y_ref) <= F32_REL_TOL and rel_l2(h, h_ref) <= F32_REL_TOL
     for k in names:
         assert rel_l2(grads[k], grads_ref[k]) <= 1e-4, k
+
+
+def test_a_unit_runs_the_scan_its_model_is_told_to(monkeypatch) -> None:
+    """use_scan sets every Mamba unit's scan for a block (what export does) and restores it; the dispatcher
+    runs the named scan, and refuses a name that is no scan."""
+    from evim3.modules.mamba import Mamba
+    from evim3.ops import SCANS, Scan, register_scan, use_scan
+
+    model = torch.nn.Sequential(Mamba(16, d_state=4), Mamba(16, d_state=4))
+    calls = []
+
+    def counting(*args):
+        calls.append(len(args))
+        return selective_scan_chunked(*args)
+
+    monkeypatch.setitem(SCANS, "counting", SCANS["chunked"])
+    register_scan("counting", Scan(lambda: counting, lambda device_type: None))
+    x = torch.randn(1, 5, 16)
+    with use_scan(model, "counting"):
+        assert [m.scan for m in model] == ["counting", "counting"]
+        y = model(x)
+    assert len(calls) == 2 and [m.scan for m in model] == [None, None]
+    torch.testing.assert_close(y, model(x))  # the same scan as the dispatcher's choice, to rounding
+    with pytest.raises(ValueError, match="unknown scan 'nope'"), use_scan(model, "nope"):
+        pass

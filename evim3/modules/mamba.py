@@ -55,6 +55,9 @@ class Mamba(nn.Module):
         self.d_inner = int(expand * d_model)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.use_fast_path = use_fast_path
+        # The selective scan this unit runs (evim3.ops.SCANS), None: the dispatcher's choice for the device.
+        # evim3.ops.use_scan sets it for a block (export traces "exportable").
+        self.scan: str | None = None
         self.layer_idx = layer_idx
 
         self.in_proj = nn.Linear(d_model, self.d_inner * 2, bias=bias, **factory)
@@ -96,8 +99,8 @@ class Mamba(nn.Module):
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, L)
         A = -torch.exp(self.A_log.float())
 
-        # mamba-ssm's whole-block kernel unless EVIM3_SCAN asks for another scan
-        fast = self.use_fast_path and xz.is_cuda and forced_scan() in (None, "mamba")
+        # mamba-ssm's whole-block kernel unless this unit or EVIM3_SCAN asks for another scan
+        fast = self.use_fast_path and xz.is_cuda and self.scan in (None, "mamba") and forced_scan() in (None, "mamba")
         fused = _fused_inner() if fast else None
         if fused is not None:
             out = fused(
@@ -114,7 +117,7 @@ class Mamba(nn.Module):
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias is added inside the scan
         y = selective_scan(
             x, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z=z,
-            delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            delta_bias=self.dt_proj.bias.float(), delta_softplus=True, impl=self.scan,
         )
         return self.out_proj(y.transpose(1, 2))
 

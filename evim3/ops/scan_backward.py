@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from evim3.ops.selective_scan import (
+from evim3.ops.selective_scan_chunked import (
     carry_across_chunks,
     chunk_views,
     chunked_scan_states,

@@ -20,8 +20,10 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from evim3.runtime.fused_scan import KERNEL_HEADER
+
 CSRC = Path(__file__).parent / "csrc"
-SOURCE = CSRC / "selective_scan_cpu.cpp"  # the torch binding; the row kernels: csrc/selective_scan_kernel.h
+SOURCE = CSRC / "selective_scan_cpu.cpp"  # the torch binding; the row kernels: the runtime's KERNEL_HEADER
 CHUNK = 64  # tokens between saved states: the backward recomputes at most this many per row
 DISABLE_ENV = "EVIM3_CPU_SCAN"
 
@@ -40,7 +42,7 @@ def _build_tag() -> str:
     except OSError:
         pass
     # The header's content too: torch's rebuild check hashes the listed sources only.
-    header = (CSRC / "selective_scan_kernel.h").read_bytes()
+    header = KERNEL_HEADER.read_bytes()
     return hashlib.sha1(f"{platform.machine()} {flags} {SOURCE.resolve()}".encode() + header).hexdigest()[:10]
 
 
@@ -55,7 +57,7 @@ def cpu_kernel() -> ModuleType | None:
         return cpp_extension.load(
             name=f"evim3_selective_scan_cpu_{_build_tag()}",
             sources=[str(SOURCE)],
-            extra_include_paths=[str(CSRC)],
+            extra_include_paths=[str(KERNEL_HEADER.parent)],
             extra_cflags=["-O3", "-fopenmp", "-march=native"],
             extra_ldflags=["-fopenmp"],
             verbose=False,

@@ -1,6 +1,6 @@
 // The fused selective scan's forward as a C function for the edge runtime, without torch: ONNX Runtime's
 // SelectiveScan op (runtime/fused_scan.py) calls it through ctypes. The row kernel is the one the torch
-// extension runs (evim3/ops/csrc/selective_scan_kernel.h); rows are spread over OpenMP threads.
+// extension runs (runtime/csrc/selective_scan_kernel.h); rows are spread over OpenMP threads.
 //
 // Layouts, float32, contiguous: u, delta_raw, z, out: (batch, d, L); A: (d, n); B, C: (batch, L, n), token-major;
 // D, delta_bias: (d). delta = softplus(delta_raw + delta_bias), out = (scan + D u) * silu(z), as Mamba's block.

@@ -1,5 +1,5 @@
 // Torch binding of the fused selective scan for CPU tensors: forward and backward, one (batch, channel) row
-// per task over torch's threads. The row kernels and their maths: selective_scan_kernel.h.
+// per task over torch's threads. The row kernels and their maths: runtime/csrc/selective_scan_kernel.h.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
