@@ -44,7 +44,6 @@ class Analysis:
     clip_times: list[tuple[float, float]] = field(default_factory=list)
     beats: list[BeatResult] = field(default_factory=list)
     no_beat_reason: str | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
