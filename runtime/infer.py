@@ -11,6 +11,7 @@ frames as they arrive and run in batches; memory does not grow with a file's len
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import queue
@@ -26,7 +27,6 @@ from evim3.runtime.errors import EchoInputError, Evim3Error, TooShortError
 from evim3.runtime.live import LiveFrame, LiveReader, is_live_source
 from evim3.runtime.meta import PreprocessSpec
 from evim3.runtime.preprocess import (
-    frames_to_input,
     motion_region,
     motion_window_frames,
     normalise,
@@ -198,6 +198,42 @@ def expand_sources(sources: list[str]) -> Iterator[tuple[str, EchoInputError | N
             yield os.fspath(path), None
 
 
+class ClipCutter:
+    """Clips every `stride` frames of a stream of prepared (uint8, spec.fps) frames, each as soon as its frames
+    are in; keeps only the frames a clip still to come may hold (with `keep_tail`, also the last clip span, for
+    a clip aligned to the stream's end). The one clip cutting of files and live streams."""
+
+    def __init__(self, spec: PreprocessSpec, stride: int, keep_tail: bool = False):
+        self.spec, self.stride, self.keep_tail = spec, stride, keep_tail
+        self.window: deque[np.ndarray] = deque()  # prepared frames first, first + 1, ...
+        self.first = self.count = self.next_start = 0
+
+    def add(self, frame: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Take the next frame; the (frame indices, uint8 clip) of every clip it completes."""
+        self.window.append(frame)
+        self.count += 1
+        done = []
+        while self.next_start + self.spec.clip_span <= self.count:
+            done.append(self.clip_at(self.next_start))
+            self.next_start += self.stride
+        while self.window and self.first < self.kept_from():
+            self.window.popleft()
+            self.first += 1
+        return done
+
+    def clip_at(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """The clip at frame `start` of the frames so far (looping them when they are fewer than a clip)."""
+        indices = sample_clip_indices(self.count, self.spec, start)
+        return indices, np.stack([self.window[i] for i in indices - self.first])
+
+    def kept_from(self) -> int:
+        """The first frame a clip still to come may hold: the next clip's start, and with keep_tail that of a
+        last clip aligned to the end so far (at most one clip span back)."""
+        if self.keep_tail:
+            return min(self.next_start, self.count - self.spec.clip_span)
+        return self.next_start
+
+
 class InferencePipeline:
     """Runs sources through one backend; `timings` adds up the per-stage timings of every source it runs (each
     result carries its own).
@@ -297,35 +333,26 @@ class InferencePipeline:
         the frames after the last clip of the stride have masks too. `provenance` is told the count of
         model frames."""
         source, spec, span = provenance.source, self.spec, self.spec.clip_span
-        window: deque[np.ndarray] = deque()  # prepared frames first, first + 1, ...
-        first = count = next_start = 0
+        cutter = ClipCutter(spec, self.stride, keep_tail=self.task_spec.per_frame)
         pending: list[tuple[np.ndarray, np.ndarray, float]] = []  # (frame indices, uint8 clip, share of real frames)
         result = SourceResult(source, task=self.task)
         strip = _StripSampler() if self.keep_strip else None
         for frame in frames:
-            window.append(frame)
-            count += 1
             if strip:
-                strip.add((count - 1) / spec.fps, frame)
+                strip.add(cutter.count / spec.fps, frame)
             if self.keep_frames:
                 result.frames.append(frame)
-            while next_start + span <= count:
-                indices = sample_clip_indices(count, spec, next_start)
-                pending.append((indices, np.stack([window[i] for i in indices - first]), 1.0))
-                next_start += self.stride
+            for indices, clip in cutter.add(frame):
+                pending.append((indices, clip, 1.0))
                 if len(pending) == self.batch:
-                    self._run_pending(pending, result, stitcher, self._kept_from(next_start, count), timings)
-            while window and first < self._kept_from(next_start, count):
-                window.popleft()
-                first += 1
+                    self._run_pending(pending, result, stitcher, cutter.kept_from(), timings)
+        count = cutter.count
         result.duration_s = duration_s()
         check_long_enough(source, result.duration_s, spec)
-        if next_start == 0:  # shorter than one clip: every frame is still in the window
-            indices = sample_clip_indices(count, spec, 0)
-            pending.append((indices, np.stack([window[i] for i in indices]), real_frame_share(count, spec, 0)))
-        elif stitcher and next_start - self.stride + span < count:  # the last clip ended before the video
-            indices = sample_clip_indices(count, spec, count - span)
-            pending.append((indices, np.stack([window[i] for i in indices - first]), 1.0))
+        if cutter.next_start == 0:  # shorter than one clip: every frame is still in the window
+            pending.append((*cutter.clip_at(0), real_frame_share(count, spec, 0)))
+        elif stitcher and cutter.next_start - self.stride + span < count:  # the last clip ended before the video
+            pending.append((*cutter.clip_at(count - span), 1.0))
         self._run_pending(pending, result, stitcher, count, timings)
         if strip:
             result.strip = strip.frames()
@@ -333,11 +360,6 @@ class InferencePipeline:
         provenance.model_frames = count
         result.provenance = provenance
         return result
-
-    def _kept_from(self, next_start: int, count: int) -> int:
-        """The first of `count` frames so far that a clip still to come may hold: the next clip's start, and
-        for a per-frame (seg) model that of a last clip aligned to the video's end (at most one clip span back)."""
-        return min(next_start, count - self.spec.clip_span) if self.task_spec.per_frame else next_start
 
     def _run_pending(self, pending: list[tuple[np.ndarray, np.ndarray, float]], result: SourceResult,
                      stitcher: FrameStitcher | None, settled: int, timings: Timings) -> None:
@@ -399,39 +421,48 @@ class InferencePipeline:
 
     def _live_clips(self, frames: Iterator[LiveFrame], fps: float, result: SourceResult,
                     timings: Timings) -> Iterator[ClipResult]:
-        """Clips over a window of contiguous source frames that slides by `stride` resampled frames."""
+        """Clips of a live stream cut as a file's are (stream_to_uint8, then ClipCutter), each as soon as its
+        frames are in. A gap (frames dropped by --realtime) starts a new stretch: no clip spans one. The
+        ultrasound region is found from the motion in the first whole clip's source frames, then kept."""
         spec = self.spec
-        ratio = fps / spec.fps  # source frames per resampled frame
-        window_len = math.ceil(spec.clip_span * ratio)
-        window: deque[LiveFrame] = deque()
-        region = None  # the ultrasound region, found from the motion in the first window, then kept
-        clips_since_gap = 0
-        for frame in frames:
-            if window and frame.index != window[-1].index + 1:  # frames were dropped: never clip across the gap
-                window.clear()
-                clips_since_gap = 0
-            window.append(frame)
-            if len(window) < window_len:
+        clip_frames = math.ceil(spec.clip_span * fps / spec.fps)  # source frames one clip spans
+        strip = _StripSampler() if self.keep_strip else None
+        preprocess = timings.stage("preprocess", "clip")
+        for t0, images in _stretches(frames):
+            head = list(itertools.islice(images, clip_frames))
+            if len(head) < clip_frames:  # a gap came first
                 continue
-            with timings.stage("preprocess", "clip").timed():
-                images = np.stack([f.image for f in window])
-                # As stream_to_uint8: the motion in the first frames (here, of the first whole window).
-                region = region or motion_region(images[:motion_window_frames(fps)])
-                result.provenance.region = region
-                resampled = frames_to_input(images, fps, spec, region)
-                start = max(0, len(resampled) - spec.clip_span)
-                clip = resampled[sample_clip_indices(len(resampled), spec, start)]
-            (values,) = self._run_clips(clip[None], timings)
-            if self.keep_strip:
-                result.strip = _thin(result.strip + [(window[0].time, clip[0])])
-            yield ClipResult(window[0].time, window[-1].time, values)
-            # Slide in source frames; rounding the running total keeps long streams from drifting.
-            clips_since_gap += 1
-            advance = round(clips_since_gap * self.stride * ratio) - round((clips_since_gap - 1) * self.stride * ratio)
-            for _ in range(min(advance, len(window))):
-                window.popleft()
+            if result.provenance.region is None:
+                result.provenance.region = motion_region(np.stack(head[:motion_window_frames(fps)]))
+            waiting, preparing = Stopwatch(), Stopwatch()
+            source = waiting.over(itertools.chain(head, images))
+            cutter = ClipCutter(spec, self.stride)
+            for frame in preparing.over(stream_to_uint8(source, fps, spec, result.provenance.region)):
+                for indices, clip in cutter.add(frame):
+                    preprocess.seconds.append(preparing.seconds - waiting.seconds)
+                    waiting.seconds = preparing.seconds = 0.0
+                    (values,) = self._run_clips(normalise(clip[None], spec), timings)
+                    start = t0 + int(indices[0]) / spec.fps
+                    if strip:
+                        strip.add(start, clip[0])
+                        result.strip = strip.frames()
+                    yield ClipResult(start, start + (spec.clip_span - 1) / spec.fps, values)
 
 
-def _thin(strip: list, keep: int = STRIP_FRAMES) -> list:
-    """Bound a growing strip: drop every other frame once it holds twice what a plot shows."""
-    return strip[::2] if len(strip) >= 2 * keep else strip
+def _stretches(frames: Iterator[LiveFrame]) -> Iterator[tuple[float, Iterator[np.ndarray]]]:
+    """The stream in stretches without dropped frames: (time of the first frame, its images as they arrive).
+    Each stretch's images must be read to their end before the next stretch is asked for."""
+    following: list[LiveFrame] = list(itertools.islice(frames, 1))
+
+    def images(frame: LiveFrame) -> Iterator[np.ndarray]:
+        yield frame.image
+        for after in frames:
+            if after.index != frame.index + 1:
+                following.append(after)
+                return
+            frame = after
+            yield frame.image
+
+    while following:
+        first = following.pop()
+        yield first.time, images(first)
