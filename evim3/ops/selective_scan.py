@@ -151,19 +151,9 @@ def scan_choice(device_type: str) -> tuple[str, list[str]]:
     return name, [f"not {other}: {scan_unavailable(other, device_type)}" for other in passed]
 
 
-def selective_scan(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    impl: str | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                   z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                   return_last_state: bool = False, impl: str | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """The scan `impl` names (one of SCANS), else the one ``scan_name`` picks for u's device; inside a tracer
     or compiler, without `impl`, the chunked scan (plain tensor ops)."""
     if impl is None and _exportable_active:

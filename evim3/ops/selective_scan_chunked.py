@@ -18,19 +18,9 @@ def default_chunk(seqlen: int) -> int:
     return max(1, math.ceil(math.sqrt(seqlen)))
 
 
-def selective_scan_chunked(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    chunk: int = 0,
-) -> Tensor | tuple[Tensor, Tensor]:
+def selective_scan_chunked(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                           z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                           return_last_state: bool = False, chunk: int = 0) -> Tensor | tuple[Tensor, Tensor]:
     """Two-level ("blocked") scan: exact, stable, and built from a bounded number of plain tensor ops.
 
     The sequence is cut into K chunks of T tokens (T ~ sqrt(L)); every chunk is processed at once.

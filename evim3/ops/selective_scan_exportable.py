@@ -13,19 +13,9 @@ from evim3.ops.selective_scan_chunked import default_chunk
 from evim3.runtime.fused_scan import SCAN_INPUTS, SCAN_OUTPUT
 
 
-def selective_scan_exportable(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-    chunk: int = 0,
-) -> Tensor | tuple[Tensor, Tensor]:
+def selective_scan_exportable(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                              z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                              return_last_state: bool = False, chunk: int = 0) -> Tensor | tuple[Tensor, Tensor]:
     """The two-level scan of selective_scan_chunked with its three loops as ``torch.ops.higher_order.scan``.
 
     The ONNX exporter turns each loop into one ONNX ``Scan`` whose body is a few elementwise ops, so the

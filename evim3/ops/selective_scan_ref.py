@@ -41,18 +41,9 @@ def finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, out_dtype: 
     return y.to(out_dtype)
 
 
-def selective_scan_ref(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                       z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                       return_last_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """The definition, one token at a time, in float64. Slow and memory-hungry: for tests and benchmarks."""
     dtype = torch.float64
     u64, delta = discretize(u, delta, delta_bias, delta_softplus, dtype)
