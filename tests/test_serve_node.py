@@ -392,13 +392,14 @@ def test_check_validates_and_echoes_every_destination(orthanc: Orthanc, models: 
 def test_sigkill_after_acknowledgement_and_a_pacs_that_is_down(tmp_path: Path, models: dict, cines: dict) -> None:
     """The PACS is down: the node retries with backoff. SIGKILL while one job waits for its delivery and
     another was just acknowledged; restart with the PACS up: both SRs arrive, once each. Then the PACS goes
-    down and comes back while the node runs: retried, then delivered. SIGTERM: exit 0."""
+    down and comes back while the node runs: retried, then delivered. SIGTERM right after a cine is
+    acknowledged: exit 0; after a restart its SR arrives. Four cines, four SRs, each sent once."""
     pacs = Orthanc(tmp_path / "pacs")  # configured, not started
     node = Node(tmp_path / "k", [models["ef"]], [f"ORTHANC@127.0.0.1:{pacs.dicom_port}"], "--retry-base", "0.2",
                 "--retry-cap", "0.4", "--max-tries", "1000")
     (tmp_path / "k").mkdir()
-    first, second, third = (write_cine(tmp_path / f"c{i}.dcm") for i in range(3))
-    uids = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in (first, second, third)]
+    first, second, third, fourth = (write_cine(tmp_path / f"c{i}.dcm") for i in range(4))
+    uids = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in (first, second, third, fourth)]
     try:
         node.start()
         assert storescu(node, first).returncode == 0
@@ -419,8 +420,14 @@ def test_sigkill_after_acknowledgement_and_a_pacs_that_is_down(tmp_path: Path, m
         wait_for(lambda: any(d["attempts"] >= 2 for d in node.deliveries(uids[2])), what="retries")
         pacs.start()
         wait_for(lambda: srs_for(pacs, uids[2]), what="delivery once the PACS is back")
+        # SIGTERM right after an acknowledgement: exit 0, the job finished or parked, answered after restart
+        assert storescu(node, fourth).returncode == 0
         assert node.terminate() == 0
         assert node.audit()[-1]["event"] == "stop"
+        node.start()
+        wait_for(lambda: srs_for(pacs, uids[3]), what="the SR of the job the stop finished or parked")
+        assert len(pacs.srs()) == 4 and len([e for e in node.audit() if e["event"] == "sent"]) == 4
+        assert node.terminate() == 0
     finally:
         node.kill()
         pacs.stop()
