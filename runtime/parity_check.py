@@ -27,7 +27,7 @@ from evim3.runtime.meta import ModelMeta, PreprocessSpec
 
 # The tolerance tables are the tasks' (TaskSpec.tolerances); also importable from here, where parity is judged.
 from evim3.runtime.tasks import SEG_TOLERANCES, TOLERANCES, Tolerance, task_spec  # noqa: F401
-from evim3.runtime.video import is_video_file_name, read_video
+from evim3.runtime.video import is_video_file_name, open_video
 
 REAL_CLIP_NAME = "pydicom ybr_color echo"
 DATASET_CLIPS = 4  # videos a --data folder adds to the golden clips
@@ -69,12 +69,21 @@ def random_clips(spec: PreprocessSpec, count: int, seed: int = 0) -> np.ndarray:
 
 
 def video_clip(path: str | os.PathLike, spec: PreprocessSpec) -> np.ndarray:
-    """(1, frames, size, size): the first clip of a video file, read and preprocessed exactly as `evim3 infer`
-    does."""
-    from evim3.runtime.preprocess import sample_clip_indices, video_to_input
+    """(1, frames, size, size): the first clip of a video file as `evim3 infer` cuts it: the same stream of
+    preprocessed frames (stream_to_uint8) and the same clip cutting (ClipCutter); a video shorter than a clip
+    is looped."""
+    from evim3.runtime.infer import ClipCutter
+    from evim3.runtime.preprocess import normalise, stream_to_uint8
 
-    frames = video_to_input(read_video(os.fspath(path)), spec)
-    return frames[sample_clip_indices(len(frames), spec, 0)][None].astype(np.float32)
+    with open_video(os.fspath(path)) as reader:
+        cutter = ClipCutter(spec, spec.default_stride)
+        for frame in stream_to_uint8(reader.frames(), reader.fps, spec, reader.meta["region"]):
+            done = cutter.add(frame)
+            if done:
+                return normalise(done[0][1], spec)[None]
+    if cutter.count == 0:
+        raise ModelFileError(os.fspath(path), "no frames to cut a clip from")
+    return normalise(cutter.clip_at(0)[1], spec)[None]
 
 
 def real_clip(spec: PreprocessSpec) -> np.ndarray:

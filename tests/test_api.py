@@ -113,3 +113,17 @@ with rt.load({golden_case['models']['ef']!r}) as model:
     result = model.predict(frames, fps=25)
 assert result.ef is not None and result.to_dict()["ef"] == result.ef
 """, golden_case["work"])
+
+
+def test_check_takes_the_first_clip_infer_cuts(golden_case: dict) -> None:
+    """`evim3 check`'s video clips come from the same streamed preprocessing and clip cutting as `evim3 infer`:
+    equal to the first clip of the whole preprocessed video (looped when shorter than a clip)."""
+    from evim3.runtime.meta import PreprocessSpec
+    from evim3.runtime.parity_check import video_clip
+    from evim3.runtime.preprocess import sample_clip_indices, video_to_input
+
+    for spec in (PreprocessSpec(size=32, frames=8, mean=30.0, std=40.0),
+                 PreprocessSpec(size=64, frames=40, period=2, mean=30.0, std=40.0)):  # longer than the videos
+        for path in golden_case["sources"]:
+            frames = video_to_input(read_video(path), spec)
+            np.testing.assert_array_equal(video_clip(path, spec), frames[sample_clip_indices(len(frames), spec)][None])
