@@ -407,9 +407,9 @@ class InferencePipeline:
                     finally:
                         reader.stop()
                         result.dropped_frames = reader.dropped
-                        decode.seconds.extend(reader.decode_seconds)
-                        result.duration_s = len(reader.decode_seconds) / reader.fps
-                        result.provenance.num_frames = len(reader.decode_seconds)
+                        decode.seconds.extend(reader.decode.seconds)
+                        result.duration_s = len(reader.decode.seconds) / reader.fps
+                        result.provenance.num_frames = len(reader.decode.seconds)
         except Evim3Error as e:
             result.error = str(e)
         finally:

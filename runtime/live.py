@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import queue
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,6 +19,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 from evim3.runtime.errors import EchoInputError
+from evim3.runtime.timing import Stage, Stopwatch
 from evim3.runtime.video import gray_frame
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class LiveReader:
         self.source = source
         self.realtime = realtime
         self.dropped = 0
-        self.decode_seconds: list[float] = []  # per decoded frame, measured on the reader thread
+        self.decode = Stage("frame")  # decoding time per frame, measured on the reader thread
         self._stop = threading.Event()
         self._error: BaseException | None = None
         options = {"rtsp_transport": "tcp"} if source.lower().startswith("rtsp") else {}
@@ -83,17 +83,19 @@ class LiveReader:
         try:
             decoded = self._container.decode(self._stream)
             for index in range(2**62):
-                t0 = time.perf_counter()
-                frame = next(decoded, None)
+                watch = Stopwatch()
+                with watch:
+                    frame = next(decoded, None)
                 if frame is None or self._stop.is_set():
                     break
-                image = gray_frame(reformatter, frame)
-                self.decode_seconds.append(time.perf_counter() - t0)
+                with watch:
+                    image = gray_frame(reformatter, frame)
+                self.decode.seconds.append(watch.seconds)
                 stamp = frame.time if frame.time is not None else index / self.fps
                 first_time = stamp if first_time is None else first_time
                 self._put(LiveFrame(index, stamp - first_time, image))
         except (av.FFmpegError, OSError) as e:  # a stream that breaks off mid-way
-            self._error = EchoInputError(self.source, f"stream failed after {len(self.decode_seconds)} frames "
+            self._error = EchoInputError(self.source, f"stream failed after {len(self.decode.seconds)} frames "
                                                       f"({_reason(e)})")
         finally:
             self._container.close()

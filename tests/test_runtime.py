@@ -283,7 +283,7 @@ def test_realtime_reader_drops_the_oldest_frames_when_the_consumer_lags(video_fi
     # Queue of 0.2 s = 5 frames; nothing is consumed until the reader has decoded the whole file.
     with LiveReader(video_file, queue_seconds=0.2, realtime=True) as reader:
         deadline = time.monotonic() + 30
-        while len(reader.decode_seconds) < 60 and time.monotonic() < deadline:
+        while len(reader.decode.seconds) < 60 and time.monotonic() < deadline:
             time.sleep(0.01)
         frames = list(reader.frames())
     assert [f.index for f in frames] == list(range(55, 60))
