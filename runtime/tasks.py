@@ -10,9 +10,10 @@ file's metadata, evim3.runtime.meta.ModelMeta):
                     every frame; the pipeline stitches them into one mask per frame and finds the beats
 
 A spec owns: the output shape the backends check, how raw outputs become per-clip results, the per-video
-and per-clip JSON entries, the description exported files carry, and how parity judges two backends
-(tolerances per precision, what "flat" means). The torch half of a task (its head, loss, datasets, metrics)
-is evim3.train.tasks / evim3.models.heads, registered under the same name. numpy only.
+JSON entry, the description exported files carry, and how parity judges two backends
+(tolerances per precision, what "flat" means). The torch half of a task is registered under the same name:
+its head in evim3.models.evim3.HEADS, its training (datasets, loss, validation) in evim3.train.tasks
+(make_task), its `evim3 eval` in evim3.train.evaluate.EVALUATORS. numpy only.
 
 A new task: subclass TaskSpec, then ``register_task(MyTask())``.
 """
