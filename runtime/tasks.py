@@ -12,8 +12,8 @@ file's metadata, evim3.runtime.meta.ModelMeta):
 A spec owns: the output shape the backends check, how raw outputs become per-clip results, the per-video
 JSON entry, the description exported files carry, and how parity judges two backends
 (tolerances per precision, what "flat" means). The torch half of a task is registered under the same name:
-its head in evim3.models.evim3.HEADS, its training (datasets, loss, validation) in evim3.train.tasks
-(make_task), its `evim3 eval` in evim3.train.evaluate.EVALUATORS. numpy only.
+its head in evim3.models.evim3.HEADS, its training (datasets, loss, validation) in evim3.train.tasks.TRAIN_TASKS,
+its `evim3 eval` in evim3.train.evaluate.EVALUATORS. numpy only.
 
 A new task: subclass TaskSpec, then ``register_task(MyTask())``.
 """

@@ -348,10 +348,16 @@ class PretrainTask(Task):
         return {"val_loss": float(total[0] / total[1])}
 
 
+# The training of each fine-tuning task, by its name (evim3.runtime.tasks registers its edge half).
+TRAIN_TASKS: dict[str, type[Task]] = {"ef": EFTask, "classification": ClassificationTask, "seg": SegTask}
+
+
 def make_task(cfg: TrainConfig) -> Task:
     if cfg.stage == "pretrain":
         return PretrainTask(cfg)
-    return {"ef": EFTask, "classification": ClassificationTask, "seg": SegTask}[cfg.task](cfg)
+    if cfg.task not in TRAIN_TASKS:
+        raise ValueError(f"task {cfg.task!r} has no training (evim3.train.tasks.TRAIN_TASKS)")
+    return TRAIN_TASKS[cfg.task](cfg)
 
 
 def init_checkpoint_file(path: str) -> str:
