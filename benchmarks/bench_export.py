@@ -13,7 +13,8 @@ with --int8), and timed on the same clip by
                fused op when the [fast-cpu] extra is installed (runtime/fused_scan.py; the row says), worker
                spinning off then;
   ort-graph    the file's standard graph (the scans as Scan loops; `--scan graph`), worker spinning on;
-  ort-int8     the --int8 export (dynamic quantisation of the linear layers) through OnnxBackend, as `ort`;
+  ort-int8     the --int8 export (Q/DQ linear layers, export/quantize.py; calibrated here on 8 random clips, as
+               this benchmark times and does not judge error) through OnnxBackend, as `ort`;
   gemm-floor   every linear layer of the model (and the patch Conv3d) as a plain GEMM of its own shape, on the
                same threads: the time the model's matmuls need, whatever runs the rest.
 Each engine lives in its own process (eager and the GEMM floor share PyTorch's), so one's spinning or
@@ -219,7 +220,9 @@ def _side_by_side(checkpoint: str, onnx_paths: dict[str, tuple[str, str]], clip:
 def run(presets: tuple[str, ...] = RUN_PRESETS) -> dict:
     """Every engine on the same clip, side by side (see the module docstring)."""
     import torch
+    from evim3.export.calibration import Calibration
     from evim3.export.onnx import export_checkpoint
+    from evim3.runtime.parity_check import random_clips
 
     from evim3.checkpoint import save_checkpoint
 
@@ -233,7 +236,9 @@ def run(presets: tuple[str, ...] = RUN_PRESETS) -> dict:
             exported = export_checkpoint(checkpoint, os.path.join(tmp, f"{preset}.onnx"))
             paths = {"ort": (exported.path, "auto"), "ort-graph": (exported.path, "graph")}
             try:  # ONNX Runtime's quantiser differs between versions: a failure is a row, not the end of the run
-                int8 = export_checkpoint(checkpoint, os.path.join(tmp, f"{preset}.int8.onnx"), int8=True)
+                calibration = Calibration(os.path.join(tmp, f"{preset}.calib.json"),
+                                          clips=random_clips(meta.preprocess, 8, seed=1))
+                int8 = export_checkpoint(checkpoint, os.path.join(tmp, f"{preset}.int8.onnx"), int8=calibration)
                 paths["ort-int8"] = (int8.path, "auto")
             except Exception as e:  # noqa: BLE001
                 rows.append({"preset": preset, "engine": "ort-int8",

@@ -8,6 +8,13 @@ import os
 
 import typer
 from evim3.cli.common import EXIT_USAGE, cli_errors, fail
+from evim3.export.calibration import (
+    CALIBRATION_METHOD,
+    CALIBRATION_METHODS,
+    CALIBRATION_VIDEOS,
+    Calibration,
+    table_path_for,
+)
 
 
 class Format(str, enum.Enum):
@@ -29,14 +36,19 @@ def export(
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="Engine with --dynamic-batch: largest batch."),
     fp16: bool = typer.Option(False, "--fp16", help="float16 weights and compute; the scan stays float32."),
     int8: bool = typer.Option(
-        False, "--int8", help="8-bit linear layers. ONNX: ONNX Runtime dynamic quantisation, for CPU engines; "
-                              "engine: TensorRT INT8 calibrated on --calib-data clips. The scan stays float32."),
+        False, "--int8", help="8-bit linear layers as QuantizeLinear/DequantizeLinear pairs: one file for ONNX "
+                              "Runtime (CPU, CUDA) and TensorRT 10/11 engines. The scan stays float32."),
     calib_data: str | None = typer.Option(
-        None, "--calib-data", help="Engine with --int8: dataset folder whose TRAIN videos calibrate it."),
+        None, "--calib-data", help="With --int8: dataset folder whose TRAIN videos calibrate the activation scales "
+                                   "(not needed when the calibration table exists)."),
     calib_cache: str | None = typer.Option(
-        None, "--calib-cache", help="Engine with --int8: calibration cache file, read if present, else written "
-                                    "[default: beside the engine, X.calib]."),
-    calib_clips: int = typer.Option(64, "--calib-clips", min=1, help="Engine with --int8: videos to calibrate on."),
+        None, "--calib-cache", help="With --int8: calibration table, read if present, else written "
+                                    "[default: beside the ONNX, X.int8.calib.json]."),
+    calib_clips: int = typer.Option(
+        CALIBRATION_VIDEOS, "--calib-clips", min=1, help="With --int8: TRAIN videos (a seeded sample) whose first "
+                                                         "clip calibrates."),
+    calib_method: str = typer.Option(
+        CALIBRATION_METHOD, "--calib-method", help=f"With --int8: {', '.join(CALIBRATION_METHODS)}."),
     workspace: float = typer.Option(4.0, "--workspace", min=0.25, help="TensorRT builder workspace, GiB."),
     preset: str | None = typer.Option(None, "--preset", help="Refuse a checkpoint of any other preset."),
 ) -> None:
@@ -47,8 +59,10 @@ def export(
         fail("choose --batch N or --dynamic-batch, not both", EXIT_USAGE)
     if fp16 and int8:
         fail("choose --fp16 or --int8, not both", EXIT_USAGE)
-    if (calib_data or calib_cache) and not (int8 and fmt is Format.engine):
-        fail("--calib-data and --calib-cache calibrate an --int8 engine (--format engine --int8)", EXIT_USAGE)
+    if (calib_data or calib_cache) and not int8:
+        fail("--calib-data and --calib-cache calibrate an --int8 export", EXIT_USAGE)
+    if calib_method not in CALIBRATION_METHODS:
+        fail(f"--calib-method {calib_method}: choose one of {', '.join(CALIBRATION_METHODS)}", EXIT_USAGE)
 
     from evim3.export.onnx import export_checkpoint
 
@@ -57,29 +71,22 @@ def export(
     checkpoint = checkpoint_file(checkpoint)
     suffix = (".fp16" if fp16 else ".int8" if int8 else "") + f".{fmt.value}"
     output = output or os.path.splitext(checkpoint)[0] + suffix
-    onnx_options = {"opset": opset, "batch": batch, "dynamic_batch": dynamic_batch, "preset": preset}
+    # the ONNX an engine is built from sits beside it (for int8, the same Q/DQ file ONNX Runtime runs)
+    onnx_path = output if fmt is Format.onnx else os.path.splitext(output)[0] + ".onnx"
+    calibration = Calibration(calib_cache or table_path_for(onnx_path), calib_data, calib_clips,
+                              calib_method) if int8 else None
+    onnx_options = {"opset": opset, "batch": batch, "dynamic_batch": dynamic_batch, "preset": preset, "int8": calibration}
 
     if fmt is Format.onnx:
-        result = export_checkpoint(checkpoint, output, fp16=fp16, int8=int8, **onnx_options)
-        _report_onnx(result)
+        _report_onnx(export_checkpoint(checkpoint, output, fp16=fp16, **onnx_options))
         return
 
-    from evim3.export.tensorrt import CalibrationClips, build_engine, fp16_needs_fp16_onnx, import_tensorrt
+    from evim3.export.tensorrt import build_engine, fp16_needs_fp16_onnx, import_tensorrt
 
     trt = import_tensorrt()  # before the slow ONNX export: fail fast where TensorRT is missing
-    calibration = None
-    if int8:
-        from evim3.checkpoint import read_meta
-
-        spec = read_meta(checkpoint).preprocess
-        calibration = CalibrationClips(spec, calib_cache or os.path.splitext(output)[0] + ".calib", calib_data,
-                                       batch=batch, count=calib_clips)
     onnx_fp16 = fp16 and fp16_needs_fp16_onnx(trt)
-    # the graph the engine is built from; for int8 the fp32 graph TensorRT calibrates, named so that it is not
-    # taken for the CPU int8 ONNX (`--int8` without --format engine)
-    onnx_path = os.path.splitext(output)[0] + (".fp32" if int8 else "") + ".onnx"
     _report_onnx(export_checkpoint(checkpoint, onnx_path, fp16=onnx_fp16, **onnx_options))
-    built = build_engine(onnx_path, output, workspace_gib=workspace, fp16=fp16, int8=calibration,
+    built = build_engine(onnx_path, output, workspace_gib=workspace, fp16=fp16,
                          batch=(1, batch, max_batch) if dynamic_batch else None)
     h = built.header
     typer.echo(f"wrote {built.path}: TensorRT {h.tensorrt}, {h.precision}"

@@ -20,12 +20,11 @@ How the graph is made, and why:
 * ``fp16=True`` exports the model with float16 weights and compute, but float32 for the scan (and its
   exp), its parameters (A_log, D, dt bias) and the residual stream -- mamba's own mixed precision. Input
   and output stay float32.
-* ``int8=True`` quantises the linear layers (MatMul/Gemm with constant weights) of that graph with ONNX
-  Runtime's dynamic quantisation: int8 weights, uint8 activations quantised per call
-  (DynamicQuantizeLinear + MatMulInteger, standard ONNX ops). For CPU engines; the scan, the norms and
-  everything else stay float32. TensorRT INT8 is an engine calibrated on clips instead (export/tensorrt.py).
-* Every graph written is checked against the rules of TensorRT 10.3's ONNX parser (export/trt_rules.py):
-  one that breaks a rule is not written.
+* ``int8=Calibration(...)`` quantises the linear layers of that graph explicitly (QuantizeLinear /
+  DequantizeLinear pairs, activation ranges calibrated on TRAIN clips: export/quantize.py): one file for
+  ONNX Runtime on CPU and CUDA and for TensorRT 10 and 11. The scan, the norms and everything else stay float32.
+* Every graph written is checked against the rules of TensorRT's ONNX parser, 10.x and 11.x
+  (export/trt_rules.py): one that breaks a rule is not written.
 * The file carries its ModelMeta JSON in ``metadata_props[META_KEY]`` plus a few flat keys for humans
   (Netron shows them); it passes ``onnx.checker`` with ``full_check``; it is written atomically.
 """
@@ -38,12 +37,12 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import onnx
 import onnxscript
@@ -51,7 +50,7 @@ import torch
 from evim3.export.trt_rules import require_tensorrt_ready
 from evim3.runtime.atomic import atomic_path
 from evim3.runtime.errors import ModelFileError
-from evim3.runtime.fused_scan import SCAN_INPUTS, SCAN_OUTPUT, SCANS_KEY, names_read, scan_boundaries
+from evim3.runtime.fused_scan import SCAN_INPUTS, SCAN_OUTPUT, SCANS_KEY, names_read
 from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, PRECISION_PROP, ModelMeta
 from torch import Tensor, nn
 
@@ -62,17 +61,13 @@ from evim3.models.evim3 import EViM3
 from evim3.modules.mamba import Mamba
 from evim3.ops import exportable_scan  # also registers torch.ops.evim3.scan_boundary
 
+if TYPE_CHECKING:
+    from evim3.export.calibration import Calibration
+
 MIN_OPSET = 17  # LayerNormalization
 EXPORTER_OPSET = 18  # what torch's dynamo exporter writes natively
 SCAN_TAG = "evim3_scan/"  # node-name prefix of the selective scan's nodes (kept float32 by TensorRT)
 BATCH_DIM = "batch"
-# int8: which linear layers, and weight scales per output channel or one per tensor. Measured on the demo's
-# fine-tuned evim3-tiny (2-frame tubelets, 450 steps), 4 random + 1 DICOM + 4 TEST clips, against PyTorch fp32
-# (max / mean |dEF|): every linear layer 1.07 / 0.33 (fails the int8 tolerance 1.0 / 0.3; per channel 1.12 /
-# 0.37); out_proj alone 0.88 / 0.31; all but out_proj 0.11 / 0.05. Mamba's out_proj reads the gated scan
-# output, whose outliers one 8-bit activation scale per call cannot hold; in_proj reads a LayerNorm output.
-# So out_proj stays float32 (a third of a Mamba block's GEMM FLOPs) and scales are per tensor.
-PER_CHANNEL = False
 # The marker of a scan's inputs and output (evim3::scan_boundary) while the graph is built; never in a file.
 BOUNDARY_DOMAIN, BOUNDARY_OP = "evim3.export", "ScanBoundary"
 _SCAN_FUNCTION = "in selective_scan_exportable"  # how the scan's frames read in a node's stack trace
@@ -108,13 +103,15 @@ def export_checkpoint(checkpoint: str | os.PathLike, path: str | os.PathLike, *,
 
 
 def export_onnx(model: EViM3, meta: ModelMeta, path: str | os.PathLike, *, opset: int = MIN_OPSET,
-                batch: int = 1, dynamic_batch: bool = False, fp16: bool = False, int8: bool = False) -> OnnxExport:
+                batch: int = 1, dynamic_batch: bool = False, fp16: bool = False,
+                int8: Calibration | None = None) -> OnnxExport:
     """Write `model` as an ONNX file taking `clip` (batch, 1, frames, size, size) float32 to `output`.
 
-    batch: the fixed batch size of the graph; dynamic_batch: a symbolic batch dimension instead; fp16 /
-    int8: float16 compute, or 8-bit linear layers for CPU engines (one of them at most).
+    batch: the fixed batch size of the graph; dynamic_batch: a symbolic batch dimension instead; fp16:
+    float16 compute; int8: 8-bit linear layers as Q/DQ pairs, activation ranges from this calibration
+    (export/quantize.py). One of fp16 and int8 at most.
     """
-    if fp16 and int8:
+    if fp16 and int8 is not None:
         raise ValueError("choose fp16 or int8, not both")
     if opset < MIN_OPSET or opset > onnx.defs.onnx_opset_version():
         raise ValueError(f"opset {opset} is not supported: choose {MIN_OPSET}..{onnx.defs.onnx_opset_version()}")
@@ -129,70 +126,18 @@ def export_onnx(model: EViM3, meta: ModelMeta, path: str | os.PathLike, *, opset
     finish_graph(proto, meta, opset=opset, dynamic_batch=dynamic_batch)
     onnx.checker.check_model(proto, full_check=True)
     require_tensorrt_ready(proto, path)  # fail here, not at engine build time on the device
-    if int8:  # derived from the checked float graph; MatMulInteger is for CPU engines, not TensorRT's parser
+    if int8 is not None:  # derived from the checked float graph, and checked again as TensorRT will read it
+        from evim3.export.quantize import quantize_qdq  # needs onnxruntime, which a training box may lack
+
         meta = dataclasses.replace(meta, precision="int8")
-        proto = quantize_linear_layers(proto)
+        proto = quantize_qdq(proto, meta.preprocess, int8, batch=batch)
         set_metadata(proto, meta)
         onnx.checker.check_model(proto, full_check=True)
+        require_tensorrt_ready(proto, path)
     with atomic_path(path) as tmp:
         onnx.save_model(proto, tmp)
     return OnnxExport(os.fspath(path), opset, meta.precision, None if dynamic_batch else batch,
                       time.perf_counter() - t0, graph_stats(proto))
-
-
-def quantize_linear_layers(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX Runtime's dynamic quantisation of every MatMul/Gemm whose weight is an initializer except Mamba's
-    out_proj (see PER_CHANNEL): int8 weights (scales as PER_CHANNEL says), uint8 activations quantised per call."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    proto = copy.deepcopy(proto)
-    _drop_empty_list_attributes(proto)
-    # The quantiser infers shapes itself; ONNX Runtime 1.30's infers twice and the second pass rejects the
-    # first's value_info inside the Scan bodies ("Inferred shape and existing shape differ"). Without the
-    # exporter's value_info both passes start clean (1.30 and 1.32 checked).
-    for graph in _all_graphs(proto.graph):
-        del graph.value_info[:]
-    with tempfile.TemporaryDirectory() as folder:
-        out = os.path.join(folder, "int8.onnx")
-        disabled = logging.root.manager.disable
-        logging.disable(logging.WARNING)  # its advice to pre-process the graph goes to the root logger
-        try:
-            quantize_dynamic(proto, out, op_types_to_quantize=["MatMul", "Gemm"], per_channel=PER_CHANNEL,
-                             weight_type=QuantType.QInt8, nodes_to_exclude=out_projections(proto))
-        finally:
-            logging.disable(disabled)
-        return onnx.load(out)
-
-
-def out_projections(proto: onnx.ModelProto) -> list[str]:
-    """Names of the MatMul nodes of Mamba's out_proj: the first MatMul after each recorded scan output (through
-    the layout ops between them)."""
-    scans = scan_boundaries({p.key: p.value for p in proto.metadata_props}) or []
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    found = []
-    for scan in scans:
-        name = scan[SCAN_OUTPUT]
-        while len(readers.get(name, [])) == 1 and readers[name][0].op_type in ("Transpose", "Reshape"):
-            name = readers[name][0].output[0]
-        matmuls = [n for n in readers.get(name, []) if n.op_type == "MatMul"]
-        if len(matmuls) != 1:
-            raise RuntimeError(f"no single out_proj MatMul after scan output {scan[SCAN_OUTPUT]!r}")
-        found.append(matmuls[0].name)
-    return found
-
-
-def _drop_empty_list_attributes(proto: onnx.ModelProto) -> None:
-    """The exporter writes e.g. Scan's scan_output_directions=[] for a loop without scan outputs, which
-    means the same as leaving it out; ONNX Runtime's quantiser rebuilds nodes and cannot type an empty list."""
-    for graph in _all_graphs(proto.graph):
-        for node in graph.node:
-            kept = [a for a in node.attribute if not (a.type == onnx.AttributeProto.INTS and not a.ints)]
-            if len(kept) < len(node.attribute):
-                del node.attribute[:]
-                node.attribute.extend(kept)
 
 
 def _check_meta_fits(cfg: ModelConfig, meta: ModelMeta) -> None:
@@ -340,7 +285,7 @@ def remove_scan_boundaries(graph: onnx.GraphProto) -> list[dict[str, str]]:
     kept = [n for n in graph.node if n.domain != BOUNDARY_DOMAIN]
     del graph.node[:]
     graph.node.extend(kept)
-    for g in _all_graphs(graph):
+    for g in all_graphs(graph):
         for n in g.node:
             for i, name in enumerate(n.input):
                 n.input[i] = renamed.get(name, name)
@@ -354,12 +299,12 @@ def _role(node: onnx.NodeProto) -> str:
     return next(onnx.helper.get_attribute_value(a).decode() for a in node.attribute if a.name == "role")
 
 
-def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_graphs(attr.g)
+                yield from all_graphs(attr.g)
 
 
 def _stack_trace(node: onnx.NodeProto) -> str:
@@ -386,7 +331,7 @@ def _tag(node: onnx.NodeProto) -> None:
 def _strip_node_metadata(graph: onnx.GraphProto) -> None:
     """Drop the exporter's per-node stack traces and module paths: they name files of the machine that
     exported, weigh more than the graph, and would need a newer IR version."""
-    for g in _all_graphs(graph):
+    for g in all_graphs(graph):
         for node in g.node:
             del node.metadata_props[:]
         for value in (*g.input, *g.output, *g.value_info):
@@ -396,7 +341,7 @@ def _strip_node_metadata(graph: onnx.GraphProto) -> None:
 def _name_batch_dimension(graph: onnx.GraphProto) -> None:
     """The exporter names the symbolic batch after its internal symbol (e.g. 's53'); call it 'batch'."""
     symbol = graph.input[0].type.tensor_type.shape.dim[0].dim_param
-    for g in _all_graphs(graph):
+    for g in all_graphs(graph):
         for value in (*g.input, *g.output, *g.value_info):
             for dim in value.type.tensor_type.shape.dim:
                 if dim.dim_param == symbol:
@@ -411,7 +356,7 @@ def downgrade_to_opset17(proto: onnx.ModelProto) -> None:
     Anything else is refused with a pointer to --opset 18 rather than guessed.
     """
     shapes = _static_shapes(proto)
-    for graph in _all_graphs(proto.graph):
+    for graph in all_graphs(proto.graph):
         for node in graph.node:
             if node.domain not in ("", "ai.onnx") or onnx.defs.get_schema(node.op_type, 18).since_version < 18:
                 continue
@@ -446,7 +391,7 @@ def _static_shapes(proto: onnx.ModelProto) -> dict[str, list[int | None]]:
     """Shapes of every value onnx's shape inference knows (symbolic dims as None)."""
     inferred = onnx.shape_inference.infer_shapes(proto)
     shapes = {}
-    for graph in _all_graphs(inferred.graph):
+    for graph in all_graphs(inferred.graph):
         for value in (*graph.input, *graph.output, *graph.value_info):
             dims = value.type.tensor_type.shape.dim
             shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
@@ -505,7 +450,7 @@ def read_onnx_meta(path: str | os.PathLike) -> tuple[ModelMeta, dict[str, str]]:
 def graph_stats(proto: onnx.ModelProto) -> GraphStats:
     ops: Counter[str] = Counter()
     scan_nodes = 0
-    for graph in _all_graphs(proto.graph):
+    for graph in all_graphs(proto.graph):
         for node in graph.node:
             ops[node.op_type] += 1
             scan_nodes += node.name.startswith(SCAN_TAG)

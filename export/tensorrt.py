@@ -7,11 +7,10 @@ Precision:
   float32 with OBEY_PRECISION_CONSTRAINTS.
 * fp16, TensorRT >= 11 (no BuilderFlag.FP16): a strongly typed network from the fp16 ONNX, whose types
   already keep the scan in float32 (export_onnx(fp16=True)).
-* int8: the fp32 ONNX with BuilderFlag.INT8 (and FP16 for the layers INT8 does not suit), calibrated by
-  TensorRT's entropy calibrator on clips of a dataset folder (CalibrationClips: the first clip of each
-  TRAIN video, preprocessed as `evim3 infer` does), the scan pinned to float32 as for fp16. The calibration
-  table is cached in a file: with it, a rebuild needs no clips. (Implicit INT8 calibration is deprecated
-  from TensorRT 10.1 on, in favour of Q/DQ graphs, but still builds on 10.x.)
+* int8: the Q/DQ ONNX of `evim3 export --int8` (export/quantize.py: linear layers int8, everything else
+  float32, activation scales calibrated on TRAIN clips), built strongly typed on every version: TensorRT's
+  explicit quantization, the only INT8 that TensorRT 11 has (it removed implicit calibration and the INT8
+  builder flag). The same file runs in ONNX Runtime.
 
 The batch gets an optimisation profile (min, opt, max); a fixed-batch ONNX gets the profile of its size.
 Tactic timings are kept in a timing cache file so rebuilding is quick.
@@ -24,24 +23,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import onnx
 from evim3.export.onnx import SCAN_TAG, read_onnx_meta
 from evim3.export.trt_rules import require_tensorrt_ready
 from evim3.runtime.atomic import write_atomic
 from evim3.runtime.engine_file import EngineHeader, current_gpu, pack_engine
 from evim3.runtime.errors import BackendUnavailableError, ModelFileError
-from evim3.runtime.meta import INPUT_NAME, PreprocessSpec
-from evim3.runtime.parity_check import dataset_videos, video_clip
+from evim3.runtime.meta import INPUT_NAME
 
 MIN_TENSORRT = (10, 3)
-CALIBRATION_CLIPS = 64  # videos whose first clip calibrates an INT8 engine (TensorRT suggests ~500 images
-#                         for image models; a clip is T frames, so 64 clips are thousands of frames)
-CALIBRATION_SPLIT = "TRAIN"  # never the TEST videos that evaluation reports on
 
 
 @dataclass(frozen=True)
@@ -74,110 +67,17 @@ def fp16_needs_fp16_onnx(trt: Any) -> bool:
     return not hasattr(trt.BuilderFlag, "FP16")
 
 
-class CalibrationClips:
-    """The clips an INT8 engine is calibrated on, in fixed-size float32 batches, and its calibration cache.
-
-    Clips: the first clip of each of the first `count` CALIBRATION_SPLIT videos of an EchoNet-layout folder
-    (or of the video files of a plain folder), read and preprocessed exactly as `evim3 infer` does, one video
-    at a time as batches are asked for. TensorRT's calibrator takes batches of one size only: a last partial
-    batch is left out. The cache file holds TensorRT's calibration table; when it exists, TensorRT reads it
-    and asks for no batch.
-    """
-
-    def __init__(self, spec: PreprocessSpec, cache_path: str | os.PathLike, folder: str | os.PathLike | None = None,
-                 batch: int = 1, count: int = CALIBRATION_CLIPS):
-        if batch < 1 or count < 1:
-            raise ValueError(f"calibration batch and clip count must be >= 1, got {batch} and {count}")
-        self.spec, self.batch = spec, batch
-        self.cache_path = os.fspath(cache_path)
-        if folder is None and not os.path.isfile(self.cache_path):
-            raise ModelFileError(self.cache_path, "no calibration cache here: give a dataset folder to calibrate on")
-        self.videos = dataset_videos(folder, count, split=CALIBRATION_SPLIT) if folder is not None else []
-
-    @property
-    def shape(self) -> tuple[int, int, int, int, int]:
-        return (self.batch, 1, self.spec.frames, self.spec.size, self.spec.size)
-
-    def __len__(self) -> int:
-        """Batches one pass yields."""
-        return len(self.videos) // self.batch
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for start in range(0, len(self) * self.batch, self.batch):
-            clips = [video_clip(path, self.spec) for path in self.videos[start:start + self.batch]]
-            yield np.ascontiguousarray(np.stack(clips), dtype=np.float32)
-
-    def read_cache(self) -> bytes | None:
-        try:
-            with open(self.cache_path, "rb") as f:
-                return f.read() or None
-        except FileNotFoundError:
-            return None
-
-    def write_cache(self, table: bytes) -> None:
-        write_atomic(self.cache_path, bytes(table))
-
-
-def make_calibrator(trt: Any, clips: CalibrationClips) -> Any:
-    """A TensorRT entropy calibrator (IInt8EntropyCalibrator2) that copies each batch of `clips` into one
-    device buffer (cuda-python) and keeps its table in clips' cache file."""
-    from evim3.runtime.backends import import_tensorrt_cuda
-
-    _, cudart = import_tensorrt_cuda()
-
-    def cuda(result: tuple) -> Any:
-        err, *values = result
-        if err != cudart.cudaError_t.cudaSuccess:
-            raise BackendUnavailableError(None, f"CUDA call failed during INT8 calibration: {err}")
-        return values[0] if values else None
-
-    class ClipCalibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self) -> None:
-            trt.IInt8EntropyCalibrator2.__init__(self)
-            self.batches = iter(clips)
-            self.device = None
-
-        def get_batch_size(self) -> int:
-            return clips.batch
-
-        def get_batch(self, names: list[str]) -> list[int] | None:
-            host = next(self.batches, None)
-            if host is None:
-                return None  # calibration is over
-            if self.device is None:
-                self.device = cuda(cudart.cudaMalloc(host.nbytes))
-            cuda(cudart.cudaMemcpy(self.device, host.ctypes.data, host.nbytes,
-                                   cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
-            return [int(self.device)]
-
-        def read_calibration_cache(self) -> bytes | None:
-            return clips.read_cache()
-
-        def write_calibration_cache(self, cache: Any) -> None:
-            clips.write_cache(bytes(cache))
-
-        def free(self) -> None:
-            if self.device is not None:
-                cudart.cudaFree(self.device)
-                self.device = None
-
-    return ClipCalibrator()
-
-
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, workspace_gib: float = 4.0,
                  batch: tuple[int, int, int] | None = None, fp16: bool = False,
-                 int8: CalibrationClips | None = None,
                  timing_cache: str | os.PathLike | None = None) -> EngineBuild:
     """Build an engine from an evim3 ONNX file and write it with its header (atomically).
 
     batch: (min, opt, max) for a dynamic-batch ONNX (default (1, 1, 8)); a fixed-batch ONNX takes its
     own size. fp16: an fp16 engine; the ONNX must be the fp32 export on TensorRT 10.x and the fp16
-    export on TensorRT >= 11 (fp16_needs_fp16_onnx). int8: an INT8 engine calibrated on these clips
-    (from the fp32 ONNX). timing_cache: file read before and written after the build (default: beside
+    export on TensorRT >= 11 (fp16_needs_fp16_onnx). An int8 engine comes from the int8 (Q/DQ) ONNX, whose
+    precision the file states. timing_cache: file read before and written after the build (default: beside
     the engine).
     """
-    if fp16 and int8 is not None:
-        raise ValueError("choose fp16 or int8, not both (an int8 engine runs in fp16 where int8 does not suit)")
     trt = import_tensorrt()
     gpu = current_gpu() or _torch_gpu()
     if gpu is None:
@@ -186,16 +86,15 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     onnx_path, engine_path = os.fspath(onnx_path), os.fspath(engine_path)
     meta, _ = read_onnx_meta(onnx_path)
     require_tensorrt_ready(onnx.load(onnx_path), onnx_path)  # a file from elsewhere: one line, not a parser log
-    strongly_typed = meta.precision == "fp16"
-    if fp16 and fp16_needs_fp16_onnx(trt) and not strongly_typed:
+    # fp16 and int8 files carry their types (float16 compute; Q/DQ pairs): built as typed, on every version
+    strongly_typed = meta.precision in ("fp16", "int8")
+    if fp16 and fp16_needs_fp16_onnx(trt) and meta.precision != "fp16":
         raise ValueError(f"TensorRT {trt.__version__} builds fp16 engines from an fp16 ONNX only: export with "
                          "--fp16 first")
-    if not fp16 and strongly_typed:
-        raise ValueError(f"{onnx_path} is an fp16 ONNX: fp32 and int8 engines need the fp32 export")
-    if int8 is not None and meta.precision != "fp32":
-        raise ValueError(f"{onnx_path} is a {meta.precision} ONNX: an int8 engine is calibrated from the fp32 export")
-    if int8 is not None and not hasattr(trt.BuilderFlag, "INT8"):
-        raise BackendUnavailableError(None, f"TensorRT {trt.__version__} has no implicit INT8 calibration")
+    if not fp16 and meta.precision == "fp16":
+        raise ValueError(f"{onnx_path} is an fp16 ONNX: fp32 and int8 engines need the fp32 or int8 export")
+    if fp16 and meta.precision == "int8":
+        raise ValueError(f"{onnx_path} is an int8 ONNX: an fp16 engine needs the fp32 or fp16 export")
 
     t0 = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -209,47 +108,32 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
-    calibrator = None
-    if not strongly_typed:
+    if hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # fp32 layers stay fp32 (TF32 is on by default)
-        if int8 is not None:
-            config.set_flag(trt.BuilderFlag.INT8)
-            calibrator = make_calibrator(trt, int8)
-            config.int8_calibrator = calibrator
-        if fp16 or int8 is not None:
-            config.set_flag(trt.BuilderFlag.FP16)
-            config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-            pinned = pin_scan_to_float32(trt, network)
-            if not pinned:
-                raise ModelFileError(onnx_path, f"no layer carries the {SCAN_TAG!r} tag: re-export the ONNX with "
-                                                "this evim3 so the scan can be kept in float32")
+    if fp16 and not strongly_typed:  # TensorRT 10.x: the fp32 graph, float16 where the scan is not
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        pinned = pin_scan_to_float32(trt, network)
+        if not pinned:
+            raise ModelFileError(onnx_path, f"no layer carries the {SCAN_TAG!r} tag: re-export the ONNX with "
+                                            "this evim3 so the scan can be kept in float32")
 
     profile_batch = _profile_batch(network.get_input(0).shape, batch)
     profile = builder.create_optimization_profile()
     clip_shape = tuple(network.get_input(0).shape)[1:]
     profile.set_shape(INPUT_NAME, *[(b, *clip_shape) for b in profile_batch])
     config.add_optimization_profile(profile)
-    if calibrator is not None:  # calibration runs at the calibrator's batch size
-        if int8.batch not in range(profile_batch[0], profile_batch[2] + 1):
-            raise ValueError(f"calibration batch {int8.batch} is outside the engine's batch {profile_batch}")
-        calibration = builder.create_optimization_profile()
-        calibration.set_shape(INPUT_NAME, *[(int8.batch, *clip_shape)] * 3)
-        config.set_calibration_profile(calibration)
 
     cache_path = os.fspath(timing_cache) if timing_cache else os.path.splitext(engine_path)[0] + ".timing.cache"
     cache = config.create_timing_cache(_read_bytes(cache_path))
     config.set_timing_cache(cache, ignore_mismatch=False)
 
-    try:
-        plan = builder.build_serialized_network(network, config)
-    finally:
-        if calibrator is not None:
-            calibrator.free()
+    plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise ModelFileError(onnx_path, f"TensorRT {trt.__version__} failed to build an engine (see its log above)")
     write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
 
-    precision = "int8" if int8 is not None else "fp16" if fp16 else "fp32"
+    precision = "fp16" if fp16 else meta.precision
     header = EngineHeader(meta=dataclasses.replace(meta, precision=precision), tensorrt=trt.__version__,
                           gpu=gpu[0], compute_capability=gpu[1], precision=precision, batch=profile_batch)
     write_atomic(engine_path, pack_engine(header, bytes(plan)))

@@ -1,4 +1,4 @@
-"""What the ONNX parser of TensorRT 10.3 accepts, checked on an ONNX graph without TensorRT.
+"""What the ONNX parsers of TensorRT 10.x (from 10.3) and 11.x accept, checked on an ONNX graph without TensorRT.
 
 No machine that exports has TensorRT, so the exported graph must be right by construction: every node of
 every graph (Scan/Loop/If bodies included) is checked against the parser's operator table and its documented
@@ -26,7 +26,20 @@ Rules encoded (each violation names its node and the rule):
 * loops: Scan has no `sequence_lens` (opset 8 form), its trip count (the scanned axis of its inputs) is a
   static number, and its loop-carried states keep one static shape (a symbolic batch dimension allowed);
   Loop with scan outputs has a constant trip count, and its carried values keep their shape;
-* size: each initializer below 2**31 elements and the serialised model below protobuf's 2 GiB.
+* size: each initializer below 2**31 elements and the serialised model below protobuf's 2 GiB;
+* explicit quantisation (Q/DQ), as TensorRT's "Explicit Quantization" chapter states it: quantized data is
+  signed (INT8, not UINT8: a QuantizeLinear without a zero point or output_dtype makes UINT8), symmetric
+  (zero point 0), with scales that are build-time constants, finite and positive; one scale per tensor for
+  activations, and per-channel scales only on a DequantizeLinear of constant weights, along an axis of that
+  weight with one scale per entry.
+
+TensorRT 11 (GENERATIONS["11"]) removed weak typing: no precision builder flags (FP16, INT8) and no
+implicit INT8 calibration; every network is strongly typed, so a graph's reduced precision must be written in
+the graph itself. Rules added for it, from NVIDIA's 10.x-to-11.x migration guide (no 11.x parser table was
+available to this project, and no TensorRT has parsed an evim3 graph): a file whose metadata says int8
+carries Q/DQ pairs (without them 11.x can only build it in float). (A strongly typed network also wants a
+QuantizeLinear's input and scale of one type; ONNX itself requires that below opset 21, and opset 21 is
+outside the parser's range, so the opset rule covers it.)
 """
 
 from __future__ import annotations
@@ -35,10 +48,13 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 from evim3.runtime.errors import ModelFileError
+from evim3.runtime.meta import PRECISION_PROP
 
 TENSORRT_VERSION = "10.3"
+GENERATIONS = ("10", "11")  # the TensorRT major versions every exported graph is checked for
 OPSET_RANGE = (9, 20)
 MAX_INITIALIZER_ELEMENTS = 2**31 - 1  # TensorRT volumes are int32-indexed
 MAX_MODEL_BYTES = 2**31 - 1  # protobuf's limit for one serialised message (no external data here)
@@ -140,9 +156,12 @@ class _Scope:
                 self.constants[node.output[0]] = value
 
 
-def check_graph(proto: onnx.ModelProto) -> list[Violation]:
-    """Every rule the graph breaks (empty: TensorRT 10.3's parser takes it). Runs onnx shape inference to
-    learn the types and shapes of intermediate values, inside loop bodies too."""
+def check_graph(proto: onnx.ModelProto, generation: str = "10") -> list[Violation]:
+    """Every rule the graph breaks for TensorRT `generation` ("10": 10.3 and later 10.x; "11") (empty: its
+    parser takes the graph). Runs onnx shape inference to learn the types and shapes of intermediate values,
+    inside loop bodies too."""
+    if generation not in GENERATIONS:
+        raise ValueError(f"TensorRT generation {generation!r}: choose one of {', '.join(GENERATIONS)}")
     violations = []
     opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
     version = opsets.get("ai.onnx")
@@ -157,6 +176,11 @@ def check_graph(proto: onnx.ModelProto) -> list[Violation]:
     except Exception:  # noqa: BLE001 -- a graph inference cannot read is judged on its declared types only
         inferred = proto
     violations += _check(inferred.graph, _Scope(inferred.graph), version or 0, path="", top=True)
+    if generation == "11":
+        precision = {p.key: p.value for p in proto.metadata_props}.get(PRECISION_PROP)
+        if precision == "int8" and not any(n.op_type == "QuantizeLinear" for n in proto.graph.node):
+            violations.append(Violation("", "graph", "the file says int8 but has no QuantizeLinear/DequantizeLinear: "
+                                                     "TensorRT 11 has no implicit INT8 calibration"))
     return violations
 
 
@@ -322,16 +346,57 @@ def _constant(node: onnx.NodeProto, scope: _Scope, opset: int) -> Iterator[str]:
         yield f"attribute {', '.join(sorted(unsupported))} is not supported"
 
 
-def _zero_point(index: int, name: str):
-    def rule(node: onnx.NodeProto, scope: _Scope, opset: int) -> Iterator[str]:
-        if len(node.input) > index and node.input[index]:
-            if node.input[index] not in scope.constants:
-                yield f"{name} must be a constant zero"
-                return
-            value = scope.constants[node.input[index]]  # None: a Constant in another form than `value`
-            if value is not None and onnx.numpy_helper.to_array(value).any():
-                yield f"{name} must be a constant zero"
-    return rule
+def _zero_point(node: onnx.NodeProto, scope: _Scope, name: str) -> Iterator[str]:
+    if len(node.input) > 2 and node.input[2]:
+        if node.input[2] not in scope.constants:
+            yield f"{name} must be a constant zero"
+            return
+        value = scope.constants[node.input[2]]  # None: a Constant in another form than `value`
+        if value is not None and onnx.numpy_helper.to_array(value).any():
+            yield f"{name} must be a constant zero"
+
+
+def _scale(node: onnx.NodeProto, scope: _Scope) -> Iterator[str]:
+    """Constant, finite, positive; per tensor, or per channel of a constant weight (DequantizeLinear only)."""
+    name = node.input[1] if len(node.input) > 1 else ""
+    if name not in scope.constants:
+        yield f"scale {name!r} must be a build-time constant (an initializer)"
+        return
+    value = scope.constants[name]
+    if value is None:
+        return
+    scale = onnx.numpy_helper.to_array(value).astype(np.float64)
+    if not (np.isfinite(scale).all() and (scale > 0).all()):
+        yield f"scale {name!r} must be finite and positive (min {scale.min():g})"
+    if scale.size == 1:
+        return
+    weight = scope.constants.get(node.input[0])
+    if node.op_type != "DequantizeLinear" or node.input[0] not in scope.constants:
+        yield "per-channel scales are for constant weights only (DequantizeLinear of an initializer)"
+        return
+    shape = scope.shapes.get(node.input[0]) or (list(weight.dims) if weight is not None else [])
+    axis = _attrs(node).get("axis", 1)
+    if scale.ndim != 1 or not -len(shape) <= axis < len(shape) or shape[axis] != scale.size:
+        yield (f"per-channel scale of {scale.size} entries does not match axis {axis} of the weight "
+               f"{node.input[0]!r} (shape {shape})")
+
+
+def _quantized_type(node: onnx.NodeProto, scope: _Scope) -> str | None:
+    """The type of a Q/DQ pair's quantized side: the zero point's, else QuantizeLinear's output_dtype, else
+    ONNX's default (UINT8) for QuantizeLinear, or the data input's type for DequantizeLinear."""
+    if len(node.input) > 2 and node.input[2] in scope.types:
+        return TYPE_NAMES.get(scope.types[node.input[2]])
+    if node.op_type == "QuantizeLinear":
+        return TYPE_NAMES.get(_attrs(node).get("output_dtype") or _T.UINT8)
+    return TYPE_NAMES.get(scope.types.get(node.input[0], 0))
+
+
+def _q_dq(node: onnx.NodeProto, scope: _Scope, opset: int) -> Iterator[str]:
+    kind = _quantized_type(node, scope)
+    if kind not in (None, *QUANTIZED):
+        yield f"quantized data is {kind}: TensorRT quantizes to signed INT8 (or INT4/FP8), never {kind}"
+    yield from _zero_point(node, scope, "y_zero_point" if node.op_type == "QuantizeLinear" else "x_zero_point")
+    yield from _scale(node, scope)
 
 
 def _scatter_nd(node: onnx.NodeProto, scope: _Scope, opset: int) -> Iterator[str]:
@@ -356,15 +421,16 @@ def _resize(node: onnx.NodeProto, scope: _Scope, opset: int) -> Iterator[str]:
 _RULES = {
     "Scan": _scan, "Loop": _loop, "LayerNormalization": _layer_norm, "MaxPool": _pool, "AveragePool": _pool,
     "LpPool": _pool, "Dropout": _dropout, "TopK": _topk, "Constant": _constant,
-    "QuantizeLinear": _zero_point(2, "y_zero_point"), "DequantizeLinear": _zero_point(2, "x_zero_point"),
+    "QuantizeLinear": _q_dq, "DequantizeLinear": _q_dq,
     "ScatterND": _scatter_nd, "Resize": _resize,
 }
 
 
 def require_tensorrt_ready(proto: onnx.ModelProto, path: str | os.PathLike) -> None:
-    """Raise ModelFileError (one line: the first broken rule and how many more) unless TensorRT 10.3's
-    ONNX parser takes the graph."""
-    violations = check_graph(proto)
-    if violations:
-        more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
-        raise ModelFileError(path, f"graph breaks a TensorRT {TENSORRT_VERSION} parser rule: {violations[0]}{more}")
+    """Raise ModelFileError (one line: the first broken rule, its TensorRT generation, and how many more)
+    unless the ONNX parsers of both TensorRT generations take the graph."""
+    for generation in GENERATIONS:
+        violations = check_graph(proto, generation)
+        if violations:
+            more = f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""
+            raise ModelFileError(path, f"graph breaks a TensorRT {generation}.x parser rule: {violations[0]}{more}")

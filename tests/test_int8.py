@@ -1,14 +1,24 @@
-"""INT8: `evim3 export --int8` (ONNX Runtime dynamic quantisation of the linear layers), its tolerance in
-`evim3 check`, and the batches that calibrate a TensorRT INT8 engine (fed without TensorRT here).
+"""INT8: `evim3 export --int8` (one explicitly quantised Q/DQ ONNX for ONNX Runtime and TensorRT 10/11,
+calibrated on TRAIN clips, export/quantize.py), its tolerance in `evim3 check`, and the integer arithmetic
+of x86 CPUs without VNNI, emulated.
 
 The model is a shrunk evim3-tiny fitted for 60 steps to spread EF over random clips: a random init
 answers nearly the same for every clip, and its features vary so little between clips that 8-bit steps
 swamp them (measured: int8 error 0.3-0.6x the output spread at random init, 0.03x after fitting, in line
 with the 0.02x of the demo's fine-tuned evim3-tiny).
+
+Why the emulation: ONNX Runtime picks its integer kernels by CPU (MLAS reads CPUID; nothing forces another
+path). On x86 without VNNI the uint8 x int8 kernel multiplies with VPMADDUBSW, which adds each pair of
+products into a saturating int16, so the machine that runs the tests (VNNI) computes other numbers than a
+user's AVX2 laptop. `avx2_u8s8_products` computes a layer exactly as that instruction does; the int8 graph is
+evaluated with it (ONNX's reference evaluator, each quantised MatMul replaced) and must equal the exact
+integer product: the 7-bit weights leave no pair that can saturate. The same evaluation of a graph whose
+weights use the full 8-bit range does saturate, so the emulation can see the failure it guards against.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +26,20 @@ import onnx
 import pytest
 import torch
 from evim3.cli.main import app
-from evim3.export.tensorrt import CalibrationClips
-from evim3.runtime.errors import ModelFileError
+from evim3.export.calibration import CALIBRATION_SPLIT
+from evim3.export.quantize import INT16_MAX, WEIGHT_LEVELS, calibration_videos, quantized_layers
+from evim3.export.trt_rules import check_graph
 from evim3.runtime.meta import PRECISIONS, ModelMeta, PreprocessSpec
-from evim3.runtime.parity_check import TOLERANCES, compare, load_golden, random_clips, video_clip
+from evim3.runtime.parity_check import (
+    TOLERANCES,
+    compare,
+    dataset_videos,
+    load_golden,
+    random_clips,
+    video_clip,
+)
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
 from typer.testing import CliRunner
 
 from evim3.checkpoint import save_checkpoint
@@ -58,13 +78,16 @@ def fitted_model(steps: int = 60) -> EViM3:
 
 
 @pytest.fixture(scope="module")
-def int8(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def int8(tmp_path_factory: pytest.TempPathFactory, synth_dataset: Path) -> dict:
     folder = tmp_path_factory.mktemp("int8")
     checkpoint = folder / "fitted.safetensors"
     save_checkpoint(checkpoint, fitted_model().state_dict(), META)
-    code, output = run_cli("export", checkpoint, "--int8")
+    code, output = run_cli("export", checkpoint, "--int8", "--calib-data", synth_dataset)
     assert code == 0, output
-    return {"folder": folder, "checkpoint": checkpoint, "onnx": folder / "fitted.int8.onnx", "output": output}
+    fp32 = folder / "fitted.onnx"
+    assert run_cli("export", checkpoint)[0] == 0
+    return {"folder": folder, "checkpoint": checkpoint, "onnx": folder / "fitted.int8.onnx", "fp32": fp32,
+            "table": folder / "fitted.int8.calib.json", "output": output}
 
 
 def test_every_precision_has_one_tolerance() -> None:
@@ -72,22 +95,197 @@ def test_every_precision_has_one_tolerance() -> None:
     assert TOLERANCES["int8"].max_mean == 0.3
 
 
-def test_int8_export_quantises_the_linear_layers(int8: dict) -> None:
+def test_int8_export_is_one_qdq_graph_for_every_engine(int8: dict) -> None:
+    """Q/DQ pairs, no dynamic quantisation; the linear layers int8 but for out_proj and the head's output
+    layer; scales finite and positive and every other TensorRT 10.x and 11.x parser rule kept."""
     assert f"wrote {int8['onnx']}: opset 17, int8, batch 1" in int8["output"]
     proto = onnx.load(str(int8["onnx"]))
     onnx.checker.check_model(proto, full_check=True)
     ops = [n.op_type for n in proto.graph.node]
-    weights = {i.name for i in proto.graph.initializer}
+    assert not {"DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul"} & set(ops)
     units = 6 * CFG.depth
-    linears = 3 * units + CFG.head_layers + 1  # in/x/dt projections of every Mamba unit; the head
-    assert ops.count("MatMulInteger") == linears and ops.count("DynamicQuantizeLinear") == linears
-    # out_proj stays float32 (export/onnx.py PER_CHANNEL says why): one float MatMul with weights per unit
+    layers = quantized_layers(proto)
+    # in/x/dt projections of every Mamba unit and the head's hidden layers; out_proj and the output layer float
+    assert len(layers) == 3 * units + CFG.head_layers
+    assert ops.count("QuantizeLinear") >= len({n.input[0] for n in proto.graph.node if n.op_type == "QuantizeLinear"})
+    weights = {i.name for i in proto.graph.initializer}
     float_linears = [n for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
-    assert len(float_linears) == units and all(n.op_type == "MatMul" for n in float_linears)
-    out_proj = {i.name: list(i.dims) for i in proto.graph.initializer}
-    assert all(out_proj[n.input[1]] == [CFG.d_inner, CFG.dim] for n in float_linears)
+    assert len(float_linears) == units + 1  # out_proj of every unit, and the output layer
+    for layer in layers:
+        assert layer.weight.dtype == np.int8 and layer.weight_scale.shape == (layer.weight.shape[1],)  # per channel
+        assert np.isfinite(layer.weight_scale).all() and (layer.weight_scale > 0).all()
+        assert np.isfinite(layer.activation_scale) and layer.activation_scale > 0
+    for generation in ("10", "11"):
+        assert check_graph(proto, generation) == [], generation
     assert {o.domain for o in proto.opset_import} == {""}  # standard ONNX: no ONNX Runtime contrib op
     assert {p.key: p.value for p in proto.metadata_props}["evim3.precision"] == "int8"
+
+
+def test_calibration_table_is_stored_and_rebuilds_without_data(int8: dict, synth_dataset: Path) -> None:
+    """The table names its seeded TRAIN videos; a re-export reads it (no data) and writes the same graph; a
+    table of another model is refused with one line; no table and no data is one line too."""
+    table = json.loads(int8["table"].read_text())
+    expected = calibration_videos(synth_dataset)
+    assert table["split"] == CALIBRATION_SPLIT and table["videos"] == [Path(v).name for v in expected]
+    train = {line.split(",")[0] for line in (synth_dataset / "FileList.csv").read_text().splitlines()
+             if line.endswith(",TRAIN")}
+    assert {Path(v).stem for v in table["videos"]} <= train and len(table["videos"]) == len(train)
+    assert calibration_videos(synth_dataset, count=3) == calibration_videos(synth_dataset, count=3)  # seeded
+    assert len(calibration_videos(synth_dataset, count=3)) == 3
+
+    again = int8["folder"] / "again.onnx"
+    code, output = run_cli("export", int8["checkpoint"], "--int8", "-o", again, "--calib-cache", int8["table"])
+    assert code == 0, output
+    first, second = onnx.load(str(int8["onnx"])), onnx.load(str(again))
+    assert first.graph == second.graph
+
+    torch.manual_seed(1)
+    other = int8["folder"] / "other.safetensors"
+    save_checkpoint(other, EViM3(CFG, ef_mean=55.0).state_dict(), META)
+    code, output = run_cli("export", other, "--int8", "--calib-cache", int8["table"])
+    assert code == 1 and "made for another model" in output and len(output.strip().splitlines()) == 1, output
+    code, output = run_cli("export", other, "--int8")
+    assert code == 1 and "no calibration table" in output and "--calib-data" in output, output
+
+
+def test_weights_cannot_saturate_the_avx2_kernel(int8: dict) -> None:
+    """Every int8 weight within +-WEIGHT_LEVELS: a pair of uint8 x int8 products stays inside int16."""
+    layers = quantized_layers(onnx.load(str(int8["onnx"])))
+    assert layers and all(np.abs(layer.weight.astype(int)).max() <= WEIGHT_LEVELS for layer in layers)
+    assert 2 * 255 * WEIGHT_LEVELS <= INT16_MAX
+
+
+def avx2_u8s8_products(a: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, int]:
+    """a (M, K) uint8 values x w (K, N) int8 as MLAS's AVX2 kernel computes it: VPMADDUBSW multiplies
+    neighbouring pairs along K and adds each pair into an int16 with saturation; VPMADDWD and the
+    accumulators then sum the pairs in int32. Returns the int32 product and how many pairs saturated."""
+    a, w = a.astype(np.int64), w.astype(np.int64)
+    if a.shape[1] % 2:  # the kernel pads K with zeros
+        a, w = np.pad(a, ((0, 0), (0, 1))), np.pad(w, ((0, 1), (0, 0)))
+    pairs = a[:, 0::2, None] * w[None, 0::2] + a[:, 1::2, None] * w[None, 1::2]  # (M, K/2, N)
+    saturated = np.clip(pairs, -INT16_MAX - 1, INT16_MAX)
+    return saturated.sum(axis=1), int((saturated != pairs).sum())
+
+
+def test_avx2_emulation_is_exact_without_saturation_and_sees_it() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (5, 33), dtype=np.uint8)
+    small = rng.integers(-WEIGHT_LEVELS, WEIGHT_LEVELS + 1, (33, 4)).astype(np.int8)
+    product, saturated = avx2_u8s8_products(a, small)
+    assert saturated == 0 and np.array_equal(product, a.astype(np.int64) @ small.astype(np.int64))
+    big = np.full((33, 4), 127, np.int8)
+    product, saturated = avx2_u8s8_products(np.full((5, 33), 255, np.uint8), big)
+    assert saturated == 5 * 16 * 4 and product[0, 0] == 16 * INT16_MAX + 255 * 127  # 2*255*127 > int16
+
+
+class Avx2MatMul(OpRun):
+    """MatMul / Gemm (DequantizeLinear(x_q), DequantizeLinear(w_q)[, bias]) as an x86 CPU without VNNI runs it:
+    the int8 activation is fed to the uint8 x int8 kernel shifted by 128 (its zero point moves to 128, the
+    usual conversion), the product is avx2_u8s8_products, the shift comes off exactly, then the scales."""
+
+    op_domain = "evim3.test"
+    saturated = 0
+
+    def _run(self, x_q, x_scale, w_q, w_scale, bias=None, transB=0):
+        w_q = w_q.T if transB else w_q
+        w_scale = np.broadcast_to(w_scale, (w_q.shape[1],))
+        a = (x_q.reshape(-1, x_q.shape[-1]).astype(np.int64) + 128).astype(np.uint8)
+        product, saturated = avx2_u8s8_products(a, w_q)
+        Avx2MatMul.saturated += saturated
+        exact = product - 128 * w_q.astype(np.int64).sum(axis=0)
+        out = exact * (np.float64(x_scale) * w_scale.astype(np.float64)) + (0 if bias is None else bias)
+        return (out.reshape(*x_q.shape[:-1], w_q.shape[1]).astype(np.float32),)
+
+
+class QuantizeLinear(OpRun):
+    """Opset 13's QuantizeLinear to int8 (the reference evaluator implements only 19 on)."""
+
+    op_domain = ""
+
+    def _run(self, x, scale, zero_point=None, axis=1, **unused):  # later opsets' attributes, at their defaults
+        q = np.rint(x / scale) + (0 if zero_point is None else zero_point.astype(np.int32))
+        return (np.clip(q, -128, 127).astype(np.int8),)
+
+
+class DequantizeLinear(OpRun):
+    """Opset 13's DequantizeLinear, per tensor or per channel of `axis`."""
+
+    op_domain = ""
+
+    def _run(self, x, scale, zero_point=None, axis=1, **unused):  # later opsets' attributes, at their defaults
+        shape = [1] * x.ndim
+        if scale.size > 1:
+            shape[axis] = scale.size
+        zp = 0 if zero_point is None else zero_point.astype(np.float32).reshape(shape)
+        return (((x.astype(np.float32) - zp) * scale.reshape(shape)).astype(np.float32),)
+
+
+def emulated_avx2(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with every quantised MatMul replaced by Avx2MatMul on its integer inputs."""
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    graph = proto.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    replaced = 0
+    for i, node in enumerate(list(graph.node)):
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        x_dq, w_dq = (producers.get(name) for name in node.input[:2])
+        if not (x_dq and w_dq and x_dq.op_type == w_dq.op_type == "DequantizeLinear"):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        plain = {"alpha": 1.0, "beta": 1.0, "transA": 0}
+        assert all(attrs.get(k, v) == v for k, v in plain.items()) and len(node.input) <= 3, attrs  # linear layers
+        graph.node.remove(node)
+        graph.node.insert(i, onnx.helper.make_node(
+            "Avx2MatMul", [x_dq.input[0], x_dq.input[1], w_dq.input[0], w_dq.input[1], *node.input[2:]],
+            list(node.output), domain="evim3.test", name=node.name, transB=attrs.get("transB", 0)))
+        replaced += 1
+    assert replaced
+    proto.opset_import.append(onnx.helper.make_opsetid("evim3.test", 1))
+    return proto
+
+
+def full_range_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with each int8 weight doubled and its scale halved (the same float weight to the 8-bit
+    range, as quantisation without reduce_range writes it)."""
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    inits = {i.name: i for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and inits[node.input[1]].dims:
+            weight, scale = (onnx.numpy_helper.to_array(inits[name]) for name in node.input[:2])
+            inits[node.input[0]].CopyFrom(onnx.numpy_helper.from_array(
+                np.clip(weight.astype(int) * 2, -127, 127).astype(np.int8), node.input[0]))
+            inits[node.input[1]].CopyFrom(onnx.numpy_helper.from_array(scale / 2, node.input[1]))
+    return proto
+
+
+def test_int8_on_an_avx2_cpu_equals_vnni_and_stays_in_budget(int8: dict, synth_dataset: Path) -> None:
+    """The int8 graph evaluated with the saturating AVX2 arithmetic: no pair saturates, the output equals the
+    exact-integer evaluation and ONNX Runtime's (this machine's kernels), and it is within the int8 tolerance
+    of fp32. With full-range weights the same clips saturate (the failure the 7-bit weights prevent)."""
+    import onnxruntime as ort
+
+    clips = np.concatenate([random_clips(SPEC, 3, seed=5)] +
+                           [video_clip(v, SPEC)[None] for v in dataset_videos(synth_dataset, 2)])
+    proto = onnx.load(str(int8["onnx"]))
+
+    def evaluate(graph: onnx.ModelProto) -> np.ndarray:
+        Avx2MatMul.saturated = 0
+        evaluator = ReferenceEvaluator(graph, new_ops=[Avx2MatMul, QuantizeLinear, DequantizeLinear])
+        return np.concatenate([evaluator.run(None, {"clip": c[None]})[0] for c in clips])
+
+    avx2 = evaluate(emulated_avx2(proto))
+    assert Avx2MatMul.saturated == 0
+    session = ort.InferenceSession(str(int8["onnx"]), providers=["CPUExecutionProvider"])
+    native = np.concatenate([session.run(None, {"clip": c[None]})[0] for c in clips])
+    reference = np.concatenate([ort.InferenceSession(str(int8["fp32"]), providers=["CPUExecutionProvider"])
+                                .run(None, {"clip": c[None]})[0] for c in clips])
+    # the emulation computes in float64 from exact integers; ONNX Runtime requantises between fused layers
+    np.testing.assert_allclose(avx2, native, atol=0.05)
+    assert compare(reference, avx2, "ef", "onnxruntime", "int8").passed
+
+    evaluate(emulated_avx2(full_range_weights(proto)))
+    assert Avx2MatMul.saturated > 0
 
 
 def test_check_passes_int8_within_its_tolerance(int8: dict, synth_dataset: Path) -> None:
@@ -95,13 +293,13 @@ def test_check_passes_int8_within_its_tolerance(int8: dict, synth_dataset: Path)
     code, output = run_cli("check", int8["checkpoint"], "--onnx", int8["onnx"], "--data", synth_dataset,
                            "--save-golden", golden)
     assert code == 0, output
-    row = next(line for line in output.splitlines() if line.startswith("onnxruntime"))
-    assert " int8 " in row and row.rstrip().endswith("pass")
+    rows = [line for line in output.splitlines() if line.startswith("onnxruntime")]
+    assert rows and all(" int8 " in row and row.rstrip().endswith("pass") for row in rows), output
     assert "int8: max abs <= 1 EF pts, mean abs <= 0.3" in output and "parity: pass" in output
     assert load_golden(golden).reference.std() >= 1.0  # the model answers differently per clip
 
 
-def test_check_int8_fails_a_wrong_model(int8: dict) -> None:
+def test_check_int8_fails_a_wrong_model(int8: dict, synth_dataset: Path) -> None:
     """The random-init model (same config, other weights) exported int8, judged against the fitted model's
     reference; and the right file against a reference moved by 0.5 EF everywhere (the mean bound)."""
     golden = int8["folder"] / "golden-wrong.npz"
@@ -109,7 +307,7 @@ def test_check_int8_fails_a_wrong_model(int8: dict) -> None:
     torch.manual_seed(0)
     wrong = int8["folder"] / "random.safetensors"
     save_checkpoint(wrong, EViM3(CFG, ef_mean=55.0).state_dict(), META)
-    assert run_cli("export", wrong, "--int8")[0] == 0
+    assert run_cli("export", wrong, "--int8", "--calib-data", synth_dataset)[0] == 0
     code, output = run_cli("check", "--load-golden", golden, "--onnx", int8["folder"] / "random.int8.onnx")
     assert code == 1 and "parity FAILED" in output, output
 
@@ -132,33 +330,13 @@ def test_int8_tolerance_bounds(offsets: list[float], passes: bool) -> None:
     assert compare(reference, candidate, "ef", "onnxruntime", "int8").passed is passes
 
 
-def test_calibration_batches_are_train_clips_preprocessed_as_infer(synth_dataset: Path, tmp_path: Path) -> None:
-    """TensorRT's calibrator takes equal batches: 5 TRAIN videos at batch 2 give 2 batches (the fifth is left
-    out), each clip the first clip of its video as `evim3 infer` reads it; the cache file round-trips."""
-    cache = tmp_path / "m.calib"
-    clips = CalibrationClips(SPEC, cache, synth_dataset, batch=2, count=5)
-    train = {line.split(",")[0] for line in (synth_dataset / "FileList.csv").read_text().splitlines()
-             if line.endswith(",TRAIN")}
-    assert len(clips.videos) == 5 and all(Path(v).stem in train for v in clips.videos)
-    batches = list(clips)
-    assert len(batches) == len(clips) == 2
-    for i, batch in enumerate(batches):
-        assert batch.shape == clips.shape == (2, 1, 8, 32, 32) and batch.dtype == np.float32
-        assert batch.flags["C_CONTIGUOUS"]
-        expected = np.stack([video_clip(v, SPEC) for v in clips.videos[2 * i:2 * i + 2]])
-        np.testing.assert_array_equal(batch, expected)
-    assert clips.read_cache() is None
-    clips.write_cache(b"TRT-calibration-table")
-    assert CalibrationClips(SPEC, cache).read_cache() == b"TRT-calibration-table"  # no data needed now
-    with pytest.raises(ModelFileError, match="no calibration cache"):
-        CalibrationClips(SPEC, tmp_path / "missing.calib")
-
-
 def test_int8_usage_errors(int8: dict) -> None:
     code, output = run_cli("export", int8["checkpoint"], "--int8", "--fp16")
     assert code == 2 and "not both" in output
     code, output = run_cli("export", int8["checkpoint"], "--calib-data", int8["folder"])
-    assert code == 2 and "--int8 engine" in output
+    assert code == 2 and "--int8" in output
+    code, output = run_cli("export", int8["checkpoint"], "--int8", "--calib-method", "kl")
+    assert code == 2 and "minmax" in output
 
 
 def tensorrt_and_gpu() -> bool:
@@ -171,14 +349,15 @@ def tensorrt_and_gpu() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not tensorrt_and_gpu(), reason="needs TensorRT and a CUDA GPU")
-def test_int8_engine_calibrated_on_a_dataset_matches_pytorch(int8: dict, synth_dataset: Path) -> None:
-    """`evim3 export --format engine --int8 --calib-data D` calibrates on D's TRAIN clips and caches the table;
-    the engine passes `evim3 check` at the int8 tolerance; a rebuild reads the cache and needs no data."""
-    engine, cache = int8["folder"] / "fitted-int8.engine", int8["folder"] / "fitted-int8.calib"
+def test_int8_engine_from_the_qdq_onnx_matches_pytorch(int8: dict, synth_dataset: Path) -> None:
+    """`evim3 export --format engine --int8 --calib-data D` builds a strongly typed engine from the Q/DQ ONNX
+    (on TensorRT 10 and 11 alike); it passes `evim3 check` at the int8 tolerance; a rebuild reads the stored
+    calibration table and needs no data."""
+    engine = int8["folder"] / "fitted-int8.engine"
     code, output = run_cli("export", int8["checkpoint"], "--format", "engine", "--int8", "-o", engine,
                            "--calib-data", synth_dataset)
-    assert code == 0, output
-    assert cache.is_file() and cache.stat().st_size > 0
+    assert code == 0 and "(strongly typed)" in output, output
+    assert (int8["folder"] / "fitted-int8.calib.json").is_file()
     code, output = run_cli("check", int8["checkpoint"], "--engine", engine, "--clips", "2")
     assert code == 0 and "parity: pass" in output, output
     code, output = run_cli("export", int8["checkpoint"], "--format", "engine", "--int8", "-o", engine)

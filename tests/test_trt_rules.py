@@ -1,4 +1,4 @@
-"""The TensorRT 10.3 parser rules (export/trt_rules.py), checked without TensorRT: every exported variant of a
+"""The TensorRT 10.x and 11.x parser rules (export/trt_rules.py), checked without TensorRT: every exported variant of a
 tiny model breaks none of them, and graphs planted with one violation each are refused with a message that
 names the node and the rule."""
 
@@ -13,7 +13,7 @@ import torch
 from evim3.export.onnx import export_onnx
 from evim3.export.trt_rules import check_graph, require_tensorrt_ready
 from evim3.runtime.errors import ModelFileError
-from evim3.runtime.meta import ModelMeta, PreprocessSpec
+from evim3.runtime.meta import PRECISION_PROP, ModelMeta, PreprocessSpec
 
 from evim3.config import get_preset
 from evim3.models.evim3 import EViM3
@@ -150,7 +150,7 @@ def test_violation_is_one_line_naming_the_file() -> None:
     with pytest.raises(ModelFileError) as e:
         require_tensorrt_ready(proto, "m.onnx")
     message = str(e.value)
-    assert "\n" not in message and message.startswith("m.onnx: graph breaks a TensorRT 10.3 parser rule: Unique")
+    assert "\n" not in message and message.startswith("m.onnx: graph breaks a TensorRT 10.x parser rule: Unique")
     assert message.endswith("(and 1 more)")
 
 
@@ -162,3 +162,56 @@ def test_export_refuses_a_model_that_breaks_a_rule(tmp_path: Path) -> None:
     with pytest.raises(ModelFileError, match="FP64"):
         export_onnx(net, META, path)
     assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def qdq_linear(*, zero_point: int | None = 0, zp_type: int = T.INT8, scale: float = 0.05,
+               weight_scales: list[float] | None = None, axis: int = 1, act_scale_per_channel: bool = False) -> onnx.ModelProto:
+    """x (1, 4) -> Q -> DQ -> MatMul with DQ(int8 weight (4, 3)): the pattern `evim3 export --int8` writes."""
+    weight_scales = weight_scales or [0.01, 0.02, 0.03]
+    inits = [h.make_tensor("w_q", T.INT8, [4, 3], [1, -2, 3, 4, 5, -6, 7, 8, 9, 10, -11, 12]),
+             h.make_tensor("w_scale", T.FLOAT, [len(weight_scales)], weight_scales),
+             h.make_tensor("w_zp", T.INT8, [len(weight_scales)], [0] * len(weight_scales)),
+             h.make_tensor("x_scale", T.FLOAT, [4] if act_scale_per_channel else [],
+                           [scale] * (4 if act_scale_per_channel else 1))]
+    q_inputs = ["x", "x_scale"]
+    if zero_point is not None:
+        inits.append(h.make_tensor("x_zp", zp_type, [], [zero_point]))
+        q_inputs.append("x_zp")
+    nodes = [h.make_node("QuantizeLinear", q_inputs, ["x_q"], name="q", axis=1),
+             h.make_node("DequantizeLinear", ["x_q", *q_inputs[1:]], ["x_dq"], name="dq", axis=1),
+             h.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w"], name="dq_w", axis=axis),
+             h.make_node("Cast", ["x_dq"], ["x_f"], to=T.FLOAT, name="cast"),
+             h.make_node("MatMul", ["x_f", "w"], ["y"], name="mm")]
+    return model(nodes, [io("x", [1, 4])], [io("y", [1, 3])], opset=19, initializers=inits)
+
+
+def test_qdq_linear_layer_passes_both_generations() -> None:
+    proto = qdq_linear()
+    assert check_graph(proto, "10") == [] and check_graph(proto, "11") == []
+
+
+@pytest.mark.parametrize("graph, found", [
+    (lambda: qdq_linear(zero_point=None), "never UINT8"),  # ONNX's default quantized type
+    (lambda: qdq_linear(zero_point=0, zp_type=T.UINT8), "never UINT8"),
+    (lambda: qdq_linear(zero_point=3), "constant zero"),
+    (lambda: qdq_linear(scale=-0.05), "finite and positive"),
+    (lambda: qdq_linear(scale=float("inf")), "finite and positive"),
+    (lambda: qdq_linear(weight_scales=[0.01, 0.0, 0.03]), "finite and positive"),
+    (lambda: qdq_linear(weight_scales=[0.01, 0.02, 0.03], axis=0), "does not match axis 0"),
+    (lambda: qdq_linear(act_scale_per_channel=True), "constant weights only"),
+])
+def test_qdq_rules_refuse_what_tensorrt_cannot_take(graph, found: str) -> None:
+    for generation in ("10", "11"):
+        messages = [str(v) for v in check_graph(graph(), generation)]
+        assert any(found in m for m in messages), (generation, messages)
+
+
+def test_tensorrt_11_takes_int8_only_as_qdq() -> None:
+    """A file that says int8 but holds no Q/DQ (e.g. an implicitly calibrated build's fp32 graph) passes 10.x
+    and fails 11.x: TensorRT 11 has no implicit calibration."""
+    plain = model([h.make_node("Relu", ["x"], ["y"], name="relu")], [io("x", [2])], [io("y", [2])])
+    plain.metadata_props.add(key=PRECISION_PROP, value="int8")
+    assert check_graph(plain, "10") == []
+    assert any("no implicit INT8" in str(v) for v in check_graph(plain, "11"))
+    with pytest.raises(ModelFileError, match="TensorRT 11.x parser rule"):
+        require_tensorrt_ready(plain, "m.onnx")
