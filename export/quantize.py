@@ -85,7 +85,7 @@ def quantize_qdq(proto: onnx.ModelProto, spec: PreprocessSpec, calibration: Cali
     )
 
     fingerprint = graph_fingerprint(proto)
-    prepared = _prepared_for_quantiser(proto)
+    prepared = prepared_for_quantiser(proto)
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[calibration.method]
     table = _read_table(calibration, fingerprint)
@@ -220,7 +220,7 @@ def out_projections(proto: onnx.ModelProto) -> list[str]:
     return found
 
 
-def _prepared_for_quantiser(proto: onnx.ModelProto) -> onnx.ModelProto:
+def prepared_for_quantiser(proto: onnx.ModelProto) -> onnx.ModelProto:
     """A copy the quantiser can read. ONNX Runtime's quantiser infers shapes itself, twice (1.30 on), and the
     second pass rejects the first's value_info inside the Scan bodies ("Inferred shape and existing shape
     differ"): without the exporter's value_info both passes start clean. The exporter also writes e.g. Scan's
