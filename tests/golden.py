@@ -121,14 +121,11 @@ def mask_digest(masks: list[np.ndarray | None]) -> list[str | None]:
 
 
 def seg_masks(model: str, source: str) -> list[str | None]:
-    """The per-frame LV masks a seg model's report is computed from, as mask_digest."""
-    from evim3.runtime.backends import open_backend
-    from evim3.runtime.infer import InferencePipeline
+    """The per-frame LV masks a seg model's report is computed from (the public API's), as mask_digest."""
+    import evim3.runtime as rt
 
-    with open_backend(model, threads=1) as backend:
-        result = InferencePipeline(backend, keep_frames=True).run_file(source)
-    assert result.ok, result.error
-    return mask_digest(result.lv_masks)
+    with rt.load(model, threads=1) as loaded:
+        return mask_digest(loaded.predict(source).masks)
 
 
 def compute(work: Path, synth_root: Path) -> dict[str, Any]:
