@@ -310,6 +310,13 @@ def test_queue_states_dedupe_and_restart(tmp_path: Path) -> None:
     assert "1.2.3" not in json.dumps(queue.recent())  # hashed UIDs only
 
 
+def test_library_messages_lose_their_quoted_values_in_the_audit_log() -> None:
+    from evim3.runtime.serve.audit import scrub
+
+    assert scrub("Invalid value for VR PN: 'Doe^Jane' in \"(0010,0010)\"") == "Invalid value for VR PN: '…' in '…'"
+    assert len(scrub("x" * 1000)) == 300
+
+
 def test_backoff_doubles_up_to_its_cap() -> None:
     assert [retry_in(n, 2.0, 30.0) for n in range(1, 7)] == [2, 4, 8, 16, 30, 30]
 

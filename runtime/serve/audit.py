@@ -8,10 +8,19 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import sys
 import threading
 from pathlib import Path
 from typing import Any
+
+QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def scrub(message: str, limit: int = 300) -> str:
+    """An error message from a library, safe for the log: quoted values (which may be an element's value,
+    a patient's name or date) replaced by '…', cut to `limit` characters."""
+    return QUOTED.sub("'…'", str(message))[:limit]
 
 
 class AuditLog:

@@ -22,7 +22,7 @@ import traceback
 import pydicom
 from evim3.runtime.errors import Evim3Error
 from evim3.runtime.serve.analyse import Analyser, AnalysisError
-from evim3.runtime.serve.audit import AuditLog
+from evim3.runtime.serve.audit import AuditLog, scrub
 from evim3.runtime.serve.config import ServeConfig, server_tls_context
 from evim3.runtime.serve.http import StatusServer
 from evim3.runtime.serve.jobqueue import Delivery, Job, JobQueue
@@ -173,10 +173,11 @@ class Node:
             self.stopping.wait(SPOOL_RETRY_S)
             return
         except Exception as e:  # noqa: BLE001 -- one bad job must not stop the node
-            reason = f"internal error: {type(e).__name__}: {e}"
+            reason = f"internal error: {type(e).__name__}: {scrub(e)}"
             self.queue.finish_job(job.sop_instance_uid, "failed", reason)
+            where = traceback.extract_tb(e.__traceback__)[-1]
             self.audit.event("failed", job=job.uid_hash, state="failed", reason=reason,
-                             trace=traceback.format_exc(limit=3))
+                             at=f"{where.filename.rsplit('/', 1)[-1]}:{where.lineno}")
             return
         self.queue.finish_job(job.sop_instance_uid, "done", ef=analysis.ef, outputs=outputs,
                               destinations=[str(d) for d in self.destinations])

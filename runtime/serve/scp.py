@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pydicom
-from evim3.runtime.serve.audit import AuditLog
+from evim3.runtime.serve.audit import AuditLog, scrub
 from evim3.runtime.serve.jobqueue import JobQueue
 from evim3.runtime.serve.spool import Spool, uid_hash
 from evim3.runtime.serve.triage import RETIRED_ULTRASOUND_SOP_CLASSES, drop_stray_delimiters
@@ -104,7 +104,8 @@ class StorageSCP:
             ds.file_meta = event.file_meta
             sop_uid = check_dataset(ds, event.request.AffectedSOPInstanceUID, event.request.AffectedSOPClassUID)
         except Exception as e:  # noqa: BLE001 -- whatever pydicom makes of bad bytes: not understood
-            self.audit.event("refused", calling_aet=calling, reason=f"dataset cannot be read: {e}")
+            self.audit.event("refused", calling_aet=calling,
+                             reason=f"dataset cannot be read: {type(e).__name__}: {scrub(e)}")
             return CANNOT_UNDERSTAND
         job = uid_hash(sop_uid)
         if self.queue.has_job(sop_uid):
@@ -116,7 +117,7 @@ class StorageSCP:
             self.spool.write(path, event.encoded_dataset(include_meta=True))
             self.queue.add_job(sop_uid, job, str(path), calling)
         except Exception as e:  # noqa: BLE001 -- a full disk, a locked queue...: never acknowledge
-            self.audit.event("refused", job=job, calling_aet=calling, reason=f"spool cannot store it: {e}")
+            self.audit.event("refused", job=job, calling_aet=calling, reason=f"spool cannot store it: {scrub(e)}")
             return OUT_OF_RESOURCES
         self.audit.event("received", job=job, calling_aet=calling, bytes=size, state="received")
         self.on_queued()
