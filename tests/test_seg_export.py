@@ -103,6 +103,19 @@ def test_check_seg_fp32_and_fp16(exported: dict, synth_dataset: Path):
         assert "LV logits, mean over pixels" in output
 
 
+def test_check_seg_int8_qdq(exported: dict, synth_dataset: Path):
+    """The Q/DQ INT8 seg file (calibrated on the synthetic TRAIN clips) passes the seg int8 bounds, Dice
+    included, with both ONNX Runtime forms; the head's output layer stays float32."""
+    path = exported["folder"] / "seg.int8.onnx"
+    code, output = run_cli("export", exported["checkpoint"], "--int8", "--calib-data", synth_dataset, "-o", path)
+    assert code == 0, output
+    proto = onnx.load(str(path))
+    assert "QuantizeLinear" in {n.op_type for n in proto.graph.node}
+    code, output = run_cli("check", exported["checkpoint"], "--onnx", path, "--clips", "2", "--data", synth_dataset)
+    assert code == 0 and "parity: pass" in output and "mask Dice" in output, output
+    assert sum(" int8 " in line and line.rstrip().endswith("pass") for line in output.splitlines()) >= 1, output
+
+
 def test_mask_dice_decides_when_logits_are_close(exported: dict):
     """Logits within the fp32 bound that still flip many masks fail on Dice."""
     rng = np.random.default_rng(0)
