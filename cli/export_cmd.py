@@ -15,11 +15,12 @@ from evim3.export.calibration import (
     Calibration,
     table_path_for,
 )
+from evim3.export.defaults import ENGINE_WORKSPACE_GIB, MIN_OPSET
+from evim3.runtime.formats import FORMATS
 
-
-class Format(str, enum.Enum):
-    onnx = "onnx"
-    engine = "engine"
+# --format: the model formats of the one format table (runtime/formats.py), by name.
+Format = enum.Enum("Format", {fmt.name: fmt.name for fmt in FORMATS.values()}, type=str)
+SUFFIXES = {fmt.name: fmt.suffix for fmt in FORMATS.values()}
 
 
 @cli_errors
@@ -29,7 +30,7 @@ def export(
         None, "--output", "-o", help="File to write [default: beside the checkpoint, X.onnx / X.engine, "
                                      "X.fp16.* with --fp16, X.int8.* with --int8]."),
     fmt: Format = typer.Option(Format.onnx, "--format", case_sensitive=False, help="onnx, or a TensorRT engine."),
-    opset: int = typer.Option(17, "--opset", min=17, help="ONNX opset."),
+    opset: int = typer.Option(MIN_OPSET, "--opset", min=MIN_OPSET, help="ONNX opset."),
     batch: int = typer.Option(
         1, "--batch", min=1, help="Fixed batch size of the graph (with --dynamic-batch: the engine's optimal batch)."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="A symbolic batch dimension instead."),
@@ -49,7 +50,8 @@ def export(
                                                          "clip calibrates."),
     calib_method: str = typer.Option(
         CALIBRATION_METHOD, "--calib-method", help=f"With --int8: {', '.join(CALIBRATION_METHODS)}."),
-    workspace: float = typer.Option(4.0, "--workspace", min=0.25, help="TensorRT builder workspace, GiB."),
+    workspace: float = typer.Option(ENGINE_WORKSPACE_GIB, "--workspace", min=0.25,
+                                    help="TensorRT builder workspace, GiB."),
     preset: str | None = typer.Option(None, "--preset", help="Refuse a checkpoint of any other preset."),
 ) -> None:
     """Export a checkpoint to ONNX (any machine) or to a TensorRT engine (on the GPU that will run it)."""
@@ -69,7 +71,7 @@ def export(
     from evim3.checkpoint import checkpoint_file
 
     checkpoint = checkpoint_file(checkpoint)
-    suffix = (".fp16" if fp16 else ".int8" if int8 else "") + f".{fmt.value}"
+    suffix = (".fp16" if fp16 else ".int8" if int8 else "") + SUFFIXES[fmt.value]
     output = output or os.path.splitext(checkpoint)[0] + suffix
     # the ONNX an engine is built from sits beside it (for int8, the same Q/DQ file ONNX Runtime runs)
     onnx_path = output if fmt is Format.onnx else os.path.splitext(output)[0] + ".onnx"

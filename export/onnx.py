@@ -2,7 +2,7 @@
 
 How the graph is made, and why:
 
-* The model is traced inside ``evim3.ops.exportable_scan()``: every selective scan becomes the two-level
+* The model is traced inside ``evim3.ops.use_scan(model, "exportable")``: every selective scan becomes the two-level
   blocked scan whose three loops are ``torch.ops.higher_order.scan``, and torch's dynamo exporter writes
   each as one ONNX ``Scan`` with a three-to-seven-node body. The node count per scan is therefore fixed
   (56, bodies included, whatever the sequence length), where unrolling the chunked scan's Python loops
@@ -15,8 +15,8 @@ How the graph is made, and why:
   private domain the optimizer cannot fold through), then the markers are removed and the names of the tensors
   they marked are written to the metadata (``evim3.scans``): the edge runtime puts its fused scan op in each
   scan's place from them (runtime/fused_scan.py). The file itself is the standard graph.
-* Every node of the selective scan is renamed with the prefix ``SCAN_TAG``: TensorRT (export/tensorrt.py)
-  keeps those layers in float32 when it builds an fp16 engine from the fp32 graph.
+* Every node of a selective scan (between its markers) is renamed with the prefix ``SCAN_TAG``: TensorRT
+  (export/tensorrt.py) keeps those layers in float32 when it builds an fp16 engine from the fp32 graph.
 * ``fp16=True`` exports the model with float16 weights and compute, but float32 for the scan (and its
   exp), its parameters (A_log, D, dt bias) and the residual stream -- mamba's own mixed precision. Input
   and output stay float32.
@@ -47,11 +47,13 @@ from typing import TYPE_CHECKING
 import onnx
 import onnxscript
 import torch
+from evim3.export.defaults import MIN_OPSET
 from evim3.export.trt_rules import require_tensorrt_ready
 from evim3.runtime.atomic import atomic_path
 from evim3.runtime.errors import ModelFileError
 from evim3.runtime.fused_scan import SCAN_INPUTS, SCAN_OUTPUT, SCANS_KEY, names_read
 from evim3.runtime.meta import INPUT_NAME, META_KEY, OUTPUT_NAME, PRECISION_PROP, ModelMeta
+from evim3.runtime.tasks import task_spec
 from torch import Tensor, nn
 
 from evim3 import __version__
@@ -59,18 +61,16 @@ from evim3.checkpoint import load_model
 from evim3.config import ModelConfig
 from evim3.models.evim3 import EViM3
 from evim3.modules.mamba import Mamba
-from evim3.ops import exportable_scan  # also registers torch.ops.evim3.scan_boundary
+from evim3.ops import use_scan  # also registers torch.ops.evim3.scan_boundary
 
 if TYPE_CHECKING:
     from evim3.export.calibration import Calibration
 
-MIN_OPSET = 17  # LayerNormalization
 EXPORTER_OPSET = 18  # what torch's dynamo exporter writes natively
 SCAN_TAG = "evim3_scan/"  # node-name prefix of the selective scan's nodes (kept float32 by TensorRT)
 BATCH_DIM = "batch"
 # The marker of a scan's inputs and output (evim3::scan_boundary) while the graph is built; never in a file.
 BOUNDARY_DOMAIN, BOUNDARY_OP = "evim3.export", "ScanBoundary"
-_SCAN_FUNCTION = "in selective_scan_exportable"  # how the scan's frames read in a node's stack trace
 
 
 @dataclass(frozen=True)
@@ -180,16 +180,13 @@ def _cast_inputs_to_weight_dtype(module: nn.Module, args: tuple[Tensor, ...]) ->
 
 def trace_to_onnx(module: nn.Module, cfg: ModelConfig, *, batch: int, dynamic_batch: bool,
                   opset: int) -> onnx.ModelProto:
-    """torch.export with the exportable scan, then torch's ONNX translation and optimizer.
-
-    Strict (dynamo) tracing: its nodes keep their whole Python stack, which tag_scan_nodes reads; the
-    non-strict tracer cuts stacks at the first frame outside the module tree.
-    """
+    """torch.export (strict: dynamo) with every Mamba unit running the exportable scan, then torch's ONNX
+    translation and optimizer."""
     # A dynamic dimension must not be traced at size 1 (torch specialises 0/1), hence 2 for the example.
     example = torch.randn(2 if dynamic_batch else batch, cfg.in_channels, cfg.frames, cfg.img_size,
                           cfg.img_size)
     dynamic_shapes = {"clip": {0: torch.export.Dim(BATCH_DIM, min=1)}} if dynamic_batch else None
-    with _quiet_exporter(), torch.no_grad(), exportable_scan():
+    with _quiet_exporter(), torch.no_grad(), use_scan(module, "exportable"):
         program = torch.export.export(module, (example,), strict=True, dynamic_shapes=dynamic_shapes)
         onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
                                          output_names=[OUTPUT_NAME], optimize=True, verbose=False,
@@ -232,12 +229,12 @@ def _quiet_exporter() -> Iterator[None]:
 def finish_graph(proto: onnx.ModelProto, meta: ModelMeta, *, opset: int, dynamic_batch: bool) -> None:
     """Everything after tracing: record and remove the scan boundaries, tag the scan, drop source locations,
     name the batch dimension, reach the asked opset, set the IR version and write the metadata."""
-    scans = remove_scan_boundaries(proto.graph)
+    scans, region = remove_scan_boundaries(proto.graph)
     kept_opsets = [entry for entry in proto.opset_import if entry.domain != BOUNDARY_DOMAIN]
     del proto.opset_import[:]
     proto.opset_import.extend(kept_opsets)
     proto.metadata_props.add(key=SCANS_KEY, value=json.dumps(scans))  # set_metadata keeps it
-    tag_scan_nodes(proto.graph)
+    tag_scan_nodes(proto.graph, region)
     _strip_node_metadata(proto.graph)
     if dynamic_batch:
         _name_batch_dimension(proto.graph)
@@ -250,18 +247,19 @@ def finish_graph(proto: onnx.ModelProto, meta: ModelMeta, *, opset: int, dynamic
     set_metadata(proto, meta)
 
 
-def remove_scan_boundaries(graph: onnx.GraphProto) -> list[dict[str, str]]:
+def remove_scan_boundaries(graph: onnx.GraphProto) -> tuple[list[dict[str, str]], set[str]]:
     """Take every scan_boundary node out of the graph (its readers read what it marked) and return, per
-    selective scan, {role: name of the marked tensor} for the runtime's fused op (runtime/fused_scan.py).
+    selective scan, {role: name of the marked tensor} for the runtime's fused op (runtime/fused_scan.py),
+    and the names of the nodes inside the scans.
 
     A scan's input markers are those reached walking back from its output marker without crossing another
     marker: everything between belongs to that scan.
     """
     markers = {node.output[0]: node for node in graph.node if node.domain == BOUNDARY_DOMAIN}
     if not markers:
-        return []
+        return [], set()
     producers = {out: node for node in graph.node for out in node.output}
-    scans = []
+    scans, region = [], set()
     for node in markers.values():
         if _role(node) != SCAN_OUTPUT:
             continue
@@ -275,6 +273,7 @@ def remove_scan_boundaries(graph: onnx.GraphProto) -> list[dict[str, str]]:
             if producer.domain == BOUNDARY_DOMAIN and producer is not node:
                 scan[_role(producer)] = producer.input[0]
             else:
+                region.add(producer.name)
                 stack.extend(names_read(producer))
         if set(scan) != {*SCAN_INPUTS, SCAN_OUTPUT}:
             raise RuntimeError(f"scan boundary markers of one scan are incomplete: found {sorted(scan)}")
@@ -292,7 +291,7 @@ def remove_scan_boundaries(graph: onnx.GraphProto) -> list[dict[str, str]]:
         value_info = [v for v in g.value_info if v.name not in renamed]
         del g.value_info[:]
         g.value_info.extend(value_info)
-    return scans
+    return scans, region - {node.name for node in markers.values()}
 
 
 def _role(node: onnx.NodeProto) -> str:
@@ -307,15 +306,11 @@ def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                 yield from all_graphs(attr.g)
 
 
-def _stack_trace(node: onnx.NodeProto) -> str:
-    return next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.stack_trace"), "")
-
-
-def tag_scan_nodes(graph: onnx.GraphProto) -> None:
-    """Prefix SCAN_TAG to the name of every node traced inside the exportable scan (by its stack trace),
-    and to every ONNX Scan with its whole body."""
+def tag_scan_nodes(graph: onnx.GraphProto, region: set[str]) -> None:
+    """Prefix SCAN_TAG to the name of every node of `region` (between a scan's markers) and of every ONNX
+    Scan, with its whole body."""
     for node in graph.node:
-        if node.op_type == "Scan" or _SCAN_FUNCTION in _stack_trace(node):
+        if node.op_type == "Scan" or node.name in region:
             _tag(node)
 
 
@@ -409,7 +404,7 @@ def set_metadata(proto: onnx.ModelProto, meta: ModelMeta) -> None:
         f"{META_KEY}.input": f"{INPUT_NAME} ({batch.dim_param or batch.dim_value}, 1, {spec.frames}, "
                              f"{spec.size}, {spec.size}) float32, (pixel - {spec.mean:g}) / {spec.std:g}",
         f"{META_KEY}.video": f"resampled to {spec.fps:g} fps, every {spec.period}th frame",
-        f"{META_KEY}.output": _output_description(meta),
+        f"{META_KEY}.output": task_spec(meta.task).output_description(meta),
         PRECISION_PROP: meta.precision,
         f"{META_KEY}.version": meta.version or __version__,
     }
@@ -419,16 +414,6 @@ def set_metadata(proto: onnx.ModelProto, meta: ModelMeta) -> None:
     del proto.metadata_props[:]
     for key, value in flat.items():
         proto.metadata_props.add(key=key, value=value)
-
-
-def _output_description(meta: ModelMeta) -> str:
-    if meta.task == "ef":
-        return f"{OUTPUT_NAME} (N, 1) EF in points"
-    if meta.task == "seg":
-        spec = meta.preprocess
-        return (f"{OUTPUT_NAME} (N, 2, {spec.frames}, {spec.size}, {spec.size}) background/LV logits of every "
-                "pixel of every frame")
-    return f"{OUTPUT_NAME} (N, K) logits of {', '.join(meta.class_names)}"
 
 
 def read_onnx_meta(path: str | os.PathLike) -> tuple[ModelMeta, dict[str, str]]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import onnx
+from evim3.export.defaults import ENGINE_WORKSPACE_GIB
 from evim3.export.onnx import SCAN_TAG, read_onnx_meta
 from evim3.export.trt_rules import require_tensorrt_ready
 from evim3.runtime.atomic import write_atomic
@@ -67,9 +68,9 @@ def fp16_needs_fp16_onnx(trt: Any) -> bool:
     return not hasattr(trt.BuilderFlag, "FP16")
 
 
-def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *, workspace_gib: float = 4.0,
-                 batch: tuple[int, int, int] | None = None, fp16: bool = False,
-                 timing_cache: str | os.PathLike | None = None) -> EngineBuild:
+def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *,
+                 workspace_gib: float = ENGINE_WORKSPACE_GIB, batch: tuple[int, int, int] | None = None,
+                 fp16: bool = False, timing_cache: str | os.PathLike | None = None) -> EngineBuild:
     """Build an engine from an evim3 ONNX file and write it with its header (atomically).
 
     batch: (min, opt, max) for a dynamic-batch ONNX (default (1, 1, 8)); a fixed-batch ONNX takes its

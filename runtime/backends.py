@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from evim3.runtime.errors import ModelFileError
@@ -111,12 +111,3 @@ def check_output_shape(path: str, shape: tuple, meta: ModelMeta, where: str) -> 
         raise ModelFileError(path, f"{where} output '{OUTPUT_NAME}' has shape {list(shape)}; the metadata "
                                    f"(task {meta.task!r}{classes}) says (N, {', '.join(map(str, expected))})")
 
-
-def __getattr__(name: str) -> Any:
-    """import_tensorrt_cuda moved to backend_trt.py; export/tensorrt.py (being edited under issue 23) still
-    imports it from here. Remove once it imports from backend_trt."""
-    if name == "import_tensorrt_cuda":
-        from evim3.runtime.backend_trt import import_tensorrt_cuda
-
-        return import_tensorrt_cuda
-    raise AttributeError(f"module 'evim3.runtime.backends' has no attribute {name!r}")

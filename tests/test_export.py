@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 from evim3.checkpoint import load_model, save_checkpoint
 from evim3.config import get_preset
 from evim3.models.evim3 import EViM3
-from evim3.ops import exportable_scan, selective_scan, selective_scan_exportable, selective_scan_ref
+from evim3.ops import selective_scan, selective_scan_exportable, selective_scan_ref
 
 PRESET = "evim3-tiny"
 FP32_TOL = TOLERANCES["fp32"].max_abs  # 1e-3 EF points
@@ -68,9 +68,7 @@ def test_exportable_scan_matches_reference(seqlen: int, chunk: int) -> None:
     assert y.dtype == torch.float32 and y.shape == y_ref.shape and last.shape == last_ref.shape
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-5 * float(y_ref.abs().max()))
     torch.testing.assert_close(last, last_ref, rtol=0, atol=1e-5 * float(last_ref.abs().max()))
-    with exportable_scan():  # the dispatcher honours the switch, and only inside the block
-        torch.testing.assert_close(selective_scan(*args[:-1]), y)
-    assert not importlib.import_module("evim3.ops.selective_scan")._exportable_active
+    torch.testing.assert_close(selective_scan(*args[:-1], impl="exportable"), y)  # the dispatcher runs it by name
 
 
 def split_model(length: int, parts: int) -> onnx.ModelProto:

@@ -4,7 +4,6 @@ dispatcher in evim3.ops.selective_scan."""
 from evim3.ops.selective_scan import (
     SCANS,
     Scan,
-    exportable_scan,
     forced_scan,
     fused_available,
     register_scan,
@@ -22,7 +21,6 @@ __all__ = [
     "SCANS",
     "Scan",
     "default_chunk",
-    "exportable_scan",
     "forced_scan",
     "fused_available",
     "register_scan",

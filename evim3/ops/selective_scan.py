@@ -156,8 +156,6 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
                    return_last_state: bool = False, impl: str | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """The scan `impl` names (one of SCANS), else the one ``scan_name`` picks for u's device; inside a tracer
     or compiler, without `impl`, the chunked scan (plain tensor ops)."""
-    if impl is None and _exportable_active:
-        impl = "exportable"
     if impl is None:
         impl = "chunked" if tracing() else scan_name(u.device.type)
     elif impl not in SCANS:
@@ -181,18 +179,3 @@ def use_scan(model: nn.Module, name: str) -> Iterator[nn.Module]:
         for m, scan in zip(units, previous):
             m.scan = scan
 
-
-# The process-wide form of use_scan(model, "exportable"), for export/onnx.py until it passes its model to use_scan
-# (the file is being changed under issue 23); remove with it.
-_exportable_active = False
-
-
-@contextlib.contextmanager
-def exportable_scan() -> Iterator[None]:
-    """Inside this block the dispatcher runs ``selective_scan_exportable`` for every call without `impl`."""
-    global _exportable_active
-    previous, _exportable_active = _exportable_active, True
-    try:
-        yield
-    finally:
-        _exportable_active = previous
