@@ -250,8 +250,8 @@ def test_cine_from_storescu_is_answered_by_an_sr_with_infers_ef(node: Node, orth
     wait_for(lambda: node.job(sop_uid)["copies"] == 2, what="the second copy counted")
     time.sleep(1.0)
     assert len(srs_for(orthanc, sop_uid)) == 1
-    assert {d["destination"].split("@")[0]: d["state"] for d in node.deliveries(sop_uid)} == {
-        "ORTHANC": "sent", "NOTORTHANC": "dead"}
+    wait_for(lambda: {d["destination"].split("@")[0]: d["state"] for d in node.deliveries(sop_uid)} == {
+        "ORTHANC": "sent", "NOTORTHANC": "dead"}, what="sent to Orthanc, dead letter for the other")
     sent_events = [e for e in node.audit() if e["event"] == "sent" and e["job"] == node.job(sop_uid)["job"]]
     assert len(sent_events) == 1
 
@@ -426,6 +426,8 @@ def test_sigkill_after_acknowledgement_and_a_pacs_that_is_down(tmp_path: Path, m
         assert node.audit()[-1]["event"] == "stop"
         node.start()
         wait_for(lambda: srs_for(pacs, uids[3]), what="the SR of the job the stop finished or parked")
+        # Orthanc holds the SR a moment before the node has recorded its acknowledgement
+        wait_for(lambda: [d for d in node.deliveries(uids[3]) if d["state"] == "sent"], what="sent")
         assert len(pacs.srs()) == 4 and len([e for e in node.audit() if e["event"] == "sent"]) == 4
         assert node.terminate() == 0
     finally:

@@ -156,14 +156,14 @@ class Node:
         try:
             verdict = triage(job.path, self.analyser.min_seconds)
             if not verdict.analyse:
-                state = "failed" if verdict.failed else "skipped"
-                self.queue.finish_job(job.sop_instance_uid, state, verdict.reason)
-                self.audit.event(state, job=job.uid_hash, state=state, reason=verdict.reason)
+                state, reason = "failed" if verdict.failed else "skipped", scrub(verdict.reason)
+                self.queue.finish_job(job.sop_instance_uid, state, reason)
+                self.audit.event(state, job=job.uid_hash, state=state, reason=reason)
                 return
             analysis = self.analyser.analyse(job.path)
             outputs = self._write_outputs(job, analysis)
         except AnalysisError as e:
-            reason = str(e).replace(f"{job.path}: ", "")
+            reason = scrub(str(e).replace(f"{job.path}: ", ""))
             self.queue.finish_job(job.sop_instance_uid, "failed", reason)
             self.audit.event("failed", job=job.uid_hash, state="failed", reason=reason)
             return
@@ -229,7 +229,7 @@ class Node:
         try:
             result = send(delivery.outputs, Destination.parse(delivery.destination), config.aet)
         except Exception as e:  # noqa: BLE001 -- e.g. an output file gone: retried, then dead
-            result = SendResult(False, False, f"{type(e).__name__}: {e}")
+            result = SendResult(False, False, f"{type(e).__name__}: {scrub(e)}")
         if result.ok:
             self.queue.delivery_sent(delivery.sop_instance_uid, delivery.destination)
             self.audit.event("sent", job=delivery.uid_hash, destination=delivery.destination, attempt=attempt,
