@@ -12,11 +12,12 @@ stored in a calibration table, so a rebuild needs no data. The recipe, and why:
 * Weights: signed int8, symmetric, one scale per output channel, in the 7-bit range [-64, 64]
   (`reduce_range`). x86 CPUs without VNNI (AVX2, AVX-512 without VNNI) multiply uint8 activations by int8
   weights with VPMADDUBSW, which adds each pair of products into a saturating int16: two products of 255 x 127
-  reach 64,770, twice the int16 range, and the result is silently wrong (measured: the dynamic-int8 export of
-  the test model failed its tolerance there, max |dEF| 1.26, and passed on VNNI). With |w| <= 64 a pair is at
+  reach 64,770, twice the int16 range, and the result is silently wrong (reported on a 2-core AVX2 machine:
+  the previous, dynamic int8 export of the tests' model failed its tolerance there, max |dEF| 1.26, and passed
+  on VNNI machines). With |w| <= 64 a pair is at
   most 2 x 255 x 64 = 32,640 < 32,767, so every kernel on every x86 CPU computes the same exact integer
   product (tests/test_int8.py emulates the saturating kernel to show both sides).
-* Kept in float32, chosen by measurement (KEPT_FLOAT below): Mamba's out_proj and the layers that write the
+* Kept in float32, chosen by measurement (float_nodes): Mamba's out_proj and the layers that write the
   model's output.
 """
 
@@ -46,11 +47,6 @@ QUANTIZED_OPS = ("MatMul", "Gemm")
 WEIGHT_LEVELS = 64  # |int8 weight| <= this (reduce_range): VPMADDUBSW's int16 pair sums cannot saturate
 INT16_MAX = 32767
 TABLE_VERSION = 1
-# Kept float32 (measured on the tests' fitted model, max / mean |dEF| over 24 clips against PyTorch, every
-# other linear layer int8): all linear layers 1.47 / 0.31; without the head's output layer 0.39 / 0.14;
-# without it and out_proj 0.25 / 0.07. The output layer maps a few features straight to EF, so one activation
-# scale's rounding is an EF error; out_proj reads the gated scan output, whose outliers one scale cannot hold.
-KEPT_FLOAT = ("out_proj", "output layer")
 
 
 def calibration_videos(folder: str | os.PathLike, count: int = CALIBRATION_VIDEOS,
@@ -171,7 +167,11 @@ def graph_fingerprint(proto: onnx.ModelProto) -> str:
 
 
 def float_nodes(proto: onnx.ModelProto) -> list[str]:
-    """Names of the nodes kept float32 (KEPT_FLOAT, and the scan region)."""
+    """Names of the nodes kept float32: the scan region, Mamba's out_proj and the output layers. Measured on the
+    tests' fitted model (max / mean |dEF| over 24 clips against PyTorch, every other linear layer int8): all
+    linear layers 1.47 / 0.31; without the head's output layer 0.39 / 0.14; without it and out_proj 0.25 / 0.07.
+    The output layer maps a few features straight to EF, so one activation scale's rounding is an EF error;
+    out_proj reads the gated scan output, whose outliers one scale cannot hold."""
     scan = [n.name for n in proto.graph.node if n.name.startswith(SCAN_TAG)]
     return scan + out_projections(proto) + output_layers(proto)
 
@@ -269,11 +269,3 @@ def quantized_layers(proto: onnx.ModelProto) -> list[QuantizedLayer]:
         layers.append(QuantizedLayer(node.name, w.T if transposed else w, value(weight.input[1]),
                                      float(value(act.input[1]))))
     return layers
-
-
-def describe(proto: onnx.ModelProto) -> dict:
-    """Counts for reports: linear layers quantised and kept float, Q/DQ nodes."""
-    ops = [n.op_type for n in proto.graph.node]
-    return {"quantized_layers": len(quantized_layers(proto)), "quantize_nodes": ops.count("QuantizeLinear"),
-            "dequantize_nodes": ops.count("DequantizeLinear")}
-
