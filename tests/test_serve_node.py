@@ -252,8 +252,9 @@ def test_cine_from_storescu_is_answered_by_an_sr_with_infers_ef(node: Node, orth
     assert len(srs_for(orthanc, sop_uid)) == 1
     wait_for(lambda: {d["destination"].split("@")[0]: d["state"] for d in node.deliveries(sop_uid)} == {
         "ORTHANC": "sent", "NOTORTHANC": "dead"}, what="sent to Orthanc, dead letter for the other")
-    sent_events = [e for e in node.audit() if e["event"] == "sent" and e["job"] == node.job(sop_uid)["job"]]
-    assert len(sent_events) == 1
+    job = node.job(sop_uid)["job"]
+    wait_for(lambda: [e for e in node.audit() if e["event"] == "sent" and e["job"] == job], what="sent, logged")
+    assert len([e for e in node.audit() if e["event"] == "sent" and e["job"] == job]) == 1
 
 
 def test_rejecting_destination_is_a_dead_letter_and_the_node_keeps_serving(node: Node, cines: dict) -> None:
@@ -293,7 +294,8 @@ def test_single_frame_ultrasound_is_skipped_with_its_reason(node: Node, tmp_path
     job = wait_for(lambda: (j := node.job(still.SOPInstanceUID)) and j["state"] != "received" and j["state"] != "running"
                    and j, what="triage")
     assert job["state"] == "skipped" and job["reason"] == "single frame: a still image, not a cine"
-    assert any(e["event"] == "skipped" and e.get("reason") == job["reason"] for e in node.audit())
+    wait_for(lambda: any(e["event"] == "skipped" and e.get("reason") == job["reason"] for e in node.audit()),
+             what="the skip in the audit log")
 
 
 def send_raw(node: Node, path: Path) -> int:
@@ -412,6 +414,7 @@ def test_sigkill_after_acknowledgement_and_a_pacs_that_is_down(tmp_path: Path, m
         for uid in uids[:2]:
             wait_for(lambda u=uid: srs_for(pacs, u), what="the SR after the restart")
             wait_for(lambda u=uid: [d for d in node.deliveries(u) if d["state"] == "sent"], what="sent")
+        wait_for(lambda: len([e for e in node.audit() if e["event"] == "sent"]) >= 2, what="both deliveries logged")
         sent = [e for e in node.audit() if e["event"] == "sent"]
         assert sorted(e["job"] for e in sent) == sorted(node.job(u)["job"] for u in uids[:2])  # once each
         assert len(pacs.srs()) == 2
@@ -428,6 +431,7 @@ def test_sigkill_after_acknowledgement_and_a_pacs_that_is_down(tmp_path: Path, m
         wait_for(lambda: srs_for(pacs, uids[3]), what="the SR of the job the stop finished or parked")
         # Orthanc holds the SR a moment before the node has recorded its acknowledgement
         wait_for(lambda: [d for d in node.deliveries(uids[3]) if d["state"] == "sent"], what="sent")
+        wait_for(lambda: len([e for e in node.audit() if e["event"] == "sent"]) >= 4, what="four deliveries logged")
         assert len(pacs.srs()) == 4 and len([e for e in node.audit() if e["event"] == "sent"]) == 4
         assert node.terminate() == 0
     finally:
