@@ -86,6 +86,8 @@ class TaskSpec:
     # Outputs for every pixel of every frame, stitched over overlapping clips into one result per frame
     # (masks, beats), instead of values per clip. Such a task needs a whole file: no live sources.
     per_frame: ClassVar[bool] = False
+    # Its per-clip value is the video's EF in points (what the DICOM node reports as the EF measurement).
+    reports_ef: ClassVar[bool] = False
     tolerances: ClassVar[dict[str, Tolerance]] = TOLERANCES
     parity_unit: ClassVar[str] = "logits"  # of the parity table's differences
     diff_name: ClassVar[str]  # the parity table's last column
@@ -142,6 +144,7 @@ class TaskSpec:
 
 class EFTask(TaskSpec):
     name = "ef"
+    reports_ef = True
     parity_unit = "EF pts"
     diff_name = "mean |dEF|"
     flat_spread = 1.0

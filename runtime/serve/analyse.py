@@ -19,6 +19,7 @@ import numpy as np
 from evim3.runtime.errors import EchoInputError
 from evim3.runtime.infer import MIN_CLIP_SHARE, MIN_VIDEO_SECONDS
 from evim3.runtime.seg import largest_component
+from evim3.runtime.tasks import task_spec
 
 
 class AnalysisError(Exception):
@@ -73,8 +74,8 @@ class Analyser:
         except BaseException:
             self._stack.close()
             raise
-        seg = [m for m in loaded if m.task == "seg"]
-        ef = [m for m in loaded if m.task == "ef"]
+        seg = [m for m in loaded if task_spec(m.task).per_frame]  # the LV of every frame, its beats
+        ef = [m for m in loaded if task_spec(m.task).reports_ef]
         if len(seg) + len(ef) < len(loaded) or len(seg) > 1 or len(ef) > 1 or not loaded:
             self._stack.close()
             raise ValueError("the node takes one EF model and/or one seg model; got tasks "
