@@ -15,7 +15,9 @@ For each model (name=checkpoint or run folder, comma-separated), in one run on t
 Error: the first clip of each of the first EVIM3_BENCH_INT8_VIDEOS TEST videos (preprocessed as `evim3 infer`
 does) through PyTorch fp32 and through each file (ONNX Runtime, fused scan op where it runs): max and mean
 |dEF|, the 95th percentile, the reference's SD over the clips (a flat reference would prove nothing), and
-whether the int8 budget (evim3 check: max <= 1.0, mean <= 0.3) holds. Latency: every form opened as
+whether the int8 budget (evim3 check: max <= 1.0, mean <= 0.3) holds; the same on a CPU without VNNI, emulated
+(export/avx2_emulation.py: the AVX2 kernel's saturating int16 pair sums, over the first EVIM3_BENCH_INT8_AVX2
+clips; its own budget verdict and how many pairs saturated). Latency: every form opened as
 `evim3 infer` opens it with 2 threads, batch 1, WARMUP untimed calls, then REPEATS rounds with the forms in
 an order rotated round by round; the median, and the ratio to fp32 in the same run.
 """
@@ -33,6 +35,7 @@ THREADS = 2
 WARMUP = 3
 REPEATS = int(os.environ.get("EVIM3_BENCH_INT8_REPEATS", "20"))
 VIDEOS = int(os.environ.get("EVIM3_BENCH_INT8_VIDEOS", "40"))
+AVX2_CLIPS = int(os.environ.get("EVIM3_BENCH_INT8_AVX2", "20"))
 
 
 def _models() -> dict[str, str]:
@@ -64,7 +67,9 @@ def _dynamic_int8(fp32_path: str, out: str) -> None:
 
 
 def run() -> dict:
+    import onnx
     import torch
+    from evim3.export.avx2_emulation import avx2_evaluator, saturated_pairs
     from evim3.export.calibration import CALIBRATION_METHODS, CALIBRATION_VIDEOS, Calibration
     from evim3.export.onnx import export_checkpoint
     from evim3.runtime.backends import open_backend
@@ -108,6 +113,13 @@ def run() -> dict:
                     times[form].append(time.perf_counter() - t0)
             for b in backends.values():
                 b.close()
+            avx2 = {}
+            for form, file in files.items():
+                if form == "fp32":
+                    continue
+                evaluator = avx2_evaluator(onnx.load(file))
+                out = np.concatenate([evaluator.run(None, {"clip": c[None]})[0] for c in clips[:AVX2_CLIPS]])
+                avx2[form] = (np.abs(out - reference[:AVX2_CLIPS]).ravel(), saturated_pairs())
         fp32_ms = 1e3 * statistics.median(times["fp32"])
         for form, out in outputs.items():
             err = np.abs(out - reference).ravel()
@@ -118,6 +130,11 @@ def run() -> dict:
                          "int8_budget": "-" if form == "fp32" else
                          ("pass" if err.max() <= budget.max_abs and err.mean() <= budget.max_mean else "FAIL"),
                          "median_ms": ms, "vs_fp32": ms / fp32_ms})
+            if form in avx2:
+                err, saturated = avx2[form]
+                rows[-1].update({"avx2_max_abs_def": float(err.max()), "avx2_mean_abs_def": float(err.mean()),
+                                 "avx2_budget": "pass" if err.max() <= budget.max_abs and
+                                 err.mean() <= budget.max_mean else "FAIL", "avx2_saturated_pairs": saturated})
     with open("/proc/cpuinfo") as f:
         cpu_flags = f.read()
     return {"rows": rows, "threads": THREADS, "repeats": REPEATS, "data": data,

@@ -10,7 +10,7 @@ with the 0.02x of the demo's fine-tuned evim3-tiny).
 Why the emulation: ONNX Runtime picks its integer kernels by CPU (MLAS reads CPUID; nothing forces another
 path). On x86 without VNNI the uint8 x int8 kernel multiplies with VPMADDUBSW, which adds each pair of
 products into a saturating int16, so the machine that runs the tests (VNNI) computes other numbers than a
-user's AVX2 laptop. `avx2_u8s8_products` computes a layer exactly as that instruction does; the int8 graph is
+user's AVX2 laptop. export/avx2_emulation.py computes a layer exactly as that instruction does; the int8 graph is
 evaluated with it (ONNX's reference evaluator, each quantised MatMul replaced) and must equal the exact
 integer product: the 7-bit weights leave no pair that can saturate. The same evaluation of a graph whose
 weights use the full 8-bit range does saturate, so the emulation can see the failure it guards against.
@@ -26,8 +26,15 @@ import onnx
 import pytest
 import torch
 from evim3.cli.main import app
+from evim3.export.avx2_emulation import (
+    INT16_MAX,
+    avx2_evaluator,
+    avx2_u8s8_products,
+    emulated_products,
+    saturated_pairs,
+)
 from evim3.export.calibration import CALIBRATION_SPLIT
-from evim3.export.quantize import INT16_MAX, WEIGHT_LEVELS, calibration_videos, quantized_layers
+from evim3.export.quantize import WEIGHT_LEVELS, calibration_videos, quantized_layers
 from evim3.export.trt_rules import check_graph
 from evim3.runtime.meta import PRECISIONS, ModelMeta, PreprocessSpec
 from evim3.runtime.parity_check import (
@@ -38,8 +45,6 @@ from evim3.runtime.parity_check import (
     random_clips,
     video_clip,
 )
-from onnx.reference import ReferenceEvaluator
-from onnx.reference.op_run import OpRun
 from typer.testing import CliRunner
 
 from evim3.checkpoint import save_checkpoint
@@ -155,18 +160,6 @@ def test_weights_cannot_saturate_the_avx2_kernel(int8: dict) -> None:
     assert 2 * 255 * WEIGHT_LEVELS <= INT16_MAX
 
 
-def avx2_u8s8_products(a: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, int]:
-    """a (M, K) uint8 values x w (K, N) int8 as MLAS's AVX2 kernel computes it: VPMADDUBSW multiplies
-    neighbouring pairs along K and adds each pair into an int16 with saturation; VPMADDWD and the
-    accumulators then sum the pairs in int32. Returns the int32 product and how many pairs saturated."""
-    a, w = a.astype(np.int64), w.astype(np.int64)
-    if a.shape[1] % 2:  # the kernel pads K with zeros
-        a, w = np.pad(a, ((0, 0), (0, 1))), np.pad(w, ((0, 1), (0, 0)))
-    pairs = a[:, 0::2, None] * w[None, 0::2] + a[:, 1::2, None] * w[None, 1::2]  # (M, K/2, N)
-    saturated = np.clip(pairs, -INT16_MAX - 1, INT16_MAX)
-    return saturated.sum(axis=1), int((saturated != pairs).sum())
-
-
 def test_avx2_emulation_is_exact_without_saturation_and_sees_it() -> None:
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (5, 33), dtype=np.uint8)
@@ -176,73 +169,6 @@ def test_avx2_emulation_is_exact_without_saturation_and_sees_it() -> None:
     big = np.full((33, 4), 127, np.int8)
     product, saturated = avx2_u8s8_products(np.full((5, 33), 255, np.uint8), big)
     assert saturated == 5 * 16 * 4 and product[0, 0] == 16 * INT16_MAX + 255 * 127  # 2*255*127 > int16
-
-
-class Avx2MatMul(OpRun):
-    """MatMul / Gemm (DequantizeLinear(x_q), DequantizeLinear(w_q)[, bias]) as an x86 CPU without VNNI runs it:
-    the int8 activation is fed to the uint8 x int8 kernel shifted by 128 (its zero point moves to 128, the
-    usual conversion), the product is avx2_u8s8_products, the shift comes off exactly, then the scales."""
-
-    op_domain = "evim3.test"
-    saturated = 0
-
-    def _run(self, x_q, x_scale, w_q, w_scale, bias=None, transB=0):
-        w_q = w_q.T if transB else w_q
-        w_scale = np.broadcast_to(w_scale, (w_q.shape[1],))
-        a = (x_q.reshape(-1, x_q.shape[-1]).astype(np.int64) + 128).astype(np.uint8)
-        product, saturated = avx2_u8s8_products(a, w_q)
-        Avx2MatMul.saturated += saturated
-        exact = product - 128 * w_q.astype(np.int64).sum(axis=0)
-        out = exact * (np.float64(x_scale) * w_scale.astype(np.float64)) + (0 if bias is None else bias)
-        return (out.reshape(*x_q.shape[:-1], w_q.shape[1]).astype(np.float32),)
-
-
-class QuantizeLinear(OpRun):
-    """Opset 13's QuantizeLinear to int8 (the reference evaluator implements only 19 on)."""
-
-    op_domain = ""
-
-    def _run(self, x, scale, zero_point=None, axis=1, **unused):  # later opsets' attributes, at their defaults
-        q = np.rint(x / scale) + (0 if zero_point is None else zero_point.astype(np.int32))
-        return (np.clip(q, -128, 127).astype(np.int8),)
-
-
-class DequantizeLinear(OpRun):
-    """Opset 13's DequantizeLinear, per tensor or per channel of `axis`."""
-
-    op_domain = ""
-
-    def _run(self, x, scale, zero_point=None, axis=1, **unused):  # later opsets' attributes, at their defaults
-        shape = [1] * x.ndim
-        if scale.size > 1:
-            shape[axis] = scale.size
-        zp = 0 if zero_point is None else zero_point.astype(np.float32).reshape(shape)
-        return (((x.astype(np.float32) - zp) * scale.reshape(shape)).astype(np.float32),)
-
-
-def emulated_avx2(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The graph with every quantised MatMul replaced by Avx2MatMul on its integer inputs."""
-    proto = onnx.ModelProto.FromString(proto.SerializeToString())
-    graph = proto.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    replaced = 0
-    for i, node in enumerate(list(graph.node)):
-        if node.op_type not in ("MatMul", "Gemm"):
-            continue
-        x_dq, w_dq = (producers.get(name) for name in node.input[:2])
-        if not (x_dq and w_dq and x_dq.op_type == w_dq.op_type == "DequantizeLinear"):
-            continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        plain = {"alpha": 1.0, "beta": 1.0, "transA": 0}
-        assert all(attrs.get(k, v) == v for k, v in plain.items()) and len(node.input) <= 3, attrs  # linear layers
-        graph.node.remove(node)
-        graph.node.insert(i, onnx.helper.make_node(
-            "Avx2MatMul", [x_dq.input[0], x_dq.input[1], w_dq.input[0], w_dq.input[1], *node.input[2:]],
-            list(node.output), domain="evim3.test", name=node.name, transB=attrs.get("transB", 0)))
-        replaced += 1
-    assert replaced
-    proto.opset_import.append(onnx.helper.make_opsetid("evim3.test", 1))
-    return proto
 
 
 def full_range_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -270,12 +196,11 @@ def test_int8_on_an_avx2_cpu_equals_vnni_and_stays_in_budget(int8: dict, synth_d
     proto = onnx.load(str(int8["onnx"]))
 
     def evaluate(graph: onnx.ModelProto) -> np.ndarray:
-        Avx2MatMul.saturated = 0
-        evaluator = ReferenceEvaluator(graph, new_ops=[Avx2MatMul, QuantizeLinear, DequantizeLinear])
+        evaluator = avx2_evaluator(graph)
         return np.concatenate([evaluator.run(None, {"clip": c[None]})[0] for c in clips])
 
-    avx2 = evaluate(emulated_avx2(proto))
-    assert Avx2MatMul.saturated == 0
+    avx2 = evaluate(proto)
+    assert saturated_pairs() == 0 and emulated_products() == len(clips) * len(quantized_layers(proto))
     session = ort.InferenceSession(str(int8["onnx"]), providers=["CPUExecutionProvider"])
     native = np.concatenate([session.run(None, {"clip": c[None]})[0] for c in clips])
     reference = np.concatenate([ort.InferenceSession(str(int8["fp32"]), providers=["CPUExecutionProvider"])
@@ -284,8 +209,8 @@ def test_int8_on_an_avx2_cpu_equals_vnni_and_stays_in_budget(int8: dict, synth_d
     np.testing.assert_allclose(avx2, native, atol=0.05)
     assert compare(reference, avx2, "ef", "onnxruntime", "int8").passed
 
-    evaluate(emulated_avx2(full_range_weights(proto)))
-    assert Avx2MatMul.saturated > 0
+    evaluate(full_range_weights(proto))
+    assert saturated_pairs() > 0
 
 
 def test_check_passes_int8_within_its_tolerance(int8: dict, synth_dataset: Path) -> None:
