@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import os as _os
 
-__version__ = "0.1.0"
-
 # In a source checkout the sub-packages export/, runtime/ and cli/ sit beside evim3/ (pyproject maps them
 # to evim3.export, evim3.runtime, evim3.cli). When Python finds this folder straight from the repo root
 # rather than through the installed mapping, let the import system look beside it too.
 _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isfile(_os.path.join(_root, "runtime", "__init__.py")) and _root not in __path__:
     __path__.append(_root)
+
+from evim3.runtime.version import __version__  # noqa: F401 -- after the path set-up above: one value for every layer

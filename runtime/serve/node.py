@@ -31,8 +31,7 @@ from evim3.runtime.serve.send import Destination, SendResult, retry_in, send
 from evim3.runtime.serve.spool import Spool
 from evim3.runtime.serve.sr import build_sr, derived_uid
 from evim3.runtime.serve.triage import read_header, triage
-
-from evim3 import __version__
+from evim3.runtime.version import __version__
 
 IDLE_WAIT_S = 1.0
 SPOOL_RETRY_S = 5.0  # a job whose outputs the spool could not write is tried again after this

@@ -20,10 +20,9 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from evim3.runtime.serve.analyse import Analysis
+from evim3.runtime.version import __version__
 from highdicom.sr import CodedConcept
 from pydicom.sr.codedict import codes
-
-from evim3 import __version__
 
 LVEF = CodedConcept("18043-0", "LN", "Left ventricular Ejection fraction")
 LV_AREA = codes.SCT.Area
