@@ -41,9 +41,9 @@ from evim3.data.stats import compute_mean_std
 from evim3.models.evim3 import EViM3
 from evim3.models.layout import global_positions, intersection_positions, real_positions
 from evim3.models.r2plus1d import R2Plus1D18EF
+from evim3.tasks.ef import ef_loss
 from evim3.train.metrics import mae, regression_report
 from evim3.train.recipe import TrainConfig, build_optimizer, build_scheduler
-from evim3.train.tasks import ef_loss
 
 SEED = 0
 CLIP = {"frames": 16, "period": 4}

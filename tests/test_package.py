@@ -116,8 +116,8 @@ def forbidden_imports(folder: str, forbidden: tuple[str, ...], allowed: tuple[st
     return bad
 
 
-CORE_MODULES = ("evim3.ops", "evim3.modules", "evim3.models", "evim3.data", "evim3.train", "evim3.checkpoint",
-                "evim3.config", "evim3.convert")
+CORE_MODULES = ("evim3.ops", "evim3.modules", "evim3.models", "evim3.data", "evim3.tasks", "evim3.train",
+                "evim3.checkpoint", "evim3.config", "evim3.convert")
 
 
 def test_runtime_never_imports_torch_or_the_core() -> None:

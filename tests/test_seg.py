@@ -25,8 +25,8 @@ from evim3.config import ModelConfig
 from evim3.data.segmentation import EchoNetSegDataset, traced_clip, traced_clip_starts
 from evim3.data.tracings import ed_es_frames, read_tracings, resampled_frame, traced_mask
 from evim3.models.evim3 import EViM3
+from evim3.tasks.seg import seg_frame_losses, traced_frame_logits
 from evim3.train.metrics import overlap_counts, pooled_dice, segmentation_report
-from evim3.train.tasks import seg_frame_losses, traced_frame_logits
 
 TINY = ModelConfig(frames=16, time_patch=2, img_size=32, patch=8, dim=16, depth=1, d_state=4, final_dim=32)
 # 16 frames at period 2 span 31 resampled frames: the synthetic ED-ES distance (0.2-0.38 s, <= 19 frames) fits.
@@ -113,9 +113,9 @@ def test_segmentation_report_by_hand():
 def test_validation_counts_judged_frames_once():
     """SegTask.validate over batches holding a frame outside its clip (-1), a stand-in for an undecodable
     video and a repeated video (DistributedSampler's padding): each traced frame of each video counts once."""
+    from evim3.tasks.seg import SegTask
     from evim3.train.distributed import DistContext
     from evim3.train.recipe import TrainConfig
-    from evim3.train.tasks import SegTask
 
     class Identity(torch.nn.Module):  # the batch's x is already the logits
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,9 @@ from evim3.checkpoint import load_model, read_meta
 from evim3.data.echonet import EchoNetDataset
 from evim3.data.stats import compute_mean_std
 from evim3.models.evim3 import EViM3
+from evim3.tasks.ef import batch_correlation, ef_loss
 from evim3.train.recipe import TrainConfig, build_ema, build_optimizer, build_scheduler, ema_decay, lr_factor
-from evim3.train.tasks import batch_correlation, ef_loss, load_encoder_weights
+from evim3.train.tasks import load_encoder_weights
 
 # evim3-tiny shrunk to tens of milliseconds a step: 8 frames of 32 x 32, width 16, one Mamba-3D block.
 TINY_ARGS = ["--preset", "evim3-tiny", "--frames", "8", "--model-set", "img_size=32", "--model-set", "dim=16",

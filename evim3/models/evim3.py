@@ -19,7 +19,6 @@ parameter names are evim3's own (``evim3 convert`` maps the official names onto 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +38,6 @@ from evim3.models.layout import (
 )
 from evim3.modules.mamba import ResidualMamba, init_residual_stack
 from evim3.runtime.outputs import SEG_CLASSES
-from evim3.runtime.tasks import task_spec
 
 
 class PatchEmbed3D(nn.Module):
@@ -212,35 +210,18 @@ class EViM3(nn.Module):
         self, cfg: ModelConfig, task: str = "ef", num_classes: int = 0, ef_mean: float = 55.0, ef_std: float = 1.0
     ):
         """ef_mean starts the EF output there; EF = ef_std * network output (see ModelMeta.ef_std)."""
+        # Imported here, not above: the task modules import this one for their heads.
+        from evim3.tasks import task_class
+
         super().__init__()
-        task_spec(task)  # ValueError naming the registered tasks
-        if task not in HEADS:
-            raise ValueError(f"task {task!r} has no head: register one (evim3.models.evim3.register_head)")
+        head = task_class(task).head  # ValueError naming the registered tasks
         self.cfg = cfg
         self.task = task
         self.encoder = EViM3Encoder(cfg)
-        self.head: nn.Module = HEADS[task](cfg, num_classes, ef_mean, ef_std)
+        self.head: nn.Module = head(cfg, num_classes, ef_mean, ef_std)
 
     def forward(self, clip: Tensor) -> Tensor:
         return self.head(self.encoder(clip))
-
-
-# The torch half of a task (evim3.runtime.tasks holds the edge half): its head, by task name, built from the
-# config, the class count, and the EF mean and spread the output starts at (EF only).
-HeadBuilder = Callable[[ModelConfig, int, float, float], nn.Module]
-HEADS: dict[str, HeadBuilder] = {
-    "ef": lambda cfg, num_classes, ef_mean, ef_std: GlobalTokenHead(cfg, task_spec("ef").output_width(),
-                                                                    output_bias=ef_mean, output_scale=ef_std),
-    # Binary classification uses one logit (BCE), as the paper's classification head.
-    "classification": lambda cfg, num_classes, ef_mean, ef_std: GlobalTokenHead(
-        cfg, task_spec("classification").output_width(num_classes)),
-    "seg": lambda cfg, num_classes, ef_mean, ef_std: SegHead(cfg),
-}
-
-
-def register_head(task: str, build: HeadBuilder) -> None:
-    """Make `build` the head of task `task` (registered in evim3.runtime.tasks under the same name)."""
-    HEADS[task] = build
 
 
 def count_parameters(model: nn.Module) -> int:
