@@ -23,14 +23,14 @@ from test_scan import F32_REL_TOL, inverse_softplus, rel_l2, scan_args
 from evim3.ops import selective_scan, selective_scan_ref
 
 
-def _interpreted_module():
+def _interpreted_module(name: str = "evim3.ops.selective_scan_triton"):
     """The kernels module with its kernels defined under TRITON_INTERPRET=1 (triton.jit reads the variable when
     it decorates, i.e. at import). The variable is restored afterwards and set again around each test of this
     module (Triton reads it at launch too): the rest of the session is unaffected."""
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        module = importlib.import_module("evim3.ops.selective_scan_triton")
+        module = importlib.import_module(name)
         return module if module.interpreted() else importlib.reload(module)  # imported earlier without it
     except ImportError:
         return None
@@ -43,6 +43,8 @@ def _interpreted_module():
 
 triton_scan = _interpreted_module()
 require(None if triton_scan is not None else "Triton is not installed (the [dev] extra pins it on Linux)")
+# issue 27's prepass variant: imported after the kernels module above, so it calls the interpreted helpers
+triton_pre = _interpreted_module("evim3.ops.selective_scan_triton_pre")
 
 BLOCK = 16
 
@@ -83,8 +85,9 @@ def close(x: torch.Tensor, ref: torch.Tensor, tol: float) -> bool:
     return x.shape == ref.shape and (rel_l2(x, ref) <= tol if ref.abs().max() > 0 else not x.abs().max() > 0)
 
 
-def assert_matches_reference(args: dict, last_state: bool = True, tol: float = F32_REL_TOL, **kw) -> None:
-    y, h, grads = run(triton_scan.selective_scan_triton, args, torch.float32, last_state, block_l=BLOCK, **kw)
+def assert_matches_reference(args: dict, last_state: bool = True, tol: float = F32_REL_TOL, scan=None, **kw) -> None:
+    scan = scan or triton_scan.selective_scan_triton
+    y, h, grads = run(scan, args, torch.float32, last_state, block_l=BLOCK, **kw)
     y_ref, h_ref, grads_ref = run(selective_scan_ref, args, torch.float64, last_state)
     assert y.dtype == torch.float32 and y.shape == y_ref.shape
     assert close(y, y_ref, tol)
@@ -196,3 +199,77 @@ def test_mamba_block_through_the_triton_scan(monkeypatch) -> None:
     assert rel_l2(y_triton, y_chunked) <= F32_REL_TOL
     for k, grad in grads_chunked.items():
         assert rel_l2(grads_triton[k], grad) <= F32_REL_TOL, k
+
+
+# The prepass variant (evim3/ops/selective_scan_triton_pre.py), plain loops and pipelined (stages 2): the same
+# tolerances as the current kernels against the float64 reference -- outputs, last state, every gradient.
+STAGES = (1, 2)
+
+
+def _pre(stages: int):
+    def scan(**kw):
+        return triton_pre.selective_scan_triton_pre(**kw, stages=stages)
+    return scan
+
+
+@pytest.mark.parametrize("stages", STAGES)
+@pytest.mark.parametrize("z,D,bias,softplus,last_state",
+                         [(True, True, True, True, True), (False, False, False, False, False),
+                          (True, False, True, False, True), (False, True, False, True, False)],
+                         ids=lambda v: "T" if v else "F")
+def test_prepass_variant_flags(stages: int, z: bool, D: bool, bias: bool, softplus: bool, last_state: bool) -> None:
+    seed = sum(flag << i for i, flag in enumerate((z, D, bias, softplus, last_state)))
+    assert_matches_reference(flagged_args(21, z, D, bias, softplus, seed=seed, batch=2, d=2, n=4), last_state,
+                             scan=_pre(stages))
+
+
+@pytest.mark.parametrize("stages", STAGES)
+@pytest.mark.parametrize("seqlen", [1, 2 * BLOCK + 3])
+def test_prepass_variant_lengths_and_groups(stages: int, seqlen: int) -> None:
+    """L = 1 (no previous state), three chunks with a ragged tail; uneven channel groups (2 + 1)."""
+    assert_matches_reference(flagged_args(seqlen, True, True, True, True, seed=seqlen, batch=2, d=3, n=3),
+                             scan=_pre(stages), grad_groups=2)
+
+
+@pytest.mark.parametrize("max_step", [1e-6, 1e3], ids=["tiny-dt", "huge-dt"])
+def test_prepass_variant_tiny_and_huge_steps(max_step: float) -> None:
+    assert_matches_reference(flagged_args(37, True, True, False, False, batch=1, d=2, n=4, max_step=max_step),
+                             scan=_pre(2))
+
+
+def test_prepass_variant_bfloat16_and_strided_B_C() -> None:
+    """bf16 activations (float32 A, D, delta_bias) with B, C handed as the model does, (b, n, L) views of an
+    n-contiguous (b, L, n) tensor: within BF16_REL_TOL of float64 on the same rounded inputs; gradients come
+    back in each input's dtype and B, C's gradients in their (view's) shape."""
+    args = flagged_args(37, True, True, True, True, seed=9, batch=2, d=2, n=4)
+    low = {k: v.to(torch.bfloat16) if k in ("u", "delta", "B", "C", "z") else v.float() if isinstance(v, torch.Tensor)
+           else v for k, v in args.items()}
+    results = []
+    for scan in (_pre(2), selective_scan_ref):
+        inputs = low if scan is not selective_scan_ref else {k: v.double() if isinstance(v, torch.Tensor) else v
+                                                              for k, v in low.items()}
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        call = dict(leaves)
+        for name in ("B", "C"):  # n-contiguous views, as x_proj's output transposed
+            call[name] = leaves[name].transpose(1, 2).contiguous().transpose(1, 2)
+        kw = {"block_l": BLOCK} if scan is not selective_scan_ref else {}
+        y, h = scan(**{**inputs, **call}, return_last_state=True, **kw)
+        (y.double().sum() + h.double().sum()).backward()
+        results.append((y, h, leaves))
+    (y, h, leaves), (y_ref, h_ref, leaves_ref) = results
+    assert y.dtype == h.dtype == torch.bfloat16
+    assert rel_l2(y, y_ref) <= BF16_REL_TOL and rel_l2(h, h_ref) <= BF16_REL_TOL
+    for name, leaf in leaves.items():
+        assert leaf.grad.dtype == leaf.dtype and leaf.grad.shape == leaf.shape, name
+        assert rel_l2(leaf.grad, leaves_ref[name].grad) <= BF16_REL_TOL, name
+
+
+@pytest.mark.parametrize("name", ["triton-pre", "triton-pre-s2"])
+def test_registry_runs_the_variants_by_name(name: str) -> None:
+    """EVIM3_SCAN / use_scan select the variants by name; the same kernels ran (bit-identical output)."""
+    args = {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in
+            flagged_args(21, True, True, True, True, batch=1, d=2, n=4).items()}
+    y = selective_scan(**args, impl=name)
+    assert torch.equal(y, _pre(2 if name.endswith("s2") else 1)(**args))
+    assert rel_l2(y, selective_scan_ref(**{k: v.double() if isinstance(v, torch.Tensor) else v
+                                           for k, v in args.items()})) <= F32_REL_TOL

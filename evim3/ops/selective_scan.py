@@ -5,6 +5,10 @@
     exportable  selective_scan_exportable.py  Scan loops for ONNX export (inference only)
     cpu         selective_scan_cpu.py         the fused C++ kernel, CPU tensors
     triton      selective_scan_triton.py      Triton kernels, CUDA tensors
+    triton-pre  selective_scan_triton_pre.py  the Triton kernels with a per-token prepass (issue 27 variant;
+                                              "triton-pre-s2": loops software-pipelined), CUDA tensors
+    triton-op   selective_scan_op.py          the Triton scan as a torch.library custom op (torch.compile
+                                              fuses around it); on CPU tensors it wraps the fused C++ kernel
     mamba       mamba-ssm's CUDA kernel (the [cuda] extra)
 
 ``selective_scan(..., impl=None)`` runs the one `impl` names, or the best for u's device (``scan_name``): the
@@ -74,6 +78,36 @@ def _triton_unavailable(device_type: str) -> str | None:
     return "Triton runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, for tests)"
 
 
+def _triton_pre_fn(stages: int):
+    def load():
+        from evim3.ops.selective_scan_triton_pre import selective_scan_triton_pre, selective_scan_triton_pre_s2
+
+        return selective_scan_triton_pre_s2 if stages == 2 else selective_scan_triton_pre
+    return load
+
+
+def _triton_pre_unavailable(device_type: str) -> str | None:
+    why = _triton_unavailable(device_type)
+    if why is None and device_type == "cpu":
+        from evim3.ops import selective_scan_triton_pre as pre
+
+        if not pre.interpreted():
+            return "Triton runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, for tests)"
+    return why
+
+
+def _op_fn():
+    from evim3.ops.selective_scan_op import selective_scan_op
+
+    return selective_scan_op
+
+
+def _op_unavailable(device_type: str) -> str | None:
+    from evim3.ops.selective_scan_op import unavailable
+
+    return unavailable(device_type)
+
+
 def _cpu_fn():
     from evim3.ops.selective_scan_cpu import selective_scan_cpu
 
@@ -92,6 +126,10 @@ SCANS: dict[str, Scan] = {
     "mamba": Scan(_mamba_fn, _mamba_unavailable),
     "triton": Scan(_triton_fn, _triton_unavailable),
     "chunked": Scan(lambda: selective_scan_chunked, lambda device_type: None),
+    # issue 27's candidates, selectable beside "triton" so that one GPU run times them side by side
+    "triton-pre": Scan(_triton_pre_fn(1), _triton_pre_unavailable),
+    "triton-pre-s2": Scan(_triton_pre_fn(2), _triton_pre_unavailable),
+    "triton-op": Scan(_op_fn, _op_unavailable),
     "cpu": Scan(_cpu_fn, _cpu_unavailable),
     # inference only, and compiled by dynamo when called eagerly: for export, chosen by use_scan
     "exportable": Scan(lambda: selective_scan_exportable, lambda device_type: None, forcible=False),

@@ -285,21 +285,8 @@ class TritonScanFn(torch.autograd.Function):
     def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                 z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool, block_l: int,
                 grad_groups: int):
-        batch, d, L = u.shape
-        n = A.shape[1]
-        num_chunks = triton.cdiv(L, block_l)
         needs_grad = any(ctx.needs_input_grad)
-        f32 = {"device": u.device, "dtype": torch.float32}
-        out = torch.empty_like(u)
-        last = torch.empty(batch, d, n, **f32)
-        ckpt = torch.empty(batch, d, num_chunks, n, **f32) if needs_grad else last
-        with _device(u):
-            _scan_fwd_kernel[(d, batch)](
-                u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
-                delta_bias if delta_bias is not None else u, out, last, ckpt,
-                d, L, n, num_chunks, *B.stride(), *C.stride(), **_flags(D, z, delta_bias, delta_softplus),
-                SAVE_CKPT=needs_grad, BLOCK_L=block_l, BLOCK_N=triton.next_power_of_2(n), num_warps=NUM_WARPS,
-            )
+        out, last, ckpt = triton_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, block_l, needs_grad)
         if needs_grad:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
             ctx.delta_softplus, ctx.block_l, ctx.grad_groups = delta_softplus, block_l, grad_groups
@@ -308,45 +295,75 @@ class TritonScanFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor | None, grad_last: Tensor | None):
         u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
-        batch, d, L = u.shape
-        n, block_l = A.shape[1], ctx.block_l
-        num_chunks = ckpt.shape[2]
-        flags = {**_flags(D, z, delta_bias, ctx.delta_softplus), "BLOCK_L": block_l,
-                 "BLOCK_N": triton.next_power_of_2(n)}
-        gout = torch.zeros_like(u) if grad_out is None else grad_out.contiguous()
-        glast = None if grad_last is None else grad_last.float().contiguous()
-        adj = torch.empty_like(ckpt)
-        # Channel groups: enough (chunk, group, batch) programs to fill the GPU, few enough partial dB, dC.
-        groups = ctx.grad_groups or min(d, max(1, math.ceil(GRAD_PROGRAMS / (batch * num_chunks))))
-        per_group = math.ceil(d / groups)
-        groups = math.ceil(d / per_group)
-        f32 = {"device": u.device, "dtype": torch.float32}
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-        dz = torch.empty_like(z) if z is not None else None
-        dB_parts = torch.empty(groups, batch, n, L, **f32)
-        dC_parts = torch.empty(groups, batch, n, L, **f32)
-        dA_parts = torch.empty(batch, num_chunks, d, n, **f32)
-        dD_parts = torch.empty(batch, num_chunks, d, **f32) if D is not None else None
-        dbias_parts = torch.empty(batch, num_chunks, d, **f32) if delta_bias is not None else None
-        dummy = u
-        with _device(u):
-            _scan_bwd_carry_kernel[(d, batch)](
-                delta, A, C, z if z is not None else dummy, delta_bias if delta_bias is not None else dummy,
-                gout, glast if glast is not None else dummy, adj, d, L, n, num_chunks, *C.stride(),
-                HAS_Z=flags["HAS_Z"], HAS_BIAS=flags["HAS_BIAS"], HAS_GLAST=glast is not None,
-                SOFTPLUS=flags["SOFTPLUS"], BLOCK_L=block_l, BLOCK_N=flags["BLOCK_N"], num_warps=NUM_WARPS,
-            )
-            _scan_bwd_grad_kernel[(num_chunks, groups, batch)](
-                u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
-                delta_bias if delta_bias is not None else dummy, gout, ckpt, adj,
-                du, ddelta, dz if dz is not None else dummy, dB_parts, dC_parts, dA_parts,
-                dD_parts if dD_parts is not None else dA_parts, dbias_parts if dbias_parts is not None else dA_parts,
-                batch, d, L, n, num_chunks, per_group, *B.stride(), *C.stride(), **flags, num_warps=GRAD_NUM_WARPS,
-            )
-        dD = dD_parts.sum((0, 1)).to(D.dtype) if D is not None else None
-        dbias = dbias_parts.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
-        return (du, ddelta, dA_parts.sum((0, 1)).to(A.dtype), dB_parts.sum(0).to(B.dtype),
-                dC_parts.sum(0).to(C.dtype), dD, dz, dbias, None, None, None)
+        grads = triton_backward(u, delta, A, B, C, D, z, delta_bias, ckpt, grad_out, grad_last, ctx.delta_softplus,
+                                ctx.block_l, ctx.grad_groups)
+        return (*grads, None, None, None)
+
+
+def triton_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+                   delta_bias: Tensor | None, delta_softplus: bool, block_l: int, save_ckpt: bool
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, last state float32, the state entering each chunk (b, d, K, n) -- `last` itself unless save_ckpt).
+    Also the forward of the custom op (selective_scan_op.py)."""
+    batch, d, L = u.shape
+    n = A.shape[1]
+    num_chunks = triton.cdiv(L, block_l)
+    f32 = {"device": u.device, "dtype": torch.float32}
+    out = torch.empty_like(u)
+    last = torch.empty(batch, d, n, **f32)
+    ckpt = torch.empty(batch, d, num_chunks, n, **f32) if save_ckpt else last
+    with _device(u):
+        _scan_fwd_kernel[(d, batch)](
+            u, delta, A, B, C, D if D is not None else u, z if z is not None else u,
+            delta_bias if delta_bias is not None else u, out, last, ckpt,
+            d, L, n, num_chunks, *B.stride(), *C.stride(), **_flags(D, z, delta_bias, delta_softplus),
+            SAVE_CKPT=save_ckpt, BLOCK_L=block_l, BLOCK_N=triton.next_power_of_2(n), num_warps=NUM_WARPS,
+        )
+    return out, last, ckpt
+
+
+def triton_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+                    delta_bias: Tensor | None, ckpt: Tensor, grad_out: Tensor | None, grad_last: Tensor | None,
+                    delta_softplus: bool, block_l: int, grad_groups: int) -> tuple:
+    """(du, ddelta, dA, dB, dC, dD, dz, d delta_bias), None where the input is None. Also the custom op's."""
+    batch, d, L = u.shape
+    n = A.shape[1]
+    num_chunks = ckpt.shape[2]
+    flags = {**_flags(D, z, delta_bias, delta_softplus), "BLOCK_L": block_l, "BLOCK_N": triton.next_power_of_2(n)}
+    gout = torch.zeros_like(u) if grad_out is None else grad_out.contiguous()
+    glast = None if grad_last is None else grad_last.float().contiguous()
+    adj = torch.empty_like(ckpt)
+    # Channel groups: enough (chunk, group, batch) programs to fill the GPU, few enough partial dB, dC.
+    groups = grad_groups or min(d, max(1, math.ceil(GRAD_PROGRAMS / (batch * num_chunks))))
+    per_group = math.ceil(d / groups)
+    groups = math.ceil(d / per_group)
+    f32 = {"device": u.device, "dtype": torch.float32}
+    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else None
+    dB_parts = torch.empty(groups, batch, n, L, **f32)
+    dC_parts = torch.empty(groups, batch, n, L, **f32)
+    dA_parts = torch.empty(batch, num_chunks, d, n, **f32)
+    dD_parts = torch.empty(batch, num_chunks, d, **f32) if D is not None else None
+    dbias_parts = torch.empty(batch, num_chunks, d, **f32) if delta_bias is not None else None
+    dummy = u
+    with _device(u):
+        _scan_bwd_carry_kernel[(d, batch)](
+            delta, A, C, z if z is not None else dummy, delta_bias if delta_bias is not None else dummy,
+            gout, glast if glast is not None else dummy, adj, d, L, n, num_chunks, *C.stride(),
+            HAS_Z=flags["HAS_Z"], HAS_BIAS=flags["HAS_BIAS"], HAS_GLAST=glast is not None,
+            SOFTPLUS=flags["SOFTPLUS"], BLOCK_L=block_l, BLOCK_N=flags["BLOCK_N"], num_warps=NUM_WARPS,
+        )
+        _scan_bwd_grad_kernel[(num_chunks, groups, batch)](
+            u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+            delta_bias if delta_bias is not None else dummy, gout, ckpt, adj,
+            du, ddelta, dz if dz is not None else dummy, dB_parts, dC_parts, dA_parts,
+            dD_parts if dD_parts is not None else dA_parts, dbias_parts if dbias_parts is not None else dA_parts,
+            batch, d, L, n, num_chunks, per_group, *B.stride(), *C.stride(), **flags, num_warps=GRAD_NUM_WARPS,
+        )
+    dD = dD_parts.sum((0, 1)).to(D.dtype) if D is not None else None
+    dbias = dbias_parts.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
+    return (du, ddelta, dA_parts.sum((0, 1)).to(A.dtype), dB_parts.sum(0).to(B.dtype),
+            dC_parts.sum(0).to(C.dtype), dD, dz, dbias)
 
 
 def selective_scan_triton(
