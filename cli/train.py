@@ -1,20 +1,16 @@
 """`evim3 train pretrain|finetune`: the paper's recipe (evim3.train.recipe) with resumable checkpoints,
 multi-process training (--nproc, or torchrun directly) and a progress bar, CSV log and end summary.
 
-The flags are built from TrainConfig: each sets the field it names, with the field's type and default
-(the stage's, for the fields STAGE_DEFAULTS fills), so the config stays the one source of defaults. This
-module adds only the flag names and help texts.
+Each option sets the TrainConfig field of its parameter's name. Its name, type, help and limits are written
+once below (one Annotated type per option); its default is the recipe's, read from TrainConfig and
+STAGE_DEFAULTS (flag_defaults), so the config stays the one source of defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import subprocess
 import sys
-import typing
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,70 +27,6 @@ def _train() -> None:
     """Train E-ViM3: masked-autoencoder pre-training, then EF regression or classification fine-tuning."""
 
 
-@dataclass(frozen=True)
-class Flag:
-    """A command-line option for the TrainConfig field `field`."""
-
-    field: str
-    help: str
-    name: str | None = None  # the flag, when not --field-with-dashes
-    type: Any = None  # the option's type, when not the field's (paths)
-    limits: dict[str, float] = dataclasses.field(default_factory=dict)  # click's min / max
-
-
-# Options both stages take.
-SHARED = (
-    Flag("data", "EchoNet-Dynamic-layout folder (FileList.csv, Videos/).", type=Path | None),
-    Flag("csv", "CSV of path,label,split (classification; pre-training too).", type=Path | None),
-    Flag("preset", "Model preset: evim3, evim3-p4, evim3-small, evim3-tiny."),
-    Flag("out", "Run folder (default runs/<stage>-<preset>).", type=Path | None),
-    Flag("epochs", "Epochs.", limits={"min": 1}),
-    Flag("max_steps", "Stop after this many optimizer steps.", limits={"min": 1}),
-    Flag("batch", "Clips per process per micro-batch.", limits={"min": 1}),
-    Flag("accum", "Micro-batches per optimizer step.", limits={"min": 1}),
-    Flag("lr", "Learning rate at a total batch of 32; scaled linearly."),
-    Flag("warmup_epochs", "Warm-up epochs."),
-    Flag("period", "Take every period-th frame (at 50 fps) into a clip.", limits={"min": 1}),
-    Flag("frames", "Clip length (default: the preset's).", limits={"min": 1}),
-    Flag("keep_ratio", "Share of TRAIN videos used.", limits={"min": 0.0, "max": 1.0}),
-    Flag("max_videos", "At most this many videos per split.", limits={"min": 1}),
-    Flag("pad", "Random-crop padding of training clips, pixels.", limits={"min": 0}),
-    Flag("ema_start", "Optimizer step the weight EMA starts at.", limits={"min": 0}),
-    Flag("ema_beta", "Largest EMA decay.", limits={"min": 0.0, "max": 1.0}),
-    Flag("ema_every", "Optimizer steps between EMA updates.", limits={"min": 1}),
-    Flag("resume", "Continue the run in --out from its last checkpoint."),
-    Flag("ckpt_every", "Optimizer steps between checkpoints (0: at epoch ends only).", limits={"min": 0}),
-    Flag("eval_every", "Epochs between validations.", limits={"min": 1}),
-    Flag("log_every", "Optimizer steps between steps.csv rows.", limits={"min": 1}),
-    Flag("workers", "Data-loading processes per training process.", limits={"min": 0}),
-    Flag("cache_videos", "Decode each video once and keep it in memory (uint8: ~2 MB per 112x112 video)."),
-    Flag("strict", "Stop at a video that cannot be decoded (default: skip it with a warning, count it)."),
-    Flag("device", "auto, cpu, cuda or cuda:N."),
-    Flag("seed", "Seed for weights, order, augmentation and masks."),
-)
-PRETRAIN = (
-    Flag("mask_ratio", "Share of patches masked."),
-    Flag("mask_strategy", "Mask strategy: stc, random or tube.", name="--mask"),
-    Flag("time_chain", "STC cell length in patches."),
-    Flag("chain", "STC cell width in patches."),
-    Flag("shared_mask", "One mask per batch (the paper's code)."),
-    Flag("norm_pix_loss", "Per-patch normalised targets."),
-)
-FINETUNE = (
-    Flag("task", "ef (regression, --data), classification (--csv) or seg (LV segmentation, --data: Dice + CE "
-                 "on the traced ED and ES frames)."),
-    Flag("ef_loss", "EF loss: mse+corr (MSE plus 1 - batch correlation: does not collapse to the mean) or mse "
-                    "(the paper's)."),
-    Flag("init", "Checkpoint (or pre-training run folder) whose encoder weights start the encoder.",
-         type=Path | None),
-)
-
-# Options that set no TrainConfig field.
-Nproc = Annotated[int, typer.Option("--nproc", min=1, help="Training processes on this machine (torchrun).")]
-ModelSet = Annotated[list[str] | None, typer.Option(
-    "--model-set", hidden=True, help="Override a ModelConfig field, KEY=VALUE (tests, experiments).")]
-
-
 def flag_defaults(stage: str) -> dict[str, Any]:
     """What each TrainConfig field defaults to when its flag is not given: the stage's default, else the
     field's (None for a field without one: --out, whose default depends on the preset)."""
@@ -105,45 +37,119 @@ def flag_defaults(stage: str) -> dict[str, Any]:
     return defaults
 
 
-def _parameter(flag: Flag, stage: str) -> inspect.Parameter:
-    field_type = typing.get_type_hints(TrainConfig)[flag.field]
-    name = flag.name or "--" + flag.field.replace("_", "-")
-    option = typer.Option(name, help=flag.help, **flag.limits)
-    return inspect.Parameter(flag.field, inspect.Parameter.KEYWORD_ONLY, default=flag_defaults(stage)[flag.field],
-                             annotation=Annotated[flag.type or field_type, option])
+PRETRAIN, FINETUNE = flag_defaults("pretrain"), flag_defaults("finetune")
+
+# Options both stages take.
+Data = Annotated[Path | None, typer.Option("--data", help="EchoNet-Dynamic-layout folder (FileList.csv, Videos/).")]
+Csv = Annotated[Path | None, typer.Option("--csv", help="CSV of path,label,split (classification; pre-training too).")]
+Preset = Annotated[str, typer.Option("--preset", help="Model preset: evim3, evim3-p4, evim3-small, evim3-tiny.")]
+Out = Annotated[Path | None, typer.Option("--out", help="Run folder (default runs/<stage>-<preset>).")]
+Epochs = Annotated[int | None, typer.Option("--epochs", min=1, help="Epochs.")]
+MaxSteps = Annotated[int | None, typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps.")]
+Batch = Annotated[int, typer.Option("--batch", min=1, help="Clips per process per micro-batch.")]
+Accum = Annotated[int, typer.Option("--accum", min=1, help="Micro-batches per optimizer step.")]
+Lr = Annotated[float | None, typer.Option("--lr", help="Learning rate at a total batch of 32; scaled linearly.")]
+WarmupEpochs = Annotated[float | None, typer.Option("--warmup-epochs", help="Warm-up epochs.")]
+Period = Annotated[int, typer.Option("--period", min=1, help="Take every period-th frame (at 50 fps) into a clip.")]
+Frames = Annotated[int | None, typer.Option("--frames", min=1, help="Clip length (default: the preset's).")]
+KeepRatio = Annotated[float, typer.Option("--keep-ratio", min=0.0, max=1.0, help="Share of TRAIN videos used.")]
+MaxVideos = Annotated[int | None, typer.Option("--max-videos", min=1, help="At most this many videos per split.")]
+Pad = Annotated[int, typer.Option("--pad", min=0, help="Random-crop padding of training clips, pixels.")]
+EmaStart = Annotated[int, typer.Option("--ema-start", min=0, help="Optimizer step the weight EMA starts at.")]
+EmaBeta = Annotated[float, typer.Option("--ema-beta", min=0.0, max=1.0, help="Largest EMA decay.")]
+EmaEvery = Annotated[int, typer.Option("--ema-every", min=1, help="Optimizer steps between EMA updates.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
+CkptEvery = Annotated[int, typer.Option(
+    "--ckpt-every", min=0, help="Optimizer steps between checkpoints (0: at epoch ends only).")]
+EvalEvery = Annotated[int, typer.Option("--eval-every", min=1, help="Epochs between validations.")]
+LogEvery = Annotated[int, typer.Option("--log-every", min=1, help="Optimizer steps between steps.csv rows.")]
+Workers = Annotated[int, typer.Option("--workers", min=0, help="Data-loading processes per training process.")]
+CacheVideos = Annotated[bool, typer.Option(
+    "--cache-videos", help="Decode each video once and keep it in memory (uint8: ~2 MB per 112x112 video).")]
+Strict = Annotated[bool, typer.Option(
+    "--strict", help="Stop at a video that cannot be decoded (default: skip it with a warning, count it).")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed for weights, order, augmentation and masks.")]
+# Options that set no TrainConfig field.
+Nproc = Annotated[int, typer.Option("--nproc", min=1, help="Training processes on this machine (torchrun).")]
+ModelSet = Annotated[list[str] | None, typer.Option(
+    "--model-set", hidden=True, help="Override a ModelConfig field, KEY=VALUE (tests, experiments).")]
+
+# Pre-training only.
+MaskRatio = Annotated[float, typer.Option("--mask-ratio", help="Share of patches masked.")]
+MaskStrategy = Annotated[str, typer.Option("--mask", help="Mask strategy: stc, random or tube.")]
+TimeChain = Annotated[int | None, typer.Option("--time-chain", help="STC cell length in patches.")]
+Chain = Annotated[int | None, typer.Option("--chain", help="STC cell width in patches.")]
+SharedMask = Annotated[bool, typer.Option("--shared-mask", help="One mask per batch (the paper's code).")]
+NormPixLoss = Annotated[bool, typer.Option("--norm-pix-loss", help="Per-patch normalised targets.")]
+
+# Fine-tuning only.
+TaskName = Annotated[str, typer.Option("--task", help="ef (regression, --data), classification (--csv) or seg (LV "
+                                                  "segmentation, --data: Dice + CE on the traced ED and ES frames).")]
+EfLoss = Annotated[str, typer.Option("--ef-loss", help="EF loss: mse+corr (MSE plus 1 - batch correlation: does not "
+                                                       "collapse to the mean) or mse (the paper's).")]
+Init = Annotated[Path | None, typer.Option(
+    "--init", help="Checkpoint (or pre-training run folder) whose encoder weights start the encoder.")]
 
 
-def _command(stage: str, flags: tuple[Flag, ...], doc: str) -> Callable[..., None]:
-    """A Typer command for `stage` whose options are `flags` (plus --nproc, --model-set)."""
-
-    def command(ctx: typer.Context, **options: Any) -> None:
-        _run(stage, ctx, options)
-
-    command = cli_errors(command)
-    extra = {"nproc": (Nproc, 1), "model_set": (ModelSet, None)}
-    command.__signature__ = inspect.Signature([
-        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
-        *(_parameter(flag, stage) for flag in flags),
-        *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-          for name, (annotation, default) in extra.items()),
-    ])
-    command.__annotations__ = {"ctx": typer.Context}  # Typer reads the others from the signature
-    command.__doc__ = doc
-    return command
-
-
-pretrain = app.command("pretrain")(_command("pretrain", SHARED + PRETRAIN, """Masked-video-modelling pre-training
+@app.command("pretrain")
+@cli_errors
+def pretrain(
+    ctx: typer.Context,
+    data: Data = PRETRAIN["data"], csv: Csv = PRETRAIN["csv"], preset: Preset = PRETRAIN["preset"],
+    out: Out = PRETRAIN["out"], epochs: Epochs = PRETRAIN["epochs"], max_steps: MaxSteps = PRETRAIN["max_steps"],
+    batch: Batch = PRETRAIN["batch"], accum: Accum = PRETRAIN["accum"], lr: Lr = PRETRAIN["lr"],
+    warmup_epochs: WarmupEpochs = PRETRAIN["warmup_epochs"], period: Period = PRETRAIN["period"],
+    frames: Frames = PRETRAIN["frames"], keep_ratio: KeepRatio = PRETRAIN["keep_ratio"],
+    max_videos: MaxVideos = PRETRAIN["max_videos"], pad: Pad = PRETRAIN["pad"],
+    ema_start: EmaStart = PRETRAIN["ema_start"], ema_beta: EmaBeta = PRETRAIN["ema_beta"],
+    ema_every: EmaEvery = PRETRAIN["ema_every"], resume: Resume = PRETRAIN["resume"],
+    ckpt_every: CkptEvery = PRETRAIN["ckpt_every"], eval_every: EvalEvery = PRETRAIN["eval_every"],
+    log_every: LogEvery = PRETRAIN["log_every"], workers: Workers = PRETRAIN["workers"],
+    cache_videos: CacheVideos = PRETRAIN["cache_videos"], strict: Strict = PRETRAIN["strict"],
+    device: Device = PRETRAIN["device"], seed: Seed = PRETRAIN["seed"],
+    mask_ratio: MaskRatio = PRETRAIN["mask_ratio"], mask_strategy: MaskStrategy = PRETRAIN["mask_strategy"],
+    time_chain: TimeChain = PRETRAIN["time_chain"], chain: Chain = PRETRAIN["chain"],
+    shared_mask: SharedMask = PRETRAIN["shared_mask"], norm_pix_loss: NormPixLoss = PRETRAIN["norm_pix_loss"],
+    nproc: Nproc = 1, model_set: ModelSet = None,
+) -> None:
+    """Masked-video-modelling pre-training
     (STC masking, token-skipping encoder). Writes pretrain.safetensors (EMA weights, best validation loss) for
-    `evim3 train finetune --init`."""))
-finetune = app.command("finetune")(_command("finetune", SHARED + FINETUNE, """Fine-tune for EF regression (--ef-loss;
+    `evim3 train finetune --init`."""
+    _run("pretrain", ctx, locals())
+
+
+@app.command("finetune")
+@cli_errors
+def finetune(
+    ctx: typer.Context,
+    data: Data = FINETUNE["data"], csv: Csv = FINETUNE["csv"], preset: Preset = FINETUNE["preset"],
+    out: Out = FINETUNE["out"], epochs: Epochs = FINETUNE["epochs"], max_steps: MaxSteps = FINETUNE["max_steps"],
+    batch: Batch = FINETUNE["batch"], accum: Accum = FINETUNE["accum"], lr: Lr = FINETUNE["lr"],
+    warmup_epochs: WarmupEpochs = FINETUNE["warmup_epochs"], period: Period = FINETUNE["period"],
+    frames: Frames = FINETUNE["frames"], keep_ratio: KeepRatio = FINETUNE["keep_ratio"],
+    max_videos: MaxVideos = FINETUNE["max_videos"], pad: Pad = FINETUNE["pad"],
+    ema_start: EmaStart = FINETUNE["ema_start"], ema_beta: EmaBeta = FINETUNE["ema_beta"],
+    ema_every: EmaEvery = FINETUNE["ema_every"], resume: Resume = FINETUNE["resume"],
+    ckpt_every: CkptEvery = FINETUNE["ckpt_every"], eval_every: EvalEvery = FINETUNE["eval_every"],
+    log_every: LogEvery = FINETUNE["log_every"], workers: Workers = FINETUNE["workers"],
+    cache_videos: CacheVideos = FINETUNE["cache_videos"], strict: Strict = FINETUNE["strict"],
+    device: Device = FINETUNE["device"], seed: Seed = FINETUNE["seed"],
+    task: TaskName = FINETUNE["task"], ef_loss: EfLoss = FINETUNE["ef_loss"], init: Init = FINETUNE["init"],
+    nproc: Nproc = 1, model_set: ModelSet = None,
+) -> None:
+    """Fine-tune for EF regression (--ef-loss;
     MAE/RMSE/R² and the prediction spread on validation), video classification (AUC) or LV segmentation
     (--task seg: ED, ES and overall Dice). Writes best.safetensors (EMA weights of the best
-    validation epoch) and last.safetensors."""))
+    validation epoch) and last.safetensors."""
+    _run("finetune", ctx, locals())
 
 
-def _run(stage: str, ctx: typer.Context, options: dict[str, Any]) -> None:
+def _run(stage: str, ctx: typer.Context, parameters: dict[str, Any]) -> None:
+    """Train `stage` with a command's parameters (its locals() on entry: ctx and one entry per option)."""
     import os
 
+    options = {name: value for name, value in parameters.items() if name != "ctx"}
     nproc = options.pop("nproc")
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _relaunch(ctx, nproc)
