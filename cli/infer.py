@@ -105,8 +105,8 @@ def infer(
         devices = [m.device for m in loaded]
     pipelines = [pipeline for _, pipeline in runs]
     class_names = pipelines[0].class_names
-    has_clip_model, has_seg_model = clip_model is not None, seg_model is not None
-    Console().print(results_table(results, class_names, has_clip_model, has_seg_model))
+    clip_task, has_seg_model = clip_model.task if clip_model else None, seg_model is not None
+    Console().print(results_table(results, class_names, clip_task, has_seg_model))
     for table in beats_tables(results):
         Console().print(table)
     lines = source_notes(results)
@@ -118,7 +118,7 @@ def infer(
     if json_path:
         write_json(json_path, run_document(results, pipelines[0].timings, info, class_names))
     if csv_path:
-        write_csv(csv_path, results, class_names, has_clip_model, has_seg_model)
+        write_csv(csv_path, results, class_names, clip_task, has_seg_model)
     if plot:
         shown = write_plot(plot, results, class_names)
         if shown < sum(bool(r.clips) for r in results):
@@ -187,7 +187,7 @@ def _run_sources(runs: list[tuple[Model, InferencePipeline]], items: list[tuple[
 
 
 def _run_source(model: Model, pipeline: InferencePipeline, source: str, realtime: bool) -> SourceResult:
-    show = functools.partial(_print_clip, source, pipeline.class_names)
+    show = functools.partial(_print_clip, source, pipeline.task, pipeline.class_names)
     return model.analyse(source, pipeline=pipeline, realtime=realtime, on_clip=show).raw
 
 
@@ -201,5 +201,5 @@ def _merge(results: list[SourceResult]) -> SourceResult:
     return merged
 
 
-def _print_clip(source: str, class_names: list[str], clip: ClipResult) -> None:
-    typer.echo(clip_line(source, clip, class_names))  # stdout, as each clip of a stream is ready
+def _print_clip(source: str, task: str, class_names: list[str], clip: ClipResult) -> None:
+    typer.echo(clip_line(source, clip, task, class_names))  # stdout, as each clip of a stream is ready

@@ -16,14 +16,11 @@ import numpy as np
 from evim3.runtime.atomic import atomic_path, write_atomic
 from evim3.runtime.infer import STRIP_FRAMES, ClipResult, SourceResult
 from evim3.runtime.seg import LVReport
+from evim3.runtime.tasks import fmt, task_spec
 from evim3.runtime.timing import Timings
 from rich.table import Table
 
 PLOT_MAX_SOURCES = 12  # a figure with more rows is unreadable
-
-
-def _fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 def _short(source: str, width: int = 30) -> str:
@@ -31,22 +28,19 @@ def _short(source: str, width: int = 30) -> str:
     return source if len(source) <= width else "…" + source[-(width - 1):]
 
 
-def results_table(results: list[SourceResult], class_names: list[str], clip_model: bool = True,
+def results_table(results: list[SourceResult], class_names: list[str], clip_task: str | None,
                   seg_model: bool = False) -> Table:
-    """One row per source: EF (mean, min-max over clips) or class probabilities of the clip model, and the
-    beat-to-beat EF of a seg model (mean +- SD over beats), side by side; 'failed' for a source that could
-    not be used (its reason is printed on its own line by `evim3 infer`); the clip count marked 'short' for
-    a video shorter than the model's clip (the clip loops it)."""
+    """One row per source: the clip model's values, as its task shows them (EF: mean, min-max over clips;
+    classification: class probabilities), and the beat-to-beat EF of a seg model (mean +- SD over beats),
+    side by side; 'failed' for a source that could not be used (its reason is printed on its own line by
+    `evim3 infer`); the clip count marked 'short' for a video shorter than the model's clip (the clip loops
+    it). `clip_task`: the clip model's task (None: a seg model alone); `class_names`: its value names."""
     table = Table(title="evim3 infer", title_justify="left")
     table.add_column("source", no_wrap=True)
     table.add_column("seconds", justify="right", min_width=7)
     table.add_column("clips", justify="right", min_width=5)
-    if not clip_model:
-        value_names = []
-    elif class_names:
-        value_names = ["prediction", *(f"p({n})" for n in class_names)]
-    else:
-        value_names = ["EF %", "clip range"]
+    value_names = task_spec(clip_task).table_columns(class_names) if clip_task else []
+    clip_columns = len(value_names)
     value_names += ["EF % (beats)", "beats"] if seg_model else []
     for name in value_names:
         table.add_column(name, justify="left" if name == "prediction" else "right", min_width=len(name))
@@ -54,23 +48,21 @@ def results_table(results: list[SourceResult], class_names: list[str], clip_mode
         if not r.ok:
             values = ["[red]failed[/red]"] + [""] * (len(value_names) - 1)
         else:
-            values = (_clip_cells(r, class_names) if clip_model else []) + (_lv_cells(r) if seg_model else [])
+            values = (_clip_cells(r, class_names, clip_columns) if clip_task else []) + (
+                _lv_cells(r) if seg_model else [])
         clips = f"[yellow]{len(r.clips)} short[/yellow]" if r.real_share < 1 else str(len(r.clips))
-        table.add_row(_short(r.source), _fmt(r.duration_s) if r.ok else "-", clips, *values)
+        table.add_row(_short(r.source), fmt(r.duration_s) if r.ok else "-", clips, *values)
     if any(r.real_share < 1 for r in results):
         table.caption = ("short: the video is shorter than the model's clip, which repeats its frames "
                          "(share of real frames: real_frame_share in --json/--csv)")
     return table
 
 
-def _clip_cells(r: SourceResult, class_names: list[str]) -> list[str]:
+def _clip_cells(r: SourceResult, class_names: list[str], columns: int) -> list[str]:
     mean = r.mean_values()
     if mean is None:
-        return ["-"] * (1 + len(class_names) if class_names else 2)
-    if class_names:
-        return [class_names[int(np.argmax(mean))], *(_fmt(p, 3) for p in mean)]
-    efs = [c.values[0] for c in r.clips]
-    return [_fmt(mean[0]), f"{_fmt(min(efs))}-{_fmt(max(efs))}"]
+        return ["-"] * columns
+    return task_spec(r.task).table_cells(mean, [c.values for c in r.clips], class_names)
 
 
 def _lv_cells(r: SourceResult) -> list[str]:
@@ -97,7 +89,7 @@ def beats_tables(results: list[SourceResult]) -> list[Table]:
                 area = f"{b.ed_area_cm2:.2f} → {b.es_area_cm2:.2f} cm²"
             else:
                 area = f"{b.ed_area_px:.0f} → {b.es_area_px:.0f} px"
-            table.add_row(str(k), f"{b.ed_s:.2f} s #{b.ed_frame}", f"{b.es_s:.2f} s #{b.es_frame}", area, _fmt(b.ef))
+            table.add_row(str(k), f"{b.ed_s:.2f} s #{b.ed_frame}", f"{b.es_s:.2f} s #{b.es_frame}", area, fmt(b.ef))
         tables.append(table)
     return tables
 
@@ -131,23 +123,20 @@ def timing_lines(timings: Timings, device: str) -> list[str]:
     lines = [f"timing ({device}):"]
     for key, stage in timings.stages.items():
         pct = stage.to_dict()
-        lines.append(f"  {key:<24} p50 {_fmt(pct['p50_ms'])} ms  p95 {_fmt(pct['p95_ms'])} ms  "
+        lines.append(f"  {key:<24} p50 {fmt(pct['p50_ms'])} ms  p95 {fmt(pct['p95_ms'])} ms  "
                      f"total {stage.total_s:.2f} s ({len(stage.seconds)}x)")
     lines.append(f"  {timings.video_s:.1f} s of video in {timings.wall_s:.2f} s: real-time factor "
-                 f"{_fmt(timings.realtime_factor, 2)}x, decode+preprocess {_fmt(100 * timings.input_share)} % "
+                 f"{fmt(timings.realtime_factor, 2)}x, decode+preprocess {fmt(100 * timings.input_share)} % "
                  f"of wall time, {timings.clips} clips")
     if any(key.startswith("decode") for key in timings.stages):
         lines.append("  (decoding and preprocessing run on a reader thread, alongside inference)")
     return lines
 
 
-def clip_line(source: str, clip: ClipResult, class_names: list[str]) -> str:
-    """One live update: the clip's time span and its EF (or most likely class)."""
+def clip_line(source: str, clip: ClipResult, task: str, class_names: list[str]) -> str:
+    """One live update: the clip's time span and its result, as its task shows it (EF, the likeliest class)."""
     span = f"{clip.start_s:8.2f}-{clip.end_s:.2f} s"
-    if class_names:
-        best = int(np.argmax(clip.values))
-        return f"{source}  {span}  {class_names[best]} ({clip.values[best]:.3f})"
-    return f"{source}  {span}  EF {clip.values[0]:.1f} %"
+    return f"{source}  {span}  {task_spec(task).clip_text(clip.values, class_names)}"
 
 
 def run_document(results: list[SourceResult], timings: Timings, info: dict[str, Any],
@@ -179,38 +168,33 @@ LV_COLUMNS = ("lv_ef_mean", "lv_ef_sd", "lv_num_beats", "lv_no_beat_reason", "lv
               "frame_lv_area_px")
 
 
-def write_csv(path: str, results: list[SourceResult], class_names: list[str], clip_model: bool = True,
+def write_csv(path: str, results: list[SourceResult], class_names: list[str], clip_task: str | None,
               seg_model: bool = False) -> None:
-    """One row per source; per-clip start times and values as ';'-separated lists in their own columns, and
-    with a seg model its LV_COLUMNS (every beat, every frame's LV area)."""
-    value_columns = ["prediction", *(f"p_{n}" for n in class_names)] if class_names else ["ef"]
-    clip_columns = ["clip_prediction"] if class_names else ["clip_ef"]
-    header = ["source", "status", "error", "duration_s", "num_clips", "real_frame_share",
-              *(value_columns if clip_model else []), "clip_start_s", *(clip_columns if clip_model else []),
-              "clip_real_frame_share", *(LV_COLUMNS if seg_model else [])]
+    """One row per source; per-clip start times and values (the columns of the clip model's task, None: a
+    seg model alone) as ';'-separated lists in their own columns, and with a seg model its LV_COLUMNS (every
+    beat, every frame's LV area)."""
+    value_columns, clip_column = task_spec(clip_task).csv_columns(class_names) if clip_task else ([], None)
+    header = ["source", "status", "error", "duration_s", "num_clips", "real_frame_share", *value_columns,
+              "clip_start_s", *([clip_column] if clip_task else []), "clip_real_frame_share",
+              *(LV_COLUMNS if seg_model else [])]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
     for r in results:
-        values, per_clip = _clip_csv(r, class_names) if clip_model else ([], [])
+        values, per_clip = _clip_csv(r, class_names, len(value_columns)) if clip_task else ([], [])
         writer.writerow([r.source, "ok" if r.ok else "failed", r.error or "", f"{r.duration_s:.3f}", len(r.clips),
                          f"{r.real_share:.3f}", *values, ";".join(f"{c.start_s:.3f}" for c in r.clips), *per_clip,
                          ";".join(f"{c.real_share:.3f}" for c in r.clips), *(_lv_row(r) if seg_model else [])])
     write_atomic(path, buffer.getvalue())
 
 
-def _clip_csv(r: SourceResult, class_names: list[str]) -> tuple[list[str], list[str]]:
+def _clip_csv(r: SourceResult, class_names: list[str], columns: int) -> tuple[list[str], list[str]]:
     """The clip model's cells of one source: its per-video values, and its per-clip values as one list."""
     mean = r.mean_values()
     if mean is None:
-        values = [""] * (1 + len(class_names) if class_names else 1)
-    elif class_names:
-        values = [class_names[int(np.argmax(mean))], *(f"{p:.6f}" for p in mean)]
-    else:
-        values = [f"{mean[0]:.4f}"]
-    if class_names:
-        return values, [";".join(class_names[int(np.argmax(c.values))] for c in r.clips)]
-    return values, [";".join(f"{c.values[0]:.4f}" for c in r.clips)]
+        return [""] * columns, [""]
+    values, per_clip = task_spec(r.task).csv_cells(mean, [c.values for c in r.clips], class_names)
+    return values, [per_clip]
 
 
 def _lv_row(r: SourceResult) -> list[str]:
@@ -253,21 +237,8 @@ def write_plot(path: str, results: list[SourceResult], class_names: list[str]) -
         times = [(c.start_s + c.end_s) / 2 for c in r.clips]
         if not r.clips[0].values:
             _draw_lv_curve(curve, r.lv)
-        elif class_names:
-            for k, name in enumerate(class_names):
-                curve.plot(times, [c.values[k] for c in r.clips], marker="o", label=name)
-            curve.set_ylabel("probability")
-            curve.legend(loc="upper right", fontsize="small")
         else:
-            efs = [c.values[0] for c in r.clips]
-            curve.plot(times, efs, marker="o")
-            curve.axhline(r.mean_values()[0], linestyle="--", color="gray", label="video mean")
-            # At least +-3 points: clip-to-clip noise of a tenth of a point should look like noise.
-            middle, half = (max(efs) + min(efs)) / 2, max(3.0, 0.6 * (max(efs) - min(efs)))
-            curve.set_ylim(middle - half, middle + half)
-            curve.ticklabel_format(axis="y", useOffset=False)
-            curve.set_ylabel("EF %")
-            curve.legend(loc="upper right", fontsize="small")
+            task_spec(r.task).draw_clips(curve, times, [c.values for c in r.clips], r.mean_values(), class_names)
         if r.lv is not None and r.clips[0].values:
             _draw_lv_curve(curve.twinx(), r.lv, legend="lower right")
         curve.set_title(r.source, fontsize="small", loc="left")
@@ -308,8 +279,8 @@ def bench_table(result: dict[str, Any]) -> Table:
     for name in ("batch", "p50 ms", "p90 ms", "p99 ms", "clips/s", "real-time factor"):
         table.add_column(name, justify="right")
     lat = result["latency_ms"]
-    table.add_row(str(result["batch"]), _fmt(lat["p50"], 2), _fmt(lat["p90"], 2), _fmt(lat["p99"], 2),
-                  _fmt(result["clips_per_s"], 2), _fmt(result["realtime_factor"], 2))
+    table.add_row(str(result["batch"]), fmt(lat["p50"], 2), fmt(lat["p90"], 2), fmt(lat["p99"], 2),
+                  fmt(result["clips_per_s"], 2), fmt(result["realtime_factor"], 2))
     table.caption = (f"clip {'x'.join(map(str, result['clip']))} at {result['fps']:g} fps, period "
                      f"{result['period']}, stride {result['stride']} frames; {result['runs']} runs after "
                      f"{result['warmup']} warm-up")

@@ -25,6 +25,7 @@ from evim3.runtime.live import is_live_source
 from evim3.runtime.meta import ModelMeta
 from evim3.runtime.provenance import Provenance
 from evim3.runtime.seg import Beat
+from evim3.runtime.tasks import task_spec
 from evim3.runtime.timing import Stage, Timings, latency_percentiles
 from evim3.runtime.video import VideoReader, open_dicom_dataset, open_frames, open_video
 
@@ -72,7 +73,7 @@ class Result:
         if self.raw.lv is not None:
             return self.raw.lv.ef_mean
         mean = self.raw.mean_values()
-        return None if mean is None or self.class_names else mean[0]
+        return mean[0] if mean is not None and task_spec(self.raw.task).reports_ef else None
 
     @property
     def probabilities(self) -> dict[str, float] | None:

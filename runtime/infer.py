@@ -36,7 +36,7 @@ from evim3.runtime.preprocess import (
 )
 from evim3.runtime.provenance import Provenance
 from evim3.runtime.seg import FrameStitcher, LVReport, analyse_lv
-from evim3.runtime.tasks import task_spec
+from evim3.runtime.tasks import TaskSpec, task_spec
 from evim3.runtime.timing import Stopwatch, Timings
 from evim3.runtime.video import VideoReader, iter_video_files, open_video
 
@@ -58,13 +58,10 @@ class ClipResult:
     values: list[float]
     real_share: float = 1.0  # share of the clip's frames that are not repeats of a looped short video
 
-    def to_dict(self, class_names: list[str]) -> dict:
+    def to_dict(self, spec: TaskSpec, names: list[str]) -> dict:
+        """JSON-able, the values as task `spec` names them (`names`: its value names)."""
         d = {"start_s": self.start_s, "end_s": self.end_s, "real_frame_share": self.real_share}
-        if not self.values:
-            return d
-        if class_names:
-            return {**d, "probabilities": dict(zip(class_names, self.values))}
-        return {**d, "ef": self.values[0]}
+        return {**d, **spec.clip_entry(self.values, names)} if self.values else d
 
 
 @dataclass
@@ -105,12 +102,13 @@ class SourceResult:
     def to_dict(self, class_names: list[str]) -> dict:
         d: dict = {"source": self.source, "ok": self.ok, "error": self.error, "duration_s": self.duration_s,
                    "num_clips": len(self.clips), "real_frame_share": self.real_share}
-        d.update(task_spec(self.task).video_entry(self.mean_values(), class_names))
+        spec = task_spec(self.task)
+        d.update(spec.video_entry(self.mean_values(), class_names))
         if self.lv is not None:
             d["lv"] = self.lv.to_dict()
         if self.dropped_frames or self.interrupted:
             d.update(dropped_frames=self.dropped_frames, interrupted=self.interrupted)
-        d["clips"] = [c.to_dict(class_names) for c in self.clips]
+        d["clips"] = [c.to_dict(spec, class_names) for c in self.clips]
         return d
 
 

@@ -9,17 +9,18 @@ file's metadata, evim3.runtime.meta.ModelMeta):
     seg             LV segmentation: (N, 2, frames, size, size) background and LV logits of every pixel of
                     every frame; the pipeline stitches them into one mask per frame and finds the beats
 
-A spec owns: the output shape the backends check, how raw outputs become per-clip results, the per-video
-JSON entry, the description exported files carry, and how parity judges two backends
-(tolerances per precision, what "flat" means). The torch half of a task is registered under the same name:
-its head in evim3.models.evim3.HEADS, its training (datasets, loss, validation) in evim3.train.tasks.TRAIN_TASKS,
-its `evim3 eval` in evim3.train.evaluate.EVALUATORS. numpy only.
+A spec owns: the output shape the backends check, how raw outputs become per-clip results, the per-video and
+per-clip JSON entries, what `evim3 infer` shows of them (table and CSV columns, the live line, the --plot
+curve), the description exported files carry, and how parity judges two backends (tolerances per precision,
+what "flat" means). The torch half of a task (head, training, `evim3 eval`) is one
+module in evim3.tasks, registered under the same name. numpy only.
 
 A new task: subclass TaskSpec, then ``register_task(MyTask())``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -70,6 +71,11 @@ SEG_TOLERANCES = {
 }
 
 
+def fmt(value: float | None, digits: int = 1) -> str:
+    """A number for a table cell: "-" where there is none (None, NaN)."""
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
 @dataclass(frozen=True)
 class ParityDiff:
     """How two backends' outputs differ, in the task's terms: `value` is what the parity table's last column
@@ -95,6 +101,9 @@ class TaskSpec:
     # the same for every input: parity with it proves nothing about the exported graph.
     flat_spread: ClassVar[float] = 0.5
     spread_unit: ClassVar[str] = "logits"
+    # How `evim3 infer` labels the one value per clip of the presentation below: "EF" in "%".
+    value_label: ClassVar[str | None] = None  # None: the task's name
+    value_unit: ClassVar[str] = ""
 
     def output_width(self, num_classes: int = 0) -> int:
         """Values the network gives per clip (tasks with one output vector per clip)."""
@@ -125,6 +134,52 @@ class TaskSpec:
         """The per-video keys of `evim3 infer --json` from the mean of the clips' values (None: no clip)."""
         return {}
 
+    def clip_entry(self, values: list[float], names: list[str]) -> dict[str, Any]:
+        """The per-clip keys of `evim3 infer --json` from a clip's values (a task with values per clip)."""
+        return {self.name: values[0]}
+
+    # What `evim3 infer` shows of a task with values per clip (cli/report.py); `names` are value_names(meta).
+    # This base shows one value per clip (its mean over clips per video, and their range); tasks with named
+    # values override these.
+
+    def _label(self) -> str:
+        """The value's name with its unit: "EF %"."""
+        return f"{self.value_label or self.name} {self.value_unit}".rstrip()
+
+    def table_columns(self, names: list[str]) -> list[str]:
+        """The terminal table's columns of a video's values."""
+        return [self._label(), "clip range"]
+
+    def table_cells(self, mean: list[float], clips: list[list[float]], names: list[str]) -> list[str]:
+        """A video's cells under table_columns, from the mean of its clips' values and each clip's."""
+        first = [values[0] for values in clips]
+        return [fmt(mean[0]), f"{fmt(min(first))}-{fmt(max(first))}"]
+
+    def csv_columns(self, names: list[str]) -> tuple[list[str], str]:
+        """The --csv columns of a video's values, and of its clips' values (one ';' list)."""
+        return [self.name], f"clip_{self.name}"
+
+    def csv_cells(self, mean: list[float], clips: list[list[float]], names: list[str]) -> tuple[list[str], str]:
+        """A video's cells under csv_columns."""
+        return [f"{mean[0]:.4f}"], ";".join(f"{values[0]:.4f}" for values in clips)
+
+    def clip_text(self, values: list[float], names: list[str]) -> str:
+        """A clip's result on one line, as a live source gives it."""
+        return f"{self.value_label or self.name} {values[0]:.1f} {self.value_unit}".rstrip()
+
+    def draw_clips(self, ax: Any, times: list[float], clips: list[list[float]], mean: list[float],
+                   names: list[str]) -> None:
+        """The --plot curve of a video's clip values over time, on matplotlib axes `ax`."""
+        first = [values[0] for values in clips]
+        ax.plot(times, first, marker="o")
+        ax.axhline(mean[0], linestyle="--", color="gray", label="video mean")
+        # At least +-3 (EF points): clip-to-clip noise of a tenth of a point should look like noise.
+        middle, half = (max(first) + min(first)) / 2, max(3.0, 0.6 * (max(first) - min(first)))
+        ax.set_ylim(middle - half, middle + half)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.set_ylabel(self._label())
+        ax.legend(loc="upper right", fontsize="small")
+
     def output_description(self, meta: ModelMeta) -> str:
         """What the graph's output means, for the exported file's documentation."""
         raise NotImplementedError
@@ -149,6 +204,7 @@ class EFTask(TaskSpec):
     diff_name = "mean |dEF|"
     flat_spread = 1.0
     spread_unit = "EF points"
+    value_label, value_unit = "EF", "%"
 
     def video_entry(self, mean: list[float] | None, names: list[str]) -> dict[str, Any]:
         return {"ef": None if mean is None else mean[0]}
@@ -176,6 +232,33 @@ class ClassificationTask(TaskSpec):
     def video_entry(self, mean: list[float] | None, names: list[str]) -> dict[str, Any]:
         return {"probabilities": None if mean is None else dict(zip(names, mean)),
                 "prediction": None if mean is None else names[int(np.argmax(mean))]}
+
+    def clip_entry(self, values: list[float], names: list[str]) -> dict[str, Any]:
+        return {"probabilities": dict(zip(names, values))}
+
+    def table_columns(self, names: list[str]) -> list[str]:
+        return ["prediction", *(f"p({n})" for n in names)]
+
+    def table_cells(self, mean: list[float], clips: list[list[float]], names: list[str]) -> list[str]:
+        return [names[int(np.argmax(mean))], *(fmt(p, 3) for p in mean)]
+
+    def csv_columns(self, names: list[str]) -> tuple[list[str], str]:
+        return ["prediction", *(f"p_{n}" for n in names)], "clip_prediction"
+
+    def csv_cells(self, mean: list[float], clips: list[list[float]], names: list[str]) -> tuple[list[str], str]:
+        return ([names[int(np.argmax(mean))], *(f"{p:.6f}" for p in mean)],
+                ";".join(names[int(np.argmax(values))] for values in clips))
+
+    def clip_text(self, values: list[float], names: list[str]) -> str:
+        best = int(np.argmax(values))
+        return f"{names[best]} ({values[best]:.3f})"
+
+    def draw_clips(self, ax: Any, times: list[float], clips: list[list[float]], mean: list[float],
+                   names: list[str]) -> None:
+        for k, name in enumerate(names):
+            ax.plot(times, [values[k] for values in clips], marker="o", label=name)
+        ax.set_ylabel("probability")
+        ax.legend(loc="upper right", fontsize="small")
 
     def output_description(self, meta: ModelMeta) -> str:
         return f"{OUTPUT_NAME} (N, K) logits of {', '.join(meta.class_names)}"

@@ -1,5 +1,7 @@
-"""The seams hold: a task and a backend defined outside the project, in a temporary module, registered there,
-run end to end (export where it applies, then load(...).predict(...)) without any project file changing."""
+"""The seams hold: a task and a backend defined outside the project, in temporary modules, registered there,
+run end to end (export where it applies, then load(...).predict(...)) without any project file changing. A
+task is two modules: its edge half (a TaskSpec, torch-free) and its torch half (a Task: head, training,
+evaluation), each registered once."""
 
 from __future__ import annotations
 
@@ -64,6 +66,44 @@ def export_npmodel(meta, path):
 FORMAT = ModelFormat("npmodel", ".npmodel", "numpy", (), "toy_plugin:export_npmodel", "toy_plugin:open_npmodel")
 '''
 
+TORCH_PLUGIN = '''
+"""The throwaway task's torch half, all of it: its head (a linear readout of the first token, ops the
+opset-17 export writes as they are), its training and its `evim3 eval`, registered once."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evim3.tasks import Task, register
+
+
+class FirstTokenHead(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.proj = nn.Linear(dim, 1)
+
+    def forward(self, tokens):
+        return self.proj(tokens[:, 0])
+
+
+@register
+class BrightnessTask(Task):
+    name = "brightness"
+    monitor = "val_loss"
+    higher_is_better = False
+
+    @staticmethod
+    def head(cfg, num_classes, ef_mean, ef_std):
+        return FirstTokenHead(cfg.dim)
+
+    def loss(self, model, batch, device):
+        x = batch["x"].to(device)
+        return F.mse_loss(model(x)[:, 0], x.mean((1, 2, 3, 4)))
+
+    @staticmethod
+    def evaluate(job):
+        return {"files": []}
+'''
+
 SPEC = PreprocessSpec(size=32, fps=25.0, frames=8, period=1, mean=100.0, std=50.0)
 
 
@@ -78,6 +118,19 @@ def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setitem(tasks._REGISTRY, "brightness", toy_plugin.BrightnessTask())
     monkeypatch.setitem(formats.FORMATS, ".npmodel", toy_plugin.FORMAT)
     return toy_plugin
+
+
+@pytest.fixture
+def torch_plugin(plugin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The task's torch half, imported from a temporary folder; its registration lasts this test only."""
+    from evim3.tasks import base
+
+    monkeypatch.setattr(base, "TASKS", dict(base.TASKS))
+    (tmp_path / "toy_task.py").write_text(textwrap.dedent(TORCH_PLUGIN))
+    monkeypatch.delitem(sys.modules, "toy_task", raising=False)
+    import toy_task
+
+    return toy_task
 
 
 def frames(count: int = 40) -> list[np.ndarray]:
@@ -97,34 +150,34 @@ def test_a_new_task_and_backend_run_end_to_end(plugin, tmp_path: Path) -> None:
     # Frames 60 + 3 i, still (no motion: the whole picture), normalised: the first clip's mean is known.
     assert clips[0] == pytest.approx(plugin.GAIN * (np.mean([60 + 3 * i for i in range(8)]) - 100) / 50, abs=1e-4)
     assert result.source.model_frames == 40 and len(result.clips) == len(entry["clips"])
+    # `evim3 infer --csv` asks the task's spec for its columns (the base: one value, named after the task).
+    from evim3.cli.report import write_csv
+
+    write_csv(tmp_path / "r.csv", [result.raw], [], clip_task="brightness")
+    header = (tmp_path / "r.csv").read_text().splitlines()[0].split(",")
+    assert {"brightness", "clip_brightness"} <= set(header) and "ef" not in header
 
 
-def test_a_new_task_exports_through_the_model_with_a_registered_head(plugin, tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The torch half: a head registered under the task's name; `evim3 export`'s exporter writes the ONNX
-    file and ONNX Runtime runs it through the same API."""
+def test_a_new_task_is_one_torch_module_the_model_trainer_and_eval_find(torch_plugin, tmp_path: Path) -> None:
+    """The torch half: one registration gives the model its head, `evim3 train` its Task and `evim3 eval` its
+    evaluation; `evim3 export`'s exporter writes the ONNX file and ONNX Runtime runs it through the same API."""
     import torch
     from evim3.export.onnx import export_onnx
-    from torch import nn
 
     from evim3.config import get_preset
-    from evim3.models import evim3 as models
+    from evim3.models.evim3 import EViM3
+    from evim3.tasks import task_class
+    from evim3.train.recipe import TrainConfig
+    from evim3.train.tasks import make_task
 
-    class FirstTokenHead(nn.Module):
-        """A linear readout of the first token (ops the opset-17 export writes as they are)."""
-
-        def __init__(self, dim: int):
-            super().__init__()
-            self.proj = nn.Linear(dim, 1)
-
-        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-            return self.proj(tokens[:, 0])
-
-    monkeypatch.setitem(models.HEADS, "brightness", lambda cfg, num_classes, ef_mean, ef_std: FirstTokenHead(cfg.dim))
     cfg = get_preset("evim3-tiny").replace(frames=8, img_size=32, dim=16, depth=1, d_state=4, final_dim=32)
-    meta = ModelMeta("evim3-tiny", cfg.to_dict(), SPEC, task="brightness")
+    train_cfg = TrainConfig(stage="finetune", out=str(tmp_path / "run"), task="brightness")
+    assert isinstance(make_task(train_cfg), torch_plugin.BrightnessTask)
+    assert task_class("brightness").evaluate is torch_plugin.BrightnessTask.evaluate
     torch.manual_seed(0)
-    model = models.EViM3(cfg, task="brightness").eval()
+    model = EViM3(cfg, task="brightness").eval()
+    assert isinstance(model.head, torch_plugin.FirstTokenHead)
+    meta = ModelMeta("evim3-tiny", cfg.to_dict(), SPEC, task="brightness")
     onnx_path = tmp_path / "m.onnx"
     export_onnx(model, meta, onnx_path)
     clip = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 1, 8, 32, 32), dtype=np.float32))

@@ -425,7 +425,7 @@ def test_reports_write_every_source_and_null_for_missing_numbers(tmp_path) -> No
     timings = Timings()  # nothing ran: NaN percentiles and real-time factor
     doc = run_document([ok, bad], timings, {"model": "m.onnx"}, class_names=[])
     write_json(tmp_path / "r.json", doc)
-    write_csv(tmp_path / "r.csv", [ok, bad], class_names=[])
+    write_csv(tmp_path / "r.csv", [ok, bad], class_names=[], clip_task="ef")
     assert write_plot(os.fspath(tmp_path / "r.png"), [ok, bad], class_names=[]) == 1
     with open(tmp_path / "r.json") as f:
         loaded = json.load(f)  # strict JSON: would fail on NaN

@@ -11,6 +11,6 @@ A new task: a module with a `Task` subclass decorated with `@register`, imported
 """
 
 from evim3.tasks import classification, ef, seg  # noqa: F401  (importing a task module registers it)
-from evim3.tasks.base import TASKS, Task, register, task_class
+from evim3.tasks.base import Task, register, task_class
 
-__all__ = ["TASKS", "Task", "register", "task_class"]
+__all__ = ["Task", "register", "task_class"]
