@@ -1,7 +1,8 @@
 """What `evim3 infer` and `evim3 bench` show and write: a terminal table, the timing summary, JSON and CSV
 (one row per video, per-clip values and, for a seg model, every beat and every frame's LV area included;
 written atomically) and the --plot PNG (matplotlib, optional). Presentation is the CLI's: the runtime gives
-results (evim3.runtime.api), this turns them into tables and files.
+results (evim3.runtime.api), this turns them into tables and files; the columns, live line and curve of a
+clip model's values are its task's (TaskSpec in evim3.runtime.tasks).
 """
 
 from __future__ import annotations
