@@ -252,7 +252,8 @@ def classify(name: str, ancestors: list[str]) -> str:
 def _op_bytes(evt) -> float:
     """Tensor inputs read once plus one output the size of the largest (an estimate; see the docstring)."""
     sizes = []
-    for shape, dtype in zip(evt.input_shapes or [], evt.input_dtypes or []):
+    # getattr: older torch's FunctionEvent may lack the dtypes (the GPU machines ran torch 2.11)
+    for shape, dtype in zip(evt.input_shapes or [], getattr(evt, "input_dtypes", None) or []):
         if isinstance(shape, list) and shape and all(isinstance(s, int) for s in shape):
             numel = 1
             for s in shape:
@@ -272,7 +273,7 @@ def _conv_flops(evt) -> float:
     """2 x MACs of aten::convolution (forward) and aten::convolution_backward (input and weight gradients), from
     the recorded shapes and the concrete stride, padding, groups: the profiler counts FLOPs of conv2d only."""
     shapes = evt.input_shapes or []
-    concrete = list(evt.concrete_inputs or [])
+    concrete = list(getattr(evt, "concrete_inputs", None) or [])
 
     def arg(i, default):
         v = concrete[i] if i < len(concrete) else None

@@ -78,6 +78,8 @@ class Plan:
     # (label, scan ("": the baseline's), fused AdamW, compile backend) of issue 27's train rows
     options: tuple[tuple[str, str, bool, str], ...] = ()
     profiles: tuple[str, ...] = ()  # bench_gpu_profile presets
+    # (programs, warps) of the prepass variant's gradient kernel; not 4 warps: 255 registers, spills (triton_static)
+    launch_sweep: tuple[tuple[int, int], ...] = ((512, 8), (2048, 8), (8192, 8))
 
 
 def _paper_scan_size(preset: str, batch: int) -> tuple[str, int, int, int, int]:
@@ -89,14 +91,15 @@ def _paper_scan_size(preset: str, batch: int) -> tuple[str, int, int, int, int]:
 FULL = Plan("cuda", (2, 64, 16, 4099), (_paper_scan_size("evim3", 4), _paper_scan_size("evim3-p4", 2)),
             (("evim3", 4), ("evim3-p4", 2)), {}, (64, 128, 256), 5, ("triton", "mamba"), budget_s=290,
             options=(("triton-pre", "triton-pre", False, ""), ("triton-pre-s2", "triton-pre-s2", False, ""),
-                     ("fused AdamW", "", True, ""), ("triton-op, blocks compiled", "triton-op", False, "inductor")),
+                     ("fused AdamW", "", True, ""), ("triton-op, blocks compiled", "triton-op", False, "inductor"),
+                     ("triton-op, blocks compiled, CUDA graphs", "triton-op", False, "inductor/reduce-overhead")),
             profiles=("evim3", "evim3-p4", "p4-mae"))
 # CPU toy sizes: the interpreter runs each scan combine as a Python call, so model rows leave Triton out.
 DRY = Plan("cpu", (1, 2, 4, 37), (("toy", 1, 3, 4, 40), ("toy-long", 1, 2, 4, 70)),
            (("evim3", 1),), {"frames": 4, "img_size": 32, "dim": 16, "depth": 1}, (16, 32), 1, ("chunked", "cpu"),
            # the interpreter is too slow for the prepass variants at model size: the op (its CPU backend) is used
            options=(("fused AdamW", "", True, ""), ("triton-op, blocks compiled", "triton-op", False, "aot_eager")),
-           profiles=("evim3", "p4-mae"))
+           profiles=("evim3", "p4-mae"), launch_sweep=((4, 8), (64, 8)))
 PLAN = FULL
 
 
@@ -391,6 +394,37 @@ def triton_block_sweep(size: str) -> dict:
     return _mark(row, not spread <= BF16_TOL)
 
 
+@check("prepass variant's gradient-kernel launch sweep at {0} size (fwd+bwd ms by programs x warps)")
+def pre_launch_sweep(size: str) -> dict:
+    """The prepass variant (pipelined) with its gradient kernel launched as (aimed-for programs, warps): the
+    default (512, 8) runs 256 channels per program at `evim3` size; more groups give more programs in flight."""
+    _budget("the launch sweep")
+    from evim3.ops.selective_scan_triton_pre import selective_scan_triton_pre
+
+    why = scan_unavailable("triton", PLAN.device)
+    if why:
+        raise SkipCheck(why)
+    _, b, d, n, L = next(s for s in PLAN.scan_sizes if s[0] == size)
+    inputs = _model_scan_inputs(b, d, n, L)
+    leaves = {k: v.requires_grad_(True) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    grad_out = torch.randn(b, d, L, device=PLAN.device).to(torch.bfloat16)
+    times, grads = {}, {}
+    for programs, warps in PLAN.launch_sweep:
+        def step(programs: int = programs, warps: int = warps) -> None:
+            for leaf in leaves.values():
+                leaf.grad = None
+            selective_scan_triton_pre(**inputs, stages=2, grad_programs=programs, grad_warps=warps).backward(grad_out)
+
+        times[f"{programs}x{warps}"] = round(_timed(step, PLAN.repeats) * 1e3, 3)
+        grads[(programs, warps)] = (leaves["u"].grad.clone(), leaves["B"].grad.clone())
+    first = grads[PLAN.launch_sweep[0]]
+    spread = max(max(_rel(du, first[0]), _rel(dB, first[1])) for du, dB in grads.values())
+    best = min(times, key=times.get)
+    row = {"fwd_bwd_ms": times, "fastest": best, "max_rel_l2_du_dB_between_launches": spread,
+           "threshold": f"gradients agree across launches (rel L2 <= {BF16_TOL}); the fastest is the one to keep"}
+    return _mark(row, not spread <= BF16_TOL)
+
+
 @check("{0} bf16 train and inference, batch {1}, {2} scan")
 def train_with_scan(preset: str, batch: int, name: str) -> dict:
     if name == "mamba" and (PLAN.device != "cuda" or scan_unavailable("mamba", "cuda")):
@@ -529,9 +563,10 @@ def train_option(key: str, label: str, scan: str, fused: bool, compile_backend: 
         model = (EViM3MAE(cfg, mask_ratio=0.8) if stage == "pretrain" else EViM3(cfg)).to(PLAN.device)
         if compile_backend:
             torch._dynamo.reset()
+            backend, _, mode = compile_backend.partition("/")  # "inductor/reduce-overhead": CUDA graphs too
             for block in model.modules():
                 if isinstance(block, Mamba3DBlock):
-                    block.compile(backend=compile_backend)
+                    block.compile(backend=backend, **({"mode": mode} if mode else {}))
         opt = torch.optim.AdamW(model.parameters(), lr=5e-4 if stage == "finetune" else 1e-4,
                                 **({"fused": True} if fused else {}))
         clip = torch.randn(batch, 1, cfg.frames, cfg.img_size, cfg.img_size, device=PLAN.device)
@@ -773,6 +808,7 @@ def main() -> int:
             scan_timing(size, name)
         scan_variant_decision(size)
     triton_block_sweep(sizes[0])
+    pre_launch_sweep(sizes[0])
     for preset, batch in PLAN.train:
         for name in (*SCANS, "cpu") if args.dry_run else SCANS:
             train_with_scan(preset, batch, name)

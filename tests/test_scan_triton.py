@@ -273,3 +273,13 @@ def test_registry_runs_the_variants_by_name(name: str) -> None:
     assert torch.equal(y, _pre(2 if name.endswith("s2") else 1)(**args))
     assert rel_l2(y, selective_scan_ref(**{k: v.double() if isinstance(v, torch.Tensor) else v
                                            for k, v in args.items()})) <= F32_REL_TOL
+
+
+@pytest.mark.parametrize("programs,warps", [(1, 8), (10**6, 4)])
+def test_prepass_variant_gradient_launches(programs: int, warps: int) -> None:
+    """The launch options scripts/gpu_check.py sweeps: one channel group (programs 1) or one group per channel
+    (programs 10**6), and 4 warps: the same gradients within the tolerances."""
+    def scan(**kw):
+        return triton_pre.selective_scan_triton_pre(**kw, stages=2, grad_programs=programs, grad_warps=warps)
+    assert_matches_reference(flagged_args(2 * BLOCK + 3, True, True, True, True, seed=11, batch=2, d=3, n=4),
+                             scan=scan)

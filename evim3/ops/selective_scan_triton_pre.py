@@ -255,7 +255,7 @@ class TritonPreScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                 z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool, block_l: int,
-                grad_groups: int, stages: int):
+                grad_groups: int, stages: int, grad_programs: int, grad_warps: int):
         batch, d, L = u.shape
         n = A.shape[1]
         num_chunks = triton.cdiv(L, block_l)
@@ -275,20 +275,25 @@ class TritonPreScanFn(torch.autograd.Function):
             # delta, not dt, is saved: the backward's prepass recomputes dt (no float32 (b, d, L) kept alive)
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
             ctx.delta_softplus, ctx.block_l, ctx.grad_groups, ctx.stages = delta_softplus, block_l, grad_groups, stages
+            ctx.grad_programs, ctx.grad_warps = grad_programs, grad_warps
         return out, last
 
     @staticmethod
     def backward(ctx, grad_out: Tensor | None, grad_last: Tensor | None):
         u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
         grads = pre_backward(u, delta, A, B, C, D, z, delta_bias, ckpt, grad_out, grad_last, ctx.delta_softplus,
-                             ctx.block_l, ctx.grad_groups, ctx.stages)
-        return (*grads, None, None, None, None)
+                             ctx.block_l, ctx.grad_groups, ctx.stages, ctx.grad_programs, ctx.grad_warps)
+        return (*grads, None, None, None, None, None, None)
 
 
 def pre_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
                  delta_bias: Tensor | None, ckpt: Tensor, grad_out: Tensor | None, grad_last: Tensor | None,
-                 delta_softplus: bool, block_l: int, grad_groups: int, stages: int) -> tuple:
-    """(du, ddelta, dA, dB, dC, dD, dz, d delta_bias) from the forward's saved tensors (None where absent)."""
+                 delta_softplus: bool, block_l: int, grad_groups: int, stages: int,
+                 grad_programs: int = GRAD_PROGRAMS, grad_warps: int = GRAD_NUM_WARPS) -> tuple:
+    """(du, ddelta, dA, dB, dC, dD, dz, d delta_bias) from the forward's saved tensors (None where absent).
+
+    grad_programs: how many (chunk, channel group, batch) programs the gradient kernel aims for (more: more
+    parallelism, more partial dB, dC sums); grad_warps: its warps per program (fewer: more registers a thread)."""
     batch, d, L = u.shape
     n = A.shape[1]
     num_chunks = ckpt.shape[2]
@@ -297,7 +302,7 @@ def pre_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
     gout = torch.zeros_like(u) if grad_out is None else grad_out.contiguous()
     glast = None if grad_last is None else grad_last.float().contiguous()
     adj = torch.empty_like(ckpt)
-    groups = grad_groups or min(d, max(1, math.ceil(GRAD_PROGRAMS / (batch * num_chunks))))
+    groups = grad_groups or min(d, max(1, math.ceil(grad_programs / (batch * num_chunks))))
     per_group = math.ceil(d / groups)
     groups = math.ceil(d / per_group)
     f32 = {"device": u.device, "dtype": torch.float32}
@@ -321,7 +326,7 @@ def pre_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
             dD_parts if dD_parts is not None else dA_parts, dbias_parts if dbias_parts is not None else dA_parts,
             batch, d, L, n, num_chunks, per_group, HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, STAGES=stages, BLOCK_L=block_l, BLOCK_N=block_n,
-            num_warps=GRAD_NUM_WARPS,
+            num_warps=grad_warps,
         )
     dD = dD_parts.sum((0, 1)).to(D.dtype) if D is not None else None
     dbias = dbias_parts.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
@@ -343,10 +348,15 @@ def selective_scan_triton_pre(
     block_l: int = BLOCK_L,
     grad_groups: int = 0,
     stages: int = 1,
+    grad_programs: int = GRAD_PROGRAMS,
+    grad_warps: int = GRAD_NUM_WARPS,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The scan by the prepass variant (CUDA tensors; CPU tensors under TRITON_INTERPRET=1, for tests).
 
-    block_l, grad_groups as selective_scan_triton; stages: the loops' software-pipelining depth (1: none).
+    block_l, grad_groups as selective_scan_triton; stages: the loops' software-pipelining depth (1: none);
+    grad_programs, grad_warps: the gradient kernel's launch (see pre_backward; scripts/gpu_check.py sweeps them).
+    At `evim3` size the default 512 programs run 256 channels each in sequence, one 8-warp program per SM at ~170
+    registers a thread: few warps to hide latency, which the sweep measures against more, smaller groups.
     """
     if u.dim() != 3 or delta.shape != u.shape or A.dim() != 2 or A.shape[0] != u.shape[1]:
         raise ValueError(f"selective_scan_triton_pre: u, delta (b, d, L) and A (d, n) expected, got "
@@ -360,7 +370,7 @@ def selective_scan_triton_pre(
     # B, C time-contiguous (b, n, L): the copy is what makes their tile loads coalesced
     out, last_state = TritonPreScanFn.apply(
         rows(u), rows(delta), A.contiguous(), B.contiguous(), C.contiguous(), rows(D), rows(z), rows(delta_bias),
-        delta_softplus, block_l, grad_groups, stages,
+        delta_softplus, block_l, grad_groups, stages, grad_programs, grad_warps,
     )
     return (out, last_state.to(u.dtype)) if return_last_state else out
 
