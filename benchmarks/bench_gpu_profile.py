@@ -403,6 +403,8 @@ def profile_step(preset: str, *, device: str | None = None, scan: str | None = N
     from evim3.models.evim3 import Mamba3DBlock
     from evim3.models.pretrain import EViM3MAE
 
+    if compile_backend and scan is None:
+        scan = "triton-op"  # compiled, the dispatcher would trace the chunked scan: the custom op stays one call
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device == "cuda"
     tiny = (not cuda) if tiny is None else tiny
