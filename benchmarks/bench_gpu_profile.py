@@ -181,6 +181,7 @@ class StepProfile:
     peaks: tuple[float, float, float]
     peak_name: str
     options: dict
+    tiny: bool = False  # the CPU code-path check's toy model: no target applies
 
     @property
     def flops(self) -> float:
@@ -207,7 +208,7 @@ class StepProfile:
                            gbytes=round(self.family_bytes.get(family, 0) / 1e9, 3))
             row["step_mfu_pct"] = round(100 * self.mfu, 2)
             rows.append(row)
-        target = TARGETS.get(self.preset)
+        target = None if self.tiny else TARGETS.get(self.preset)
         rows.append({**common, "family": "step", "ms": round(self.step_ms, 3), "share_pct": 100.0,
                      "floor_ms": round(sum(self.floor_ms(f) for f in FAMILIES[:8]), 3),
                      "gflop": round(self.flops / 1e9, 2), "step_mfu_pct": round(100 * self.mfu, 2),
@@ -465,7 +466,7 @@ def profile_step(preset: str, *, device: str | None = None, scan: str | None = N
 
     options = {"scan": scan or scan_name(device), "fused_adamw": fused_adamw, "compile": compile_backend or "eager"}
     return StepProfile(preset, batch, 1e3 * sum(step_s) / len(step_s), window_ms, dict(family_ms), dict(family_flops),
-                       dict(family_bytes), peaks, peak_name, options)
+                       dict(family_bytes), peaks, peak_name, options, tiny)
 
 
 def run() -> dict:
