@@ -80,10 +80,10 @@ _OP_FAMILIES = (
     ("norm/elementwise", re.compile(r"^aten::")),
 )
 _KERNEL_FAMILIES = (
-    ("conv", re.compile(r"conv|implicit_gemm|depthwise|winograd", re.I)),
-    ("GEMM", re.compile(r"gemm|nvjet|cutlass|xmma|sm90_|matmul", re.I)),
-    ("gather", re.compile(r"index|gather|scatter", re.I)),
-    ("norm/elementwise", re.compile(r"elementwise|reduce|norm|softmax|triton_", re.I)),
+    ("conv", re.compile(r"conv|implicit_gemm|depthwise|winograd", re.IGNORECASE)),
+    ("GEMM", re.compile(r"gemm|nvjet|cutlass|xmma|sm90_|matmul", re.IGNORECASE)),
+    ("gather", re.compile(r"index|gather|scatter", re.IGNORECASE)),
+    ("norm/elementwise", re.compile(r"elementwise|reduce|norm|softmax|triton_", re.IGNORECASE)),
 )
 _VIEWS = {"aten::view", "aten::transpose", "aten::t", "aten::as_strided", "aten::reshape", "aten::expand",
           "aten::permute", "aten::select", "aten::slice", "aten::unsqueeze", "aten::squeeze", "aten::detach",

@@ -217,7 +217,10 @@ def _scan_function(name: str) -> Callable:
             from evim3.ops.selective_scan_op import selective_scan_op
 
             return lambda *a, **kw: selective_scan_op(*a, backend="triton", **kw)
-        from evim3.ops.selective_scan_triton_pre import selective_scan_triton_pre, selective_scan_triton_pre_s2
+        from evim3.ops.selective_scan_triton_pre import (
+            selective_scan_triton_pre,
+            selective_scan_triton_pre_s2,
+        )
 
         return selective_scan_triton_pre_s2 if name == "triton-pre-s2" else selective_scan_triton_pre
     if name == "chunked":

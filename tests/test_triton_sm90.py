@@ -12,7 +12,7 @@ from ci import require
 
 pytest.importorskip("triton")
 
-from evim3.ops import triton_static  # noqa: E402
+from evim3.ops import triton_static
 
 require(triton_static.target_unavailable())
 

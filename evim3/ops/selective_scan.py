@@ -80,7 +80,10 @@ def _triton_unavailable(device_type: str) -> str | None:
 
 def _triton_pre_fn(stages: int):
     def load():
-        from evim3.ops.selective_scan_triton_pre import selective_scan_triton_pre, selective_scan_triton_pre_s2
+        from evim3.ops.selective_scan_triton_pre import (
+            selective_scan_triton_pre,
+            selective_scan_triton_pre_s2,
+        )
 
         return selective_scan_triton_pre_s2 if stages == 2 else selective_scan_triton_pre
     return load

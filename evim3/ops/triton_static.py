@@ -141,7 +141,7 @@ def report_in_subprocess(capability: int = 90, timeout_s: float = 300) -> list[S
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (silences its warning)
     done = subprocess.run([sys.executable, "-m", "evim3.ops.triton_static", "--json", str(capability)], env=env,
-                          capture_output=True, text=True, timeout=timeout_s)
+                          capture_output=True, text=True, timeout=timeout_s, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"compiling the Triton kernels for sm_{capability} failed: {done.stderr[-2000:]}")
     return [StaticReport(**row) for row in json.loads(done.stdout)]
