@@ -323,13 +323,18 @@ def analyse(events, device_type: str) -> tuple[dict, dict, dict, float, int]:
 
     steps = [e for e in events if e.name == "evim3.step" and e.device_type == DeviceType.CPU]
     loaders = [e for e in events if e.name == "evim3.loader" and e.device_type == DeviceType.CPU]
-    window = sum(e.time_range.end - e.time_range.start for e in steps) / 1e3
     loader_ms = sum(e.time_range.end - e.time_range.start for e in loaders) / 1e3
     loader_ranges = [(e.time_range.start, e.time_range.end) for e in loaders]
     step_ranges = [(e.time_range.start, e.time_range.end) for e in steps]
 
     def inside(t0: float, t1: float, ranges) -> bool:
         return any(a <= t0 and t1 <= b + 1.0 for a, b in ranges)  # 1 us: the clocks' rounding
+
+    def around(t0: float, t1: float, ranges) -> int | None:
+        """The range holding the interval's midpoint: a device interval a few us off the host's clock still
+        lands in its step (or in the loader's wait), counted whole."""
+        mid = (t0 + t1) / 2
+        return next((i for i, (a, b) in enumerate(ranges) if a <= mid <= b), None)
 
     ms: dict[str, float] = defaultdict(float)
     flops: dict[str, float] = defaultdict(float)
@@ -355,12 +360,15 @@ def analyse(events, device_type: str) -> tuple[dict, dict, dict, float, int]:
         if _launches(e, device_type):
             nbytes[family] += _op_bytes(e)
 
+    ends = [b for _, b in step_ranges]  # a step's window ends with its last device interval, if that is later
     if device_type == "cuda":
         kernels = [e for e in events if e.device_type == DeviceType.CUDA
-                   and inside(e.time_range.start, e.time_range.end, step_ranges)]
+                   and around(e.time_range.start, e.time_range.end, step_ranges) is not None]
         for k in kernels:
             t0, t1 = k.time_range.start, k.time_range.end
-            if inside(t0, t1, loader_ranges):
+            i = around(t0, t1, step_ranges)
+            ends[i] = max(ends[i], t1)
+            if around(t0, t1, loader_ranges) is not None:
                 continue  # the batch's copy to the device: loader wait
             parent = by_id.get(getattr(k, "linked_correlation_id", 0))
             names = [c.name for c in _chain(parent)] if parent is not None else []
@@ -375,6 +383,7 @@ def analyse(events, device_type: str) -> tuple[dict, dict, dict, float, int]:
             ms[classify(e.name, [c.name for c in _chain(e)])] += self_us / 1e3
             if e.cpu_parent is None or e.cpu_parent.name == "evim3.step":
                 busy.append((e.time_range.start, e.time_range.end))
+    window = sum(end - a for (a, _), end in zip(step_ranges, ends)) / 1e3
     ms["loader wait"] = loader_ms
     ms["idle"] = max(0.0, window - loader_ms - _union_ms(busy))
     n = max(1, len(steps))

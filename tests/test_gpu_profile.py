@@ -67,3 +67,48 @@ def test_peaks_by_name_and_override(monkeypatch) -> None:
     name, (bf16, fp32, bandwidth) = gp.device_peaks(torch.device("cpu"))
     assert (bf16, fp32, bandwidth) == (989e12, 67e12, 4.8e12) and gp.PEAK_ENV in name
     assert dict(gp.PEAKS)["H200"][2] == 4.8e12 and dict(gp.PEAKS)["H100"] == (989e12, 67e12, 3.35e12)
+
+
+def test_cuda_trace_bucketing_on_a_synthetic_trace() -> None:
+    """analyse()'s CUDA branch (device intervals linked to their launching ops) on a hand-made trace: one step of
+    100 us with a 10 us loader wait (holding the batch's copy), kernels of five families, one launched under the
+    optimizer and one ending 2 us after the host's step range (clock skew): every kernel lands in its family once,
+    and the families, loader wait and idle add up to the step's window."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def ev(name, t0, t1, device=DeviceType.CPU, parent=None, eid=0, link=0, kernels=()):
+        e = SimpleNamespace(name=name, time_range=SimpleNamespace(start=t0, end=t1), device_type=device,
+                            cpu_parent=parent, cpu_children=[], id=eid, linked_correlation_id=link,
+                            kernels=list(kernels), flops=0, input_shapes=[], input_dtypes=[])
+        if parent is not None:
+            parent.cpu_children.append(e)
+        return e
+
+    step = ev("evim3.step", 0, 100, eid=1)
+    loader = ev("evim3.loader", 0, 10, parent=step, eid=2)
+    mm = ev("aten::mm", 12, 14, parent=step, eid=3, kernels=["gemm"])
+    norm = ev("aten::native_layer_norm", 14, 15, parent=step, eid=4, kernels=["ln"])
+    bwd = ev("autograd::engine::evaluate_function: TritonScanFnBackward", 20, 30, parent=step, eid=5)
+    gather = ev("aten::index_select", 30, 31, parent=step, eid=6, kernels=["idx"])
+    opt = ev("Optimizer.step#AdamW.step", 60, 90, parent=step, eid=7)
+    foreach = ev("aten::_foreach_add_", 61, 62, parent=opt, eid=8, kernels=["mta"])
+    cuda = DeviceType.CUDA
+    kernels = [
+        ev("Memcpy HtoD (Pinned -> Device)", 5, 8, cuda, link=2),  # inside the loader's wait
+        ev("sm90_xmma_gemm_bf16", 15, 25, cuda, link=3),
+        ev("vectorized_layer_norm_kernel", 25, 30, cuda, link=4),
+        ev("_scan_bwd_grad_kernel", 30, 50, cuda, link=5),
+        ev("reduce_kernel", 50, 52, cuda, link=5),  # torch's sum of the partial gradients, inside the node
+        ev("indexSelectLargeIndex", 52, 60, cuda, link=6),
+        ev("multi_tensor_apply_kernel", 90, 102, cuda, link=8),  # ends 2 us after the host's range
+    ]
+    events = [step, loader, mm, norm, bwd, gather, opt, foreach, *kernels]
+    ms, flops, nbytes, window, n = gp.analyse(events, "cuda")
+    assert n == 1 and window == pytest.approx(102 / 1e3)
+    expected = {"GEMM": 10, "norm/elementwise": 5, "scan bwd": 22, "gather": 8, "optimizer": 12, "loader wait": 10}
+    for family, us in expected.items():
+        assert ms[family] == pytest.approx(us / 1e3), family
+    assert ms["idle"] == pytest.approx((102 - 10 - (10 + 5 + 22 + 8 + 12)) / 1e3)
+    assert sum(ms.values()) == pytest.approx(window)

@@ -93,7 +93,7 @@ def compile_for(spec: KernelSpec, capability: int = 90) -> StaticReport:
             signature[arg] = "i32"
     compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", capability, 32),
                               options={"num_warps": spec.num_warps})
-    ptxas = get_ptxas(capability).path
+    ptxas = _ptxas_path(get_ptxas, capability)
     arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "kernel.ptx"
@@ -104,6 +104,16 @@ def compile_for(spec: KernelSpec, capability: int = 90) -> StaticReport:
                              capture_output=True, text=True, check=True).stderr
     label = f"{spec.name}[STAGES={dict(spec.constexprs).get('STAGES', '-')},warps={spec.num_warps}]"
     return _parse(label, spec.num_warps, log)
+
+
+def _ptxas_path(get_ptxas, capability: int) -> str:
+    """Triton's bundled ptxas across versions: get_ptxas(arch) -> tool with .path (3.4+), get_ptxas() -> the same
+    or a (path, version) pair (older)."""
+    try:
+        tool = get_ptxas(capability)
+    except TypeError:
+        tool = get_ptxas()
+    return tool.path if hasattr(tool, "path") else tool[0]
 
 
 def _parse(kernel: str, num_warps: int, log: str) -> StaticReport:
@@ -122,7 +132,7 @@ def target_unavailable() -> str | None:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.backends.nvidia.compiler import get_ptxas
 
-        get_ptxas(90).path  # noqa: B018 -- raises when no ptxas is bundled or found
+        _ptxas_path(get_ptxas, 90)  # raises when no ptxas is bundled or found
     except Exception as e:  # noqa: BLE001 -- any failure means "cannot", with the reason
         return f"Triton cannot target sm_90 here: {type(e).__name__}: {e}"
     return None
