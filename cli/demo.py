@@ -15,10 +15,20 @@ from pathlib import Path
 
 import typer
 from evim3.cli.common import EXIT_INCONCLUSIVE, cli_errors, fail
+from evim3.train.recipe import DEMO_RECIPE
 from rich.console import Console
 from rich.table import Table
 
 console = Console(stderr=True)
+
+
+def recipe_flags(recipe: dict) -> list[str]:
+    """`evim3 train` flags for TrainConfig fields: --field-name value, a True flag alone."""
+    flags: list[str] = []
+    for name, value in recipe.items():
+        flag = "--" + name.replace("_", "-")
+        flags += [flag] if value is True else [flag, str(value)]
+    return flags
 
 
 def _run(title: str, args: list[str], log: list[dict], accepted: tuple[int, ...] = (0,)) -> float:
@@ -56,13 +66,7 @@ def demo(
     t_start = time.perf_counter()
     data, runs, models = out / "data", out / "runs", out / "models"
     log: list[dict] = []
-    # The CPU recipe of benchmarks/bench_learning.py: 16-frame clips every 4th frame (1.3 s, a heartbeat), batch 8,
-    # no padding crop, videos decoded once and kept in memory, the EMA updated every step (it follows a run
-    # this short closely); lr 8e-3 at a batch of 32 is 2e-3 at 8 (BENCHMARKS.md "learning: tubelets": 2e-3 left
-    # the mean predictor earliest; 4e-3 stayed at it in one of two seeds).
-    common = ["--preset", "evim3-tiny", "--frames", "16", "--period", "4", "--batch", "8", "--accum", "1", "--pad", "0",
-              "--cache-videos", "--workers", "0", "--seed", str(seed), "--lr", "8e-3", "--ema-start", "0",
-              "--ema-every", "1", "--ema-beta", "0.9"]
+    common = [*recipe_flags(DEMO_RECIPE), "--seed", str(seed)]
 
     _run("1/7 synthesise an EchoNet-layout dataset", ["data", "synth", str(data), "--videos", str(videos),
                                                      "--seed", str(seed), "--workers", "2"], log)

@@ -44,6 +44,7 @@ _CSRC = Path(__file__).parent / "csrc" / "selective_scan_op.cpp"
 # The row kernels, shared with the core's torch extension (evim3/ops/selective_scan_cpu.py includes it from
 # here): the runtime owns them, so that the edge layer needs nothing from the layer above it.
 KERNEL_HEADER = Path(__file__).parent / "csrc" / "selective_scan_kernel.h"
+ARCH_ENV = "EVIM3_CPU_ARCH"
 _SYMBOL = "evim3_selective_scan_forward"
 
 
@@ -73,7 +74,7 @@ def _kernel() -> tuple[Any, str | None]:
     for source in (header, _CSRC):
         if not source.is_file():
             return None, f"the fused scan kernel's source is missing ({source})"
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+    flags = ["-O3", arch_flag(), "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
     tag = hashlib.sha1(b"\0".join([_CSRC.read_bytes(), header.read_bytes(), " ".join(flags).encode(),
                                    _cpu_flags().encode(), compiler.encode()])).hexdigest()[:12]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "evim3" / "kernels"
@@ -93,6 +94,12 @@ def _kernel() -> tuple[Any, str | None]:
     function.argtypes = [pointer] * 8 + [ctypes.c_int64] * 4 + [ctypes.c_int, pointer]
     function.restype = None
     return function, None
+
+
+def arch_flag() -> str:
+    """The -march the scan kernels are built for: this CPU's (native) unless EVIM3_CPU_ARCH names another
+    x86-64 level or CPU, e.g. x86-64-v3 to run the AVX2 code on an AVX-512 machine (benchmarks/bench_step.py)."""
+    return f"-march={os.environ.get(ARCH_ENV, 'native')}"
 
 
 def _cpu_flags() -> str:

@@ -139,3 +139,62 @@ def test_switched_off_by_environment(monkeypatch) -> None:
     finally:
         monkeypatch.delenv(scan_cpu.DISABLE_ENV)
         scan_cpu.cpu_kernel.cache_clear()
+
+
+def channel_last(x: torch.Tensor, extra: int = 0) -> torch.Tensor:
+    """The same values as (b, d, L) but a view of (b, L, d + extra) memory, as Mamba's halves of in_proj's output."""
+    b, d, L = x.shape
+    memory = torch.randn(b, L, d + extra, dtype=x.dtype)
+    view = memory.transpose(1, 2)[:, extra:]
+    view.copy_(x)
+    return view
+
+
+@pytest.mark.parametrize("d", [5, 16, 70, 130])
+def test_channel_last_views_and_channel_blocks_match_reference(d: int) -> None:
+    """Strided (channel-last) u, delta, z and token-major B, C views, and channel counts that leave a partial lane
+    group and more than one backward block of groups (kLanes 16, 4 groups a block): outputs and every gradient
+    equal autograd through the float64 reference (F64_ABS_TOL)."""
+    args = scan_args(batch=2, d=d, n=4, seqlen=CHUNK + 9, dtype=torch.float64, seed=d)
+    weight = torch.randn(2, d, CHUNK + 9, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+    grads = []
+    for scan, layout in ((selective_scan_cpu, channel_last), (selective_scan_ref, lambda x, extra=0: x)):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in args.items() if isinstance(v, torch.Tensor)}
+        inputs = {**args, **leaves}
+        for name, extra in (("u", 3), ("delta", 0), ("z", d)):
+            inputs[name] = layout(leaves[name], extra) if scan is selective_scan_cpu else leaves[name]
+        for name in ("B", "C"):  # (b, n, L) views of (b, L, n + 2) memory, as x_proj's output split
+            if scan is selective_scan_cpu:
+                inputs[name] = channel_last(leaves[name], 2)
+        y = scan(**inputs)
+        if scan is selective_scan_cpu:
+            assert y.stride(1) == 1  # the output follows u's channel-last layout
+        (y * weight).sum().backward()
+        grads.append({k: v.grad for k, v in leaves.items()} | {"y": y.detach()})
+    got, ref = grads
+    for name in (*NAMES, "y"):
+        tol = F64_ABS_TOL * max(1.0, ref[name].abs().max().item())
+        assert (got[name] - ref[name]).abs().max().item() <= tol, name
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_causal_conv1d_matches_reference(dtype: torch.dtype, tol: float, activation: str | None) -> None:
+    """The fused channel-last conv1d (+ SiLU) against torch's grouped conv1d: output and the gradients of x, the
+    weight and the bias, relative to each one's largest value (float32: the polynomial sigmoid, ~2e-7)."""
+    from evim3.ops.causal_conv1d import CpuConvFn, causal_conv1d, causal_conv1d_ref
+
+    g = torch.Generator().manual_seed(0)
+    for seqlen in (1, 3, 50):
+        memory = torch.randn(3, seqlen, 2 * 20, generator=g, dtype=dtype, requires_grad=True)
+        x = memory.transpose(1, 2)[:, :20]  # x half of an in_proj output
+        weight = torch.randn(20, 4, generator=g, dtype=dtype, requires_grad=True)
+        bias = torch.randn(20, generator=g, dtype=dtype, requires_grad=True)
+        grad = torch.randn(3, 20, seqlen, generator=g, dtype=dtype)
+        results = []
+        for conv in (causal_conv1d, causal_conv1d_ref):
+            y = conv(x, weight, bias, activation)
+            results.append((y, *torch.autograd.grad(y, (memory, weight, bias), grad)))
+        assert results[0][0].grad_fn.name().startswith(CpuConvFn.__name__)  # the kernel ran, not the reference
+        for got, ref in zip(*results):
+            assert ((got - ref).abs().max() / ref.abs().max()).item() <= tol

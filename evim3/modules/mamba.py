@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from evim3.ops import forced_scan, selective_scan
+from evim3.ops.causal_conv1d import causal_conv1d
 
 
 def _fused_inner():
@@ -95,7 +96,6 @@ class Mamba(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         """(batch, L, d_model) -> (batch, L, d_model)."""
-        seqlen = hidden_states.shape[1]
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, L)
         A = -torch.exp(self.A_log.float())
 
@@ -110,8 +110,10 @@ class Mamba(nn.Module):
             )
             return out
 
+        # x, z and everything below are (batch, d, L) views of (batch, L, d) memory: the CPU kernels read them
+        # channel-last, and the projections then take them with no transpose copied.
         x, z = xz.chunk(2, dim=1)
-        x = F.silu(self.conv1d(x)[..., :seqlen])  # causal depthwise conv
+        x = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, L, dt_rank + 2 * d_state)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias is added inside the scan

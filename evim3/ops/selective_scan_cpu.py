@@ -20,17 +20,18 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from evim3.runtime.fused_scan import KERNEL_HEADER
+from evim3.runtime.fused_scan import KERNEL_HEADER, arch_flag
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCE = CSRC / "selective_scan_cpu.cpp"  # the torch binding; the row kernels: the runtime's KERNEL_HEADER
+SOURCE = CSRC / "selective_scan_cpu.cpp"  # the torch binding; the scan kernels: the runtime's KERNEL_HEADER
+CONV_HEADER = CSRC / "causal_conv1d_cpu.h"  # Mamba's causal conv1d, built into the same extension
 CHUNK = 64  # tokens between saved states: the backward recomputes at most this many per row
 DISABLE_ENV = "EVIM3_CPU_SCAN"
 
 
 def _build_tag() -> str:
-    """A short hash of this CPU's architecture and instruction-set flags, and of the source's path. The kernel
-    is built with -march=native (3x faster than the baseline ISA here: the exp and state updates vectorise to
+    """A short hash of this CPU's architecture and instruction-set flags, the -march, and the source's path. The
+    kernel is built with -march=native (3x faster than the baseline ISA here: the exp and state updates vectorise to
     AVX2/FMA), so a build cache shared between different machines must not hand one machine's build to another.
     The path: torch keys the build directory by the extension's name, and its build file names the source by
     absolute path, so two checkouts sharing one cache under one name would rebuild over each other at every
@@ -42,8 +43,8 @@ def _build_tag() -> str:
     except OSError:
         pass
     # The header's content too: torch's rebuild check hashes the listed sources only.
-    header = KERNEL_HEADER.read_bytes()
-    return hashlib.sha1(f"{platform.machine()} {flags} {SOURCE.resolve()}".encode() + header).hexdigest()[:10]
+    header = KERNEL_HEADER.read_bytes() + CONV_HEADER.read_bytes()
+    return hashlib.sha1(f"{platform.machine()} {flags} {arch_flag()} {SOURCE.resolve()}".encode() + header).hexdigest()[:10]
 
 
 @functools.cache
@@ -58,7 +59,7 @@ def cpu_kernel() -> ModuleType | None:
             name=f"evim3_selective_scan_cpu_{_build_tag()}",
             sources=[str(SOURCE)],
             extra_include_paths=[str(KERNEL_HEADER.parent)],
-            extra_cflags=["-O3", "-fopenmp", "-march=native"],
+            extra_cflags=["-O3", "-fopenmp", arch_flag()],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -74,8 +75,8 @@ def cpu_kernel() -> ModuleType | None:
 
 
 class CpuScanFn(torch.autograd.Function):
-    """out, h_L = (scan(u, softplus(delta + delta_bias), A, B, C) + D u) * silu(z) for contiguous inputs of
-    one dtype; B, C token-major (b, L, n); D, z, delta_bias may be None."""
+    """out, h_L = (scan(u, softplus(delta + delta_bias), A, B, C) + D u) * silu(z) for inputs of one dtype:
+    u, delta, z (b, d, L) of any strides, B, C token-major (b, L, n); D, z, delta_bias may be None."""
 
     @staticmethod
     def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
@@ -91,7 +92,7 @@ class CpuScanFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor | None, grad_last: Tensor | None):
         u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
-        grad_out = torch.zeros_like(u) if grad_out is None else grad_out.contiguous()
+        grad_out = torch.zeros_like(u) if grad_out is None else grad_out
         du, ddelta, dA, dB, dC, dD, dbias, dz = cpu_kernel().backward(
             u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, checkpoints, grad_out, grad_last, CHUNK)
         return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
@@ -118,8 +119,15 @@ def selective_scan_cpu(
     def prepared(x: Tensor | None) -> Tensor | None:
         return None if x is None else x.to(dtype).contiguous()
 
-    B_t, C_t = (x.to(dtype).transpose(1, 2).contiguous() for x in (B, C))  # (b, L, n): a token's n together
-    out, last_state = CpuScanFn.apply(prepared(u), prepared(delta), prepared(A), B_t, C_t, prepared(D), prepared(z),
-                                      prepared(delta_bias), delta_softplus)
+    def token_major(x: Tensor) -> Tensor:  # (b, n, L) -> (b, L, n) with a token's n-vector contiguous
+        x = x.to(dtype).transpose(1, 2)
+        return x if x.stride(2) == 1 else x.contiguous()
+
+    # u, delta and z keep their strides (the kernel reads any; evim3's Mamba passes channel-last views).
+    B_t, C_t = token_major(B), token_major(C)
+    if B_t.stride() != C_t.stride():
+        B_t, C_t = B_t.contiguous(), C_t.contiguous()
+    out, last_state = CpuScanFn.apply(u.to(dtype), delta.to(dtype), prepared(A), B_t, C_t, prepared(D),
+                                      None if z is None else z.to(dtype), prepared(delta_bias), delta_softplus)
     out = out.to(u.dtype)
     return (out, last_state.to(u.dtype)) if return_last_state else out

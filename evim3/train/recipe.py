@@ -155,6 +155,16 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# The demo's CPU recipe (`evim3 demo` passes it as flags to both stages; benchmarks/bench_step.py times its steps):
+# 16-frame clips every 4th frame (1.3 s, a heartbeat), batch 8, no padding crop, videos decoded once and kept in
+# memory, the EMA updated every step (it follows a run this short closely); lr 8e-3 at a batch of 32 is 2e-3 at 8
+# (BENCHMARKS.md "learning: tubelets": 2e-3 left the mean predictor earliest; 4e-3 stayed at it in one of two seeds).
+DEMO_RECIPE: dict[str, Any] = {
+    "preset": "evim3-tiny", "frames": 16, "period": 4, "batch": 8, "accum": 1, "pad": 0, "cache_videos": True,
+    "workers": 0, "lr": 8e-3, "ema_start": 0, "ema_every": 1, "ema_beta": 0.9,
+}
+
+
 # Fields a resumed run must share with the run it continues: they change what a step computes or the
 # schedule's length. The rest (workers, device, ckpt_every, ...) may differ.
 RESUME_INVARIANTS = (

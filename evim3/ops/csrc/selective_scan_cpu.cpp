@@ -1,11 +1,17 @@
-// Torch binding of the fused selective scan for CPU tensors: forward and backward, one (batch, channel) row
-// per task over torch's threads. The row kernels and their maths: runtime/csrc/selective_scan_kernel.h.
+// Torch binding of the fused selective scan (and of Mamba's causal conv1d, causal_conv1d_cpu.h) for CPU tensors:
+// forward and backward, groups of channels of one batch element as tasks over torch's threads.
+// The kernels and their maths: runtime/csrc/selective_scan_kernel.h.
+//
+// u, delta, z (b, d, L) may have any strides: mamba-ssm's layout (contiguous along L) or channel-last views of
+// (b, L, d) memory, which evim3's Mamba block passes so that no transpose is copied. Outputs and gradients take
+// u's (z's for dz) layout. B and C (b, L, n) need only a token's n-vector contiguous.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <vector>
 
+#include "causal_conv1d_cpu.h"
 #include "selective_scan_kernel.h"
 
 namespace {
@@ -16,13 +22,13 @@ void check_inputs(const torch::Tensor& u, const torch::Tensor& delta, const torc
                   const torch::Tensor& B, const torch::Tensor& C) {
   TORCH_CHECK(u.device().is_cpu(), "selective_scan_cpu: CPU tensors only");
   TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes(), "u, delta: (batch, d, L)");
-  TORCH_CHECK(A.dim() == 2 && A.size(0) == u.size(1), "A: (d, n)");
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == u.size(1) && A.is_contiguous(), "A: contiguous (d, n)");
   TORCH_CHECK(B.dim() == 3 && B.size(0) == u.size(0) && B.size(1) == u.size(2) && B.size(2) == A.size(1),
               "B: (batch, L, n)");
-  TORCH_CHECK(C.sizes() == B.sizes(), "C: (batch, L, n)");
+  TORCH_CHECK(C.sizes() == B.sizes() && C.strides() == B.strides(), "C: (batch, L, n), B's strides");
+  TORCH_CHECK(B.stride(2) == 1, "B, C: a token's n-vector contiguous");
   for (const auto* t : {&u, &delta, &A, &B, &C}) {
-    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == u.scalar_type(),
-                "selective_scan_cpu: contiguous tensors of one dtype");
+    TORCH_CHECK(t->scalar_type() == u.scalar_type(), "selective_scan_cpu: tensors of one dtype");
   }
 }
 
@@ -36,21 +42,43 @@ void check_extras(const torch::Tensor& u, const c10::optional<torch::Tensor>& D,
     }
   }
   if (z.has_value()) {
-    TORCH_CHECK(z->sizes() == u.sizes() && z->is_contiguous() && z->scalar_type() == u.scalar_type(),
-                "z: contiguous (batch, d, L) of u's dtype");
+    TORCH_CHECK(z->sizes() == u.sizes() && z->scalar_type() == u.scalar_type(), "z: (batch, d, L) of u's dtype");
   }
 }
 
+template <typename T, typename P>
+Rows<P> rows_of(const torch::Tensor& t) {
+  return Rows<P>{t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// An empty (batch, d, L) tensor laid out as `like`: channel-last when `like` is, else contiguous along L.
+torch::Tensor empty_as(const torch::Tensor& like) {
+  if (like.stride(1) == 1 && like.size(1) > 1) {
+    return torch::empty({like.size(0), like.size(2), like.size(1)}, like.options()).transpose(1, 2);
+  }
+  return torch::empty(like.sizes(), like.options());
+}
+
 template <typename T>
-RowExtras<T> row_extras(const c10::optional<torch::Tensor>& D, const c10::optional<torch::Tensor>& z,
-                        const c10::optional<torch::Tensor>& delta_bias, bool softplus, int64_t row, int64_t c,
-                        int64_t L) {
-  RowExtras<T> ex;
-  ex.D = D.has_value() ? D->data_ptr<T>()[c] : T(0);
-  ex.bias = delta_bias.has_value() ? delta_bias->data_ptr<T>()[c] : T(0);
-  ex.softplus = softplus;
-  ex.z = z.has_value() ? z->data_ptr<T>() + row * L : nullptr;
-  return ex;
+Group<T> problem(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A, const torch::Tensor& B,
+                 const torch::Tensor& C, const c10::optional<torch::Tensor>& D, const c10::optional<torch::Tensor>& z,
+                 const c10::optional<torch::Tensor>& delta_bias, bool softplus) {
+  Group<T> g{};
+  g.u = rows_of<T, const T>(u);
+  g.delta_raw = rows_of<T, const T>(delta);
+  if (z.has_value()) g.z = rows_of<T, const T>(*z);
+  g.A = A.data_ptr<T>();
+  g.B = B.data_ptr<T>();
+  g.C = C.data_ptr<T>();
+  g.sbB = B.stride(0);
+  g.stB = B.stride(1);
+  g.D = D.has_value() ? D->data_ptr<T>() : nullptr;
+  g.bias = delta_bias.has_value() ? delta_bias->data_ptr<T>() : nullptr;
+  g.softplus = softplus;
+  g.d = u.size(1);
+  g.L = u.size(2);
+  g.n = A.size(1);
+  return g;
 }
 
 }  // namespace
@@ -64,21 +92,18 @@ std::vector<torch::Tensor> forward(torch::Tensor u, torch::Tensor delta, torch::
   check_extras(u, D, z, delta_bias);
   const int64_t batch = u.size(0), d = u.size(1), L = u.size(2), n = A.size(1);
   const int64_t num_chunks = (L + chunk - 1) / chunk;
-  auto out = torch::empty_like(u);
+  auto out = empty_as(u);
   auto last = torch::empty({batch, d, n}, u.options());
   auto checkpoints = keep_checkpoints ? torch::empty({batch, d, num_chunks, n}, u.options()) : torch::Tensor();
+  const int64_t tasks = batch * groups_per_batch(d);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_forward", [&] {
-    at::parallel_for(0, batch * d, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> h(n), a(n), dt(L);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / d, c = row % d;
-        scan_forward_row<scalar_t>(
-            u.data_ptr<scalar_t>() + row * L, delta.data_ptr<scalar_t>() + row * L,
-            A.data_ptr<scalar_t>() + c * n, B.data_ptr<scalar_t>() + b * L * n,
-            C.data_ptr<scalar_t>() + b * L * n, row_extras<scalar_t>(D, z, delta_bias, softplus, row, c, L), L, n,
-            chunk, out.data_ptr<scalar_t>() + row * L, last.data_ptr<scalar_t>() + row * n,
-            keep_checkpoints ? checkpoints.data_ptr<scalar_t>() + row * num_chunks * n : nullptr, h.data(),
-            a.data(), dt.data());
+    const auto proto = problem<scalar_t>(u, delta, A, B, C, D, z, delta_bias, softplus);
+    const auto out_rows = rows_of<scalar_t, scalar_t>(out);
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      Scratch<scalar_t> scratch(chunk, n, /*backward=*/false);
+      for (int64_t task = begin; task < end; ++task) {
+        scan_forward_group<scalar_t>(group_of(proto, task), chunk, out_rows, last.data_ptr<scalar_t>(),
+                                     keep_checkpoints ? checkpoints.data_ptr<scalar_t>() : nullptr, scratch);
       }
     });
   });
@@ -95,40 +120,38 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor delta, torch:
   check_extras(u, D, z, delta_bias);
   const int64_t batch = u.size(0), d = u.size(1), L = u.size(2), n = A.size(1);
   const int64_t num_chunks = (L + chunk - 1) / chunk;
-  TORCH_CHECK(gout.sizes() == u.sizes() && gout.is_contiguous(), "grad_out: contiguous (batch, d, L)");
+  TORCH_CHECK(gout.sizes() == u.sizes() && gout.scalar_type() == u.scalar_type(), "grad_out: (batch, d, L)");
   TORCH_CHECK(checkpoints.is_contiguous() && checkpoints.numel() == batch * d * num_chunks * n,
               "checkpoints: (batch, d, K, n) from forward with the same chunk");
   const bool has_glast = glast.has_value() && glast->defined();
   torch::Tensor glast_c = has_glast ? glast->contiguous() : torch::Tensor();
-  auto du = torch::empty_like(u);
-  auto ddelta = torch::empty_like(u);
-  auto dz = z.has_value() ? torch::empty_like(u) : torch::Tensor();
-  // One accumulator slice per thread for the gradients summed over rows.
+  auto du = empty_as(u);
+  auto ddelta = empty_as(delta);
+  auto dz = z.has_value() ? empty_as(*z) : torch::Tensor();
+  // One accumulator slice per thread for the gradients summed over channels.
   const int64_t threads = at::get_num_threads();
   auto dA_parts = torch::zeros({threads, d, n}, u.options());
   auto dB_parts = torch::zeros({threads, batch, L, n}, u.options());
   auto dC_parts = torch::zeros({threads, batch, L, n}, u.options());
   auto dD_parts = torch::zeros({threads, d}, u.options());
   auto dbias_parts = torch::zeros({threads, d}, u.options());
+  const int64_t tasks = batch * blocks_per_batch(d);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_backward", [&] {
-    at::parallel_for(0, batch * d, 1, [&](int64_t begin, int64_t end) {
+    const auto proto = problem<scalar_t>(u, delta, A, B, C, D, z, delta_bias, softplus);
+    const auto gout_rows = rows_of<scalar_t, const scalar_t>(gout);
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       const int64_t slot = at::get_thread_num();
       TORCH_CHECK(slot < threads, "selective_scan_cpu: thread index beyond the accumulator slices");
-      BackwardBuffers<scalar_t> buf(L, n, chunk);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / d, c = row % d;
-        scan_backward_row<scalar_t>(
-            u.data_ptr<scalar_t>() + row * L, delta.data_ptr<scalar_t>() + row * L,
-            A.data_ptr<scalar_t>() + c * n, B.data_ptr<scalar_t>() + b * L * n,
-            C.data_ptr<scalar_t>() + b * L * n, row_extras<scalar_t>(D, z, delta_bias, softplus, row, c, L),
-            gout.data_ptr<scalar_t>() + row * L, has_glast ? glast_c.data_ptr<scalar_t>() + row * n : nullptr,
-            checkpoints.data_ptr<scalar_t>() + row * num_chunks * n, L, n, chunk,
-            du.data_ptr<scalar_t>() + row * L, ddelta.data_ptr<scalar_t>() + row * L,
-            dA_parts.data_ptr<scalar_t>() + (slot * d + c) * n,
-            dB_parts.data_ptr<scalar_t>() + (slot * batch + b) * L * n,
-            dC_parts.data_ptr<scalar_t>() + (slot * batch + b) * L * n, dD_parts.data_ptr<scalar_t>() + slot * d + c,
-            dbias_parts.data_ptr<scalar_t>() + slot * d + c,
-            z.has_value() ? dz.data_ptr<scalar_t>() + row * L : nullptr, buf);
+      Scratch<scalar_t> scratch(chunk, n, /*backward=*/true);
+      Grads<scalar_t> grads{rows_of<scalar_t, scalar_t>(du), rows_of<scalar_t, scalar_t>(ddelta), Rows<scalar_t>{},
+                            dA_parts.data_ptr<scalar_t>() + slot * d * n,
+                            dB_parts.data_ptr<scalar_t>() + slot * batch * L * n,
+                            dC_parts.data_ptr<scalar_t>() + slot * batch * L * n,
+                            dD_parts.data_ptr<scalar_t>() + slot * d, dbias_parts.data_ptr<scalar_t>() + slot * d};
+      if (z.has_value()) grads.dz = rows_of<scalar_t, scalar_t>(dz);
+      for (int64_t task = begin; task < end; ++task) {
+        scan_backward_block<scalar_t>(block_groups(proto, task), chunk, checkpoints.data_ptr<scalar_t>(), gout_rows,
+                                      has_glast ? glast_c.data_ptr<scalar_t>() : nullptr, grads, scratch);
       }
     });
   });
@@ -138,4 +161,6 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor delta, torch:
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "selective scan forward with softplus discretisation, D and z gate (CPU)");
   m.def("backward", &backward, "its backward (CPU)");
+  m.def("causal_conv1d_forward", &causal_conv1d_forward, "causal depthwise conv1d (+ SiLU), channel-last (CPU)");
+  m.def("causal_conv1d_backward", &causal_conv1d_backward, "its backward (CPU)");
 }
