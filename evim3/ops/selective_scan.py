@@ -129,11 +129,12 @@ SCANS: dict[str, Scan] = {
     "mamba": Scan(_mamba_fn, _mamba_unavailable),
     "triton": Scan(_triton_fn, _triton_unavailable),
     "chunked": Scan(lambda: selective_scan_chunked, lambda device_type: None),
-    # issue 27's candidates, selectable beside "triton" so that one GPU run times them side by side
+    "cpu": Scan(_cpu_fn, _cpu_unavailable),
+    # issue 27's candidates, selectable beside "triton" so that one GPU run times them side by side (after the
+    # established scans: messages that list the scans name those first)
     "triton-pre": Scan(_triton_pre_fn(1), _triton_pre_unavailable),
     "triton-pre-s2": Scan(_triton_pre_fn(2), _triton_pre_unavailable),
     "triton-op": Scan(_op_fn, _op_unavailable),
-    "cpu": Scan(_cpu_fn, _cpu_unavailable),
     # inference only, and compiled by dynamo when called eagerly: for export, chosen by use_scan
     "exportable": Scan(lambda: selective_scan_exportable, lambda device_type: None, forcible=False),
 }
