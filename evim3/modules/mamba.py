@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from evim3.ops import forced_scan, selective_scan
 from evim3.ops.causal_conv1d import causal_conv1d
+from evim3.ops.selective_scan_chunked import tracing
 
 
 def _fused_inner():
@@ -25,6 +26,30 @@ def _fused_inner():
     except Exception:  # noqa: BLE001 -- ImportError, or a CUDA build that fails to load: fall back
         return None
     return mamba_inner_fn
+
+
+class _ChannelHalves(torch.autograd.Function):
+    """xz (batch, 2d, L) -> its two channel halves as views. Its backward writes both halves' gradients into one
+    (batch, L, 2d) buffer: the layout in_proj's backward reads, where chunk's backward would cat them along the
+    channels in (batch, 2d, L) order and the matmul would then copy that once more."""
+
+    @staticmethod
+    def forward(ctx, xz: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.d = xz.shape[1] // 2
+        return xz[:, : ctx.d], xz[:, ctx.d :]
+
+    @staticmethod
+    def backward(ctx, grad_x: Tensor | None, grad_z: Tensor | None) -> Tensor:
+        like = grad_x if grad_x is not None else grad_z
+        grad = like.new_empty(like.shape[0], like.shape[2], 2 * ctx.d)
+        for half, g in ((grad[..., : ctx.d], grad_x), (grad[..., ctx.d :], grad_z)):
+            half.copy_(g.transpose(1, 2)) if g is not None else half.zero_()
+        return grad.transpose(1, 2)
+
+
+def channel_halves(xz: Tensor) -> tuple[Tensor, Tensor]:
+    """xz.chunk(2, dim=1), with the one-buffer backward outside tracing (export sees plain slicing)."""
+    return tuple(xz.chunk(2, dim=1)) if tracing() else _ChannelHalves.apply(xz)  # type: ignore[return-value]
 
 
 class Mamba(nn.Module):
@@ -112,7 +137,7 @@ class Mamba(nn.Module):
 
         # x, z and everything below are (batch, d, L) views of (batch, L, d) memory: the CPU kernels read them
         # channel-last, and the projections then take them with no transpose copied.
-        x, z = xz.chunk(2, dim=1)
+        x, z = channel_halves(xz)
         x = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, L, dt_rank + 2 * d_state)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
