@@ -204,6 +204,7 @@ def run() -> dict[str, Any]:
                               cwd=Path(__file__).resolve().parent.parent)
         if done.returncode != 0:
             raise RuntimeError(f"the emulated run failed:\n{done.stderr[-3000:]}")
+        print("\n".join(x for x in done.stdout.splitlines() if not x.startswith("RESULT ")))
         line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
         result = json.loads(line.removeprefix("RESULT "))
         result["emulation"] = {k: v for k, v in EMULATIONS[emulate].items()}

@@ -20,7 +20,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from evim3.runtime.fused_scan import KERNEL_HEADER, arch_flag
+from evim3.runtime.fused_scan import KERNEL_HEADER, VECTOR_FLAGS, arch_flag
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "selective_scan_cpu.cpp"  # the torch binding; the scan kernels: the runtime's KERNEL_HEADER
@@ -44,7 +44,8 @@ def _build_tag() -> str:
         pass
     # The header's content too: torch's rebuild check hashes the listed sources only.
     header = KERNEL_HEADER.read_bytes() + CONV_HEADER.read_bytes()
-    return hashlib.sha1(f"{platform.machine()} {flags} {arch_flag()} {SOURCE.resolve()}".encode() + header).hexdigest()[:10]
+    build = f"{platform.machine()} {flags} {arch_flag()} {VECTOR_FLAGS} {SOURCE.resolve()}"
+    return hashlib.sha1(build.encode() + header).hexdigest()[:10]
 
 
 @functools.cache
@@ -59,7 +60,7 @@ def cpu_kernel() -> ModuleType | None:
             name=f"evim3_selective_scan_cpu_{_build_tag()}",
             sources=[str(SOURCE)],
             extra_include_paths=[str(KERNEL_HEADER.parent)],
-            extra_cflags=["-O3", "-fopenmp", arch_flag()],
+            extra_cflags=["-O3", "-fopenmp", arch_flag(), *VECTOR_FLAGS],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )

@@ -49,11 +49,14 @@ constexpr int64_t kBlockGroups = 4;
 // exp(x) for x <= 0 as a loop the compiler can vectorise (std::exp is a library call it will not):
 // x = k ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial, 2^k by building the exponent bits.
 // Relative error ~2e-7 (float) -- the scan's inputs are float32 at best. Below -87 it returns 0.
+// These float helpers compute every value unconditionally and select only between computed values, so the
+// loops that call them if-convert into blends on any x86 level (built with -fno-trapping-math: see
+// runtime/fused_scan.py VECTOR_FLAGS).
 inline float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : x;
+  const float xc = x < -87.0f ? -87.0f : x;
   // Round to nearest by adding and removing 1.5 * 2^23 (vectorises on plain SSE2, unlike nearbyint).
-  const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;  // ln2 split in two for accuracy
+  const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = xc - k * 0.693359375f + k * 2.12194440e-4f;  // ln2 split in two for accuracy
   float p = 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
@@ -64,7 +67,8 @@ inline float fast_exp(float x) {
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return x <= -87.0f ? 0.0f : p * scale;
+  const float inside = x > -87.0f ? 1.0f : 0.0f;
+  return p * scale * inside;
 }
 
 inline double fast_exp(double x) { return std::exp(x); }  // float64 is for tests: exactness first
@@ -85,18 +89,23 @@ inline float log1p_unit(float e) {
 
 // softplus and its derivative exactly as torch's (beta 1, threshold 20: above it, x and 1).
 inline float softplus(float x) {
-  return x > 20.0f ? x : (x > 0.0f ? x : 0.0f) + log1p_unit(fast_exp(-std::fabs(x)));
+  const float soft = (x > 0.0f ? x : 0.0f) + log1p_unit(fast_exp(-std::fabs(x)));
+  return x > 20.0f ? x : soft;
 }
 inline double softplus(double x) { return x > 20.0 ? x : std::log1p(std::exp(x)); }
 
 inline float sigmoid(float x) {
   const float e = fast_exp(-std::fabs(x));  // in (0, 1]: no overflow either side
-  return x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+  const float r = 1.0f / (1.0f + e);
+  return x >= 0.0f ? r : e * r;
 }
 inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 template <typename T>
-inline T softplus_grad(T x) { return x > T(20) ? T(1) : sigmoid(x); }
+inline T softplus_grad(T x) {
+  const T s = sigmoid(x);
+  return x > T(20) ? T(1) : s;
+}
 
 // A (batch, d, L) tensor of any strides: element (b, c, t) at p[b * sb + c * sc + t * st]. Mamba's own layout is
 // contiguous along L (st = 1); a model that keeps tokens channel-last, (b, L, d) in memory, passes sc = 1, and
