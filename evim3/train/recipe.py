@@ -188,7 +188,10 @@ def build_optimizer(model: nn.Module, lr: float, cfg: TrainConfig) -> torch.opti
         if param.requires_grad:
             (no_decay if name in skip else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, eps=cfg.adam_eps)
+    # On CUDA one fused kernel for the whole update instead of torch's multi-tensor (foreach) launches; on the
+    # CPU the update is ~1 % of a step and stays as it was.
+    fused = all(p.is_cuda for p in decay + no_decay) or None
+    return torch.optim.AdamW(groups, lr=lr, eps=cfg.adam_eps, fused=fused)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_factor: float) -> float:

@@ -76,7 +76,7 @@ def make_loader(dataset: Dataset, *, batch: int, rank: int, world_size: int, shu
     sampler = EpochSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed)
     return DataLoader(
         SeededItems(dataset), batch_size=batch, sampler=sampler, num_workers=workers, drop_last=drop_last,
-        generator=torch.Generator().manual_seed(seed), persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed), persistent_workers=workers > 0,  # no re-fork per epoch
         pin_memory=torch.cuda.is_available(),
     )
 
