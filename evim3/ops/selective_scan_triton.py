@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -322,6 +323,55 @@ def triton_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     return out, last, ckpt
 
 
+@dataclass
+class GradParts:
+    """The gradient kernel's outputs: du, ddelta, dz written; dB, dC as one partial sum per channel group and dA,
+    dD, d delta_bias per (batch, chunk), added up here (no atomics: deterministic). Shared by the Triton
+    variants' backwards."""
+
+    du: Tensor
+    ddelta: Tensor
+    dz: Tensor | None
+    dB: Tensor
+    dC: Tensor
+    dA: Tensor
+    dD: Tensor | None
+    dbias: Tensor | None
+    groups: int
+    per_group: int
+
+    @classmethod
+    def allocate(cls, u: Tensor, delta: Tensor, z: Tensor | None, D: Tensor | None, delta_bias: Tensor | None,
+                 ckpt: Tensor, n: int, grad_groups: int, grad_programs: int) -> GradParts:
+        batch, d, L = u.shape
+        num_chunks = ckpt.shape[2]
+        # Channel groups: enough (chunk, group, batch) programs to fill the GPU, few enough partial dB, dC.
+        groups = grad_groups or min(d, max(1, math.ceil(grad_programs / (batch * num_chunks))))
+        per_group = math.ceil(d / groups)
+        groups = math.ceil(d / per_group)
+        f32 = {"device": u.device, "dtype": torch.float32}
+        return cls(
+            du=torch.empty_like(u), ddelta=torch.empty_like(delta), dz=torch.empty_like(z) if z is not None else None,
+            dB=torch.empty(groups, batch, n, L, **f32), dC=torch.empty(groups, batch, n, L, **f32),
+            dA=torch.empty(batch, num_chunks, d, n, **f32),
+            dD=torch.empty(batch, num_chunks, d, **f32) if D is not None else None,
+            dbias=torch.empty(batch, num_chunks, d, **f32) if delta_bias is not None else None,
+            groups=groups, per_group=per_group,
+        )
+
+    def kernel_outputs(self) -> tuple[Tensor, ...]:
+        """The output pointers in the gradient kernels' order (an absent one's slot gets a stand-in)."""
+        return (self.du, self.ddelta, self.dz if self.dz is not None else self.du, self.dB, self.dC, self.dA,
+                self.dD if self.dD is not None else self.dA, self.dbias if self.dbias is not None else self.dA)
+
+    def gradients(self, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, delta_bias: Tensor | None) -> tuple:
+        """(du, ddelta, dA, dB, dC, dD, dz, d delta_bias), each in its input's dtype, None where that is None."""
+        dD = self.dD.sum((0, 1)).to(D.dtype) if D is not None else None
+        dbias = self.dbias.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
+        return (self.du, self.ddelta, self.dA.sum((0, 1)).to(A.dtype), self.dB.sum(0).to(B.dtype),
+                self.dC.sum(0).to(C.dtype), dD, self.dz, dbias)
+
+
 def triton_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
                     delta_bias: Tensor | None, ckpt: Tensor, grad_out: Tensor | None, grad_last: Tensor | None,
                     delta_softplus: bool, block_l: int, grad_groups: int) -> tuple:
@@ -333,18 +383,7 @@ def triton_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D
     gout = torch.zeros_like(u) if grad_out is None else grad_out.contiguous()
     glast = None if grad_last is None else grad_last.float().contiguous()
     adj = torch.empty_like(ckpt)
-    # Channel groups: enough (chunk, group, batch) programs to fill the GPU, few enough partial dB, dC.
-    groups = grad_groups or min(d, max(1, math.ceil(GRAD_PROGRAMS / (batch * num_chunks))))
-    per_group = math.ceil(d / groups)
-    groups = math.ceil(d / per_group)
-    f32 = {"device": u.device, "dtype": torch.float32}
-    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else None
-    dB_parts = torch.empty(groups, batch, n, L, **f32)
-    dC_parts = torch.empty(groups, batch, n, L, **f32)
-    dA_parts = torch.empty(batch, num_chunks, d, n, **f32)
-    dD_parts = torch.empty(batch, num_chunks, d, **f32) if D is not None else None
-    dbias_parts = torch.empty(batch, num_chunks, d, **f32) if delta_bias is not None else None
+    g = GradParts.allocate(u, delta, z, D, delta_bias, ckpt, n, grad_groups, GRAD_PROGRAMS)
     dummy = u
     with _device(u):
         _scan_bwd_carry_kernel[(d, batch)](
@@ -353,17 +392,13 @@ def triton_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D
             HAS_Z=flags["HAS_Z"], HAS_BIAS=flags["HAS_BIAS"], HAS_GLAST=glast is not None,
             SOFTPLUS=flags["SOFTPLUS"], BLOCK_L=block_l, BLOCK_N=flags["BLOCK_N"], num_warps=NUM_WARPS,
         )
-        _scan_bwd_grad_kernel[(num_chunks, groups, batch)](
+        _scan_bwd_grad_kernel[(num_chunks, g.groups, batch)](
             u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy, gout, ckpt, adj,
-            du, ddelta, dz if dz is not None else dummy, dB_parts, dC_parts, dA_parts,
-            dD_parts if dD_parts is not None else dA_parts, dbias_parts if dbias_parts is not None else dA_parts,
-            batch, d, L, n, num_chunks, per_group, *B.stride(), *C.stride(), **flags, num_warps=GRAD_NUM_WARPS,
+            *g.kernel_outputs(), batch, d, L, n, num_chunks, g.per_group, *B.stride(), *C.stride(), **flags,
+            num_warps=GRAD_NUM_WARPS,
         )
-    dD = dD_parts.sum((0, 1)).to(D.dtype) if D is not None else None
-    dbias = dbias_parts.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
-    return (du, ddelta, dA_parts.sum((0, 1)).to(A.dtype), dB_parts.sum(0).to(B.dtype),
-            dC_parts.sum(0).to(C.dtype), dD, dz, dbias)
+    return g.gradients(A, B, C, D, delta_bias)
 
 
 def selective_scan_triton(

@@ -24,8 +24,6 @@ scripts/gpu_check.py. Register use per kernel for sm_90 without a GPU: evim3/ops
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -36,6 +34,7 @@ from evim3.ops.selective_scan_triton import (
     GRAD_NUM_WARPS,
     GRAD_PROGRAMS,
     NUM_WARPS,
+    GradParts,
     _affine_combine,
     _column,
     _device,
@@ -302,17 +301,7 @@ def pre_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
     gout = torch.zeros_like(u) if grad_out is None else grad_out.contiguous()
     glast = None if grad_last is None else grad_last.float().contiguous()
     adj = torch.empty_like(ckpt)
-    groups = grad_groups or min(d, max(1, math.ceil(grad_programs / (batch * num_chunks))))
-    per_group = math.ceil(d / groups)
-    groups = math.ceil(d / per_group)
-    f32 = {"device": u.device, "dtype": torch.float32}
-    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-    dz = torch.empty_like(z) if z is not None else None
-    dB_parts = torch.empty(groups, batch, n, L, **f32)
-    dC_parts = torch.empty(groups, batch, n, L, **f32)
-    dA_parts = torch.empty(batch, num_chunks, d, n, **f32)
-    dD_parts = torch.empty(batch, num_chunks, d, **f32) if D is not None else None
-    dbias_parts = torch.empty(batch, num_chunks, d, **f32) if delta_bias is not None else None
+    g = GradParts.allocate(u, delta, z, D, delta_bias, ckpt, n, grad_groups, grad_programs)
     dummy = u
     with _device(u):
         _pre_bwd_carry_kernel[(d, batch)](
@@ -320,18 +309,13 @@ def pre_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: T
             d, L, n, num_chunks, HAS_Z=z is not None, HAS_GLAST=glast is not None, STAGES=stages,
             BLOCK_L=block_l, BLOCK_N=block_n, num_warps=NUM_WARPS,
         )
-        _pre_bwd_grad_kernel[(num_chunks, groups, batch)](
+        _pre_bwd_grad_kernel[(num_chunks, g.groups, batch)](
             u, dt, dsp, A, B, C, D if D is not None else dummy, z if z is not None else dummy, gout, ckpt, adj,
-            du, ddelta, dz if dz is not None else dummy, dB_parts, dC_parts, dA_parts,
-            dD_parts if dD_parts is not None else dA_parts, dbias_parts if dbias_parts is not None else dA_parts,
-            batch, d, L, n, num_chunks, per_group, HAS_D=D is not None, HAS_Z=z is not None,
+            *g.kernel_outputs(), batch, d, L, n, num_chunks, g.per_group, HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, STAGES=stages, BLOCK_L=block_l, BLOCK_N=block_n,
             num_warps=grad_warps,
         )
-    dD = dD_parts.sum((0, 1)).to(D.dtype) if D is not None else None
-    dbias = dbias_parts.sum((0, 1)).to(delta_bias.dtype) if delta_bias is not None else None
-    return (du, ddelta, dA_parts.sum((0, 1)).to(A.dtype), dB_parts.sum(0).to(B.dtype),
-            dC_parts.sum(0).to(C.dtype), dD, dz, dbias)
+    return g.gradients(A, B, C, D, delta_bias)
 
 
 def selective_scan_triton_pre(
