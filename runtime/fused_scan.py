@@ -4,7 +4,7 @@ The exported graph is standard ONNX: each selective scan is three ``Scan`` loops
 which every ONNX runtime and TensorRT take, but which ONNX Runtime's CPU provider runs as thousands of tiny
 kernel calls (~85 % of evim3-tiny's time, BENCHMARKS.md). The exporter records where each scan's inputs and
 output are in the graph (metadata ``SCANS_KEY``); ``fuse_scans`` replaces each scan by one ``SelectiveScan``
-node whose kernel is the fused C++ row kernel the torch extension runs (runtime/csrc/selective_scan_kernel.h,
+node whose kernel is the fused C++ kernel the torch extension runs (runtime/csrc/selective_scan_kernel.h,
 compiled here without torch, called through ctypes from onnxruntime-extensions' Python-op bridge). The rewrite
 happens in memory when a session opens: the file on disk stays the standard graph.
 
@@ -41,7 +41,7 @@ SCAN_INPUTS = ("u", "delta", "A_t", "B", "C", "D", "z", "delta_bias")
 SCAN_OUTPUT = "out"
 
 _CSRC = Path(__file__).parent / "csrc" / "selective_scan_op.cpp"
-# The row kernels, shared with the core's torch extension (evim3/ops/selective_scan_cpu.py includes it from
+# The scan kernels, shared with the core's torch extension (evim3/ops/selective_scan_cpu.py includes it from
 # here): the runtime owns them, so that the edge layer needs nothing from the layer above it.
 KERNEL_HEADER = Path(__file__).parent / "csrc" / "selective_scan_kernel.h"
 ARCH_ENV = "EVIM3_CPU_ARCH"

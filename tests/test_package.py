@@ -134,7 +134,7 @@ def test_export_never_imports_cli() -> None:
 
 def test_wheel_carries_the_kernel_sources(tmp_path: Path) -> None:
     """The C++ sources compiled on first use (the torch extension and the runtime's fused scan op) are in the
-    wheel, where the code looks for them (the shared row kernels in evim3/runtime/csrc)."""
+    wheel, where the code looks for them (the shared scan kernels in evim3/runtime/csrc)."""
     import shutil
     import zipfile
 

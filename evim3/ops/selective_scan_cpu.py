@@ -1,7 +1,8 @@
 """The selective scan as a fused C++ kernel for CPU tensors (csrc/selective_scan_cpu.cpp), forward and backward.
 
-The CPU counterpart of mamba-ssm's CUDA kernel: each (batch, channel) row walks the sequence with its state
-in registers, rows in parallel over torch's threads. It is compiled on first use with the C++ compiler
+The CPU counterpart of mamba-ssm's CUDA kernel: a group of 16 channels of one batch element walks the sequence
+with its states in cache, one SIMD lane a channel, groups in parallel over torch's threads; u, delta and z may be
+channel-last views (the kernels: runtime/csrc/selective_scan_kernel.h). It is compiled on first use with the C++ compiler
 torch finds (torch.utils.cpp_extension, cached under ~/.cache/torch_extensions), and when that is not
 possible the dispatcher falls back to the chunked scan with one warning. EVIM3_CPU_SCAN=0 turns it off.
 Same signature as selective_scan_ref; checked against it in float64 and float32 (tests/test_scan_cpu.py).
