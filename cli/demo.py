@@ -15,9 +15,10 @@ from pathlib import Path
 
 import typer
 from evim3.cli.common import EXIT_INCONCLUSIVE, cli_errors, fail
-from evim3.train.recipe import DEMO_RECIPE
 from rich.console import Console
 from rich.table import Table
+
+from evim3.train.recipe import DEMO_RECIPE
 
 console = Console(stderr=True)
 

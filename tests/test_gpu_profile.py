@@ -105,7 +105,7 @@ def test_cuda_trace_bucketing_on_a_synthetic_trace() -> None:
         ev("multi_tensor_apply_kernel", 90, 102, cuda, link=8),  # ends 2 us after the host's range
     ]
     events = [step, loader, mm, norm, bwd, gather, opt, foreach, *kernels]
-    ms, flops, nbytes, window, n = gp.analyse(events, "cuda")
+    ms, _flops, _nbytes, window, n = gp.analyse(events, "cuda")
     assert n == 1 and window == pytest.approx(102 / 1e3)
     expected = {"GEMM": 10, "norm/elementwise": 5, "scan bwd": 22, "gather": 8, "optimizer": 12, "loader wait": 10}
     for family, us in expected.items():

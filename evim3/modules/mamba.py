@@ -43,7 +43,10 @@ class _ChannelHalves(torch.autograd.Function):
         like = grad_x if grad_x is not None else grad_z
         grad = like.new_empty(like.shape[0], like.shape[2], 2 * ctx.d)
         for half, g in ((grad[..., : ctx.d], grad_x), (grad[..., ctx.d :], grad_z)):
-            half.copy_(g.transpose(1, 2)) if g is not None else half.zero_()
+            if g is None:
+                half.zero_()
+            else:
+                half.copy_(g.transpose(1, 2))
         return grad.transpose(1, 2)
 
 

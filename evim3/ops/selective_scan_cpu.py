@@ -2,8 +2,8 @@
 
 The CPU counterpart of mamba-ssm's CUDA kernel: a group of 16 channels of one batch element walks the sequence
 with its states in cache, one SIMD lane a channel, groups in parallel over torch's threads; u, delta and z may be
-channel-last views (the kernels: runtime/csrc/selective_scan_kernel.h). It is compiled on first use with the C++ compiler
-torch finds (torch.utils.cpp_extension, cached under ~/.cache/torch_extensions), and when that is not
+channel-last views (the kernels: runtime/csrc/selective_scan_kernel.h). It is compiled on first use with the C++
+compiler torch finds (torch.utils.cpp_extension, cached under ~/.cache/torch_extensions), and when that is not
 possible the dispatcher falls back to the chunked scan with one warning. EVIM3_CPU_SCAN=0 turns it off.
 Same signature as selective_scan_ref; checked against it in float64 and float32 (tests/test_scan_cpu.py).
 """
@@ -26,7 +26,7 @@ from evim3.runtime.fused_scan import KERNEL_HEADER, VECTOR_FLAGS, arch_flag
 CSRC = Path(__file__).parent / "csrc"
 SOURCE = CSRC / "selective_scan_cpu.cpp"  # the torch binding; the scan kernels: the runtime's KERNEL_HEADER
 CONV_HEADER = CSRC / "causal_conv1d_cpu.h"  # Mamba's causal conv1d, built into the same extension
-CHUNK = 64  # tokens between saved states: the backward recomputes at most this many per row
+CHUNK = 64  # tokens between saved states: the backward recomputes at most this many a channel
 DISABLE_ENV = "EVIM3_CPU_SCAN"
 
 

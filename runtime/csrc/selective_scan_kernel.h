@@ -139,15 +139,14 @@ struct Group {
 // Per-thread scratch, reused across groups: token-major [token][lane] tiles of a chunk, and the state.
 template <typename T>
 struct Scratch {
-  int64_t chunk, n;
-  std::vector<T> A_t, D, bias, h, g;              // (n | 1) x kLanes
+  std::vector<T> A_t, D, bias, h;                 // (n | 1) x kLanes
   std::vector<T> u, delta_raw, dt, z, y, gy;      // chunk x kLanes
   std::vector<T> states, decays;                  // chunk x n x kLanes (the backward's recomputed chunk)
   std::vector<T> lane_dB, lane_dC;                // chunk x n x kLanes, summed over lanes per chunk
   std::vector<T> du, ddelta, dz;                  // chunk x kLanes: a chunk's gradients before they are written
   std::vector<T> block_g, block_dA, block_dD, block_dbias;  // per group of a block (kBlockGroups of them)
   Scratch(int64_t chunk_, int64_t n_, bool backward)
-      : chunk(chunk_), n(n_), A_t(n_ * kLanes), D(kLanes), bias(kLanes), h(n_ * kLanes), g(n_ * kLanes),
+      : A_t(n_ * kLanes), D(kLanes), bias(kLanes), h(n_ * kLanes),
         u(chunk_ * kLanes), delta_raw(chunk_ * kLanes), dt(chunk_ * kLanes), z(chunk_ * kLanes),
         y(chunk_ * kLanes), gy(chunk_ * kLanes) {
     if (backward) {
