@@ -46,10 +46,10 @@ VIDEOS = 24  # enough TRAIN videos for a few batches of 8; the step's cost does 
 
 # Operator families, first match wins (profiler event names: aten::<op>, or an autograd Function's name).
 FAMILIES = (
-    ("scan bwd", ("ScanFnBackward",)),
-    ("scan fwd", ("ScanFn",)),
+    ("scan bwd", ("ScanFnBackward", "mamba_inner::scan_backward")),
+    ("scan fwd", ("ScanFn", "mamba_inner::scan")),
     ("gemm", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
-    ("conv", ("convolution", "aten::conv", "im2col", "col2im")),
+    ("conv", ("convolution", "aten::conv", "im2col", "col2im", "CpuConvFn", "causal_conv1d")),
     ("layout", ("aten::copy_", "aten::cat", "aten::flip", "aten::index_select", "aten::gather", "aten::scatter",
                 "aten::index_add_", "aten::index", "aten::clone", "aten::_to_copy", "aten::fill_", "aten::zero_",
                 "aten::empty", "aten::stack", "aten::constant_pad")),

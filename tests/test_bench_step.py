@@ -48,7 +48,9 @@ def test_depthwise_conv_is_not_counted_as_dense() -> None:
 
 
 @pytest.mark.parametrize("name, family", [
-    ("CpuScanFnBackward", "scan bwd"), ("CpuScanFn", "scan fwd"), ("aten::mm", "gemm"), ("aten::addmm", "gemm"),
+    ("CpuScanFnBackward", "scan bwd"), ("CpuScanFn", "scan fwd"), ("mamba_inner::scan_backward", "scan bwd"),
+    ("mamba_inner::scan", "scan fwd"), ("mamba_inner::causal_conv1d_backward", "conv"), ("CpuConvFn", "conv"),
+    ("CpuMambaInnerFnBackward", "other"), ("aten::mm", "gemm"), ("aten::addmm", "gemm"),
     ("aten::convolution_backward", "conv"), ("aten::mkldnn_convolution", "conv"), ("aten::index_select", "layout"),
     ("aten::flip", "layout"), ("aten::copy_", "layout"), ("aten::native_layer_norm", "other"),
     ("aten::silu_backward", "other"),

@@ -89,6 +89,14 @@ def test_float32_gradients_match_reference() -> None:
         assert rel_l2(grads[0][name], grads[1][name]) <= F32_REL_TOL, name
 
 
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_gradients_do_not_depend_on_the_thread_count() -> None:
     """Per-thread accumulators for dA, dB, dC are summed at the end: 1 and 2 threads agree to rounding."""
     args = scan_args(batch=2, d=16, n=4, seqlen=2 * CHUNK + 3, dtype=torch.float64, seed=3)
@@ -151,10 +159,11 @@ def channel_last(x: torch.Tensor, extra: int = 0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("d", [5, 16, 70, 130])
-def test_channel_last_views_and_channel_blocks_match_reference(d: int) -> None:
+def test_channel_last_views_and_channel_blocks_match_reference(d: int, two_threads: None) -> None:
     """Strided (channel-last) u, delta, z and token-major B, C views, and channel counts that leave a partial lane
-    group and more than one backward block of groups (kLanes 16, 4 groups a block): outputs and every gradient
-    equal autograd through the float64 reference (F64_ABS_TOL)."""
+    group and more than one backward block of groups (kLanes 16; at 2 threads and batch 2 a block is half a batch
+    element's groups: 130 channels are blocks of 4, 4 and 1 groups): outputs and every gradient equal autograd
+    through the float64 reference (F64_ABS_TOL)."""
     args = scan_args(batch=2, d=d, n=4, seqlen=CHUNK + 9, dtype=torch.float64, seed=d)
     weight = torch.randn(2, d, CHUNK + 9, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
     grads = []
@@ -228,3 +237,76 @@ def test_kernel_loops_vectorise_for_avx2_and_avx512(arch: str, tmp_path) -> None
     assert vectorised(VECTOR_FLAGS)
     if arch == "x86-64-v3":
         assert not vectorised(()), "GCC now vectorises without the flag: VECTOR_FLAGS may be dropped"
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("d, seqlen, with_biases", [(20, CHUNK + 9, True), (70, 3, False)])
+def test_mamba_inner_matches_reference(dtype: torch.dtype, tol: float, d: int, seqlen: int, with_biases: bool,
+                                       two_threads: None) -> None:
+    """The fused CPU block (conv, x_proj, dt_proj, gated scan, out_proj; the scan's dz and the conv's dx written
+    into one buffer for xz, x_proj's input gradient added onto du in place) against mamba_inner_ref in float64:
+    the output and the gradients of xz and of every weight, each relative to its largest value (float32: the
+    kernels' polynomial exp and sigmoid, ~3e-7 measured)."""
+    from evim3.ops.mamba_inner_cpu import mamba_inner_cpu, mamba_inner_ref
+
+    g = torch.Generator().manual_seed(d)
+    n, rank, k, d_model, batch = 8, 3, 4, 12, 2
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_(True)
+
+    xz_memory = rand(batch, seqlen, 2 * d)  # in_proj's output: (b, L, 2d) memory, passed as a (b, 2d, L) view
+    weights = {"conv1d_weight": rand(d, 1, k, scale=0.5), "conv1d_bias": rand(d) if with_biases else None,
+               "x_proj_weight": rand(rank + 2 * n, d, scale=0.3), "delta_proj_weight": rand(d, rank, scale=0.3),
+               "out_proj_weight": rand(d_model, d, scale=0.3), "out_proj_bias": rand(d_model) if with_biases else None}
+    A = (-torch.rand(d, n, generator=g, dtype=torch.float64) - 0.5).requires_grad_(True)
+    D, delta_bias = rand(d), rand(d, scale=0.5)
+    leaves = [xz_memory, *(w for w in weights.values() if w is not None), A, D, delta_bias]
+    grad_out = torch.randn(batch, seqlen, d_model, generator=g, dtype=torch.float64)
+    results = []
+    for fn, cast in ((mamba_inner_cpu, dtype), (mamba_inner_ref, torch.float64)):
+        def c(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(cast)
+
+        out = fn(c(xz_memory).transpose(1, 2), **{name: c(w) for name, w in weights.items()}, A=c(A), D=c(D),
+                 delta_bias=c(delta_bias))
+        results.append((out, *torch.autograd.grad(out, leaves, grad_out.to(cast))))
+    assert any(n.name().startswith("CpuMambaInnerFn") for n in _graph(results[0][0]))  # the fused function ran
+    for got, ref in zip(*results):
+        assert ((got.double() - ref).abs().max() / ref.abs().max()).item() <= tol
+
+
+def _graph(t: torch.Tensor) -> list:
+    """Every autograd node behind t."""
+    seen, stack = [], [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.append(node)
+            stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return seen
+
+
+def test_mamba_block_runs_the_fused_function_on_cpu_and_matches_the_unfused_path() -> None:
+    """A CPU Mamba block (float64) takes the fused path by default; with the chunked scan chosen it composes
+    separate ops instead; both give the same output and parameter gradients (1e-10 relative)."""
+    from evim3.modules.mamba import Mamba
+    from evim3.ops import use_scan
+
+    torch.manual_seed(0)
+    block = Mamba(24, d_state=8, expand=2).double()
+    x = torch.randn(2, 40, 24, dtype=torch.float64)
+    results = []
+    for scan in (None, "chunked"):
+        block.zero_grad()
+        if scan is None:
+            y = block(x)
+        else:
+            with use_scan(block, scan):
+                y = block(x)
+        names = [n.name() for n in _graph(y)]
+        assert any(n.startswith("CpuMambaInnerFn") for n in names) == (scan is None), names
+        y.square().sum().backward()
+        results.append([y.detach()] + [p.grad.clone() for p in block.parameters()])
+    for got, ref in zip(*results):
+        assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-10

@@ -7,18 +7,22 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from evim3.ops import forced_scan, selective_scan
+from evim3.ops import scan_name, selective_scan
 from evim3.ops.causal_conv1d import causal_conv1d
+from evim3.ops.mamba_inner_cpu import mamba_inner_cpu
+from evim3.ops.selective_scan_cpu import cpu_kernel
 from evim3.ops.selective_scan_chunked import tracing
 
 
-def _fused_inner():
+@functools.cache
+def _mamba_inner_fn():
     """mamba-ssm's fully fused block (conv + projections + scan), or None without the [cuda] extra."""
     try:
         from causal_conv1d import causal_conv1d_fn  # noqa: F401  (mamba_inner_fn needs it)
@@ -26,6 +30,19 @@ def _fused_inner():
     except Exception:  # noqa: BLE001 -- ImportError, or a CUDA build that fails to load: fall back
         return None
     return mamba_inner_fn
+
+
+def _fused_inner(xz: Tensor, scan: str | None):
+    """The whole-block function (mamba_inner_fn's signature) for xz when the scan this unit runs allows one:
+    mamba-ssm's on CUDA (scan "mamba"), evim3's on CPU (scan "cpu", float32/float64, outside tracing); else None."""
+    if tracing():
+        return None
+    name = scan if scan is not None else scan_name(xz.device.type)
+    if xz.is_cuda and name == "mamba":
+        return _mamba_inner_fn()
+    if xz.device.type == "cpu" and name == "cpu" and xz.dtype in (torch.float32, torch.float64):
+        return mamba_inner_cpu if cpu_kernel() is not None else None
+    return None
 
 
 class _ChannelHalves(torch.autograd.Function):
@@ -127,9 +144,8 @@ class Mamba(nn.Module):
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, L)
         A = -torch.exp(self.A_log.float())
 
-        # mamba-ssm's whole-block kernel unless this unit or EVIM3_SCAN asks for another scan
-        fast = self.use_fast_path and xz.is_cuda and self.scan in (None, "mamba") and forced_scan() in (None, "mamba")
-        fused = _fused_inner() if fast else None
+        # the whole-block kernel of the scan this unit runs (its own choice, else EVIM3_SCAN's, else the device's)
+        fused = _fused_inner(xz, self.scan) if self.use_fast_path else None
         if fused is not None:
             out = fused(
                 xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,

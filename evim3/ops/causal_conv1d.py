@@ -43,7 +43,7 @@ class CpuConvFn(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         x_cl, weight_t, bias = ctx.saved_tensors
         dx, dweight_t, dbias = cpu_kernel().causal_conv1d_backward(x_cl, weight_t, bias, _channel_last(grad_out),
-                                                                   ctx.silu)
+                                                                   ctx.silu, None)
         return dx.transpose(1, 2), dweight_t.t(), dbias if bias is not None else None, None
 
 

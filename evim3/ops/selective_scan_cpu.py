@@ -96,7 +96,7 @@ class CpuScanFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, checkpoints = ctx.saved_tensors
         grad_out = torch.zeros_like(u) if grad_out is None else grad_out
         du, ddelta, dA, dB, dC, dD, dbias, dz = cpu_kernel().backward(
-            u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, checkpoints, grad_out, grad_last, CHUNK)
+            u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, checkpoints, grad_out, grad_last, CHUNK, None)
         return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
                 dbias if delta_bias is not None else None, None)
 

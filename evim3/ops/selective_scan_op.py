@@ -96,7 +96,7 @@ def scan_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
         prepared = _cpu_inputs(u, delta, A, B, C, D, z, delta_bias)
         du, ddelta, dA, dB, dC, dD, dbias, dz = _cpu_kernel().backward(
             *prepared, delta_softplus, ckpt, grad_out.to(prepared[0].dtype).contiguous(),
-            grad_last.to(prepared[0].dtype), block_l)
+            grad_last.to(prepared[0].dtype), block_l, None)
         grads = (du, ddelta, dA, dB.transpose(1, 2), dC.transpose(1, 2), dD if D is not None else None,
                  dz if z is not None else None, dbias if delta_bias is not None else None)
     # contiguous, in each input's dtype: what the fake implementation promises

@@ -30,6 +30,7 @@ from evim3.checkpoint import save_checkpoint
 from evim3.runtime.atomic import write_atomic
 from evim3.runtime.errors import CheckpointError, DatasetError
 from evim3.runtime.meta import PreprocessSpec
+from evim3.train.allocator import keep_freed_memory
 from evim3.train.distributed import (
     DistContext,
     all_gather_objects,
@@ -106,6 +107,8 @@ class Trainer:
         if cfg.init and resumed is None:
             load_encoder_weights(model, cfg.init)
         self.model = model.to(ctx.device)
+        if ctx.device.type == "cpu":
+            keep_freed_memory()
         self.ema = build_ema(self.model, cfg)
         self.net: nn.Module = self.model
         if ctx.distributed:

@@ -34,7 +34,7 @@ extern "C" void evim3_selective_scan_forward(const float* u, const float* delta_
   std::vector<float> last(batch * d * n);  // the final state: not an output of the op
 #pragma omp parallel num_threads(threads)
   {
-    evim3_scan::Scratch<float> scratch(tile, n, /*backward=*/false);  // per thread
+    evim3_scan::Scratch<float> scratch(tile, n, /*backward_block=*/0);  // per thread
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < tasks; ++task) {
       evim3_scan::scan_forward_group<float>(evim3_scan::group_of(proto, task), tile, {out, rows.sb, rows.sc, rows.st},

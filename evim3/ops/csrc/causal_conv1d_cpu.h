@@ -51,37 +51,48 @@ void forward_impl(const T* x, int64_t sxb, int64_t sxt, const T* w, const T* bia
   });
 }
 
-// Gradients of batch elements [begin, end): dx written, dw (k, d) and db (d) accumulated.
+// Gradients of batch elements [begin, end): dx (token stride sdt, batch stride sdb, channels contiguous) written
+// once per element, dw (k, d) and db (d) accumulated. Two passes per batch element: the pre-activation gradients
+// of all its tokens into `gpre` (L x d), then dx[s] = sum_j w[j] gpre[s + k - 1 - j] -- so dx needs no zeroing
+// beforehand and may be a view into a larger buffer (the fused Mamba block's gradient for in_proj's output).
 template <typename T>
 void backward_impl(const T* x, int64_t sxb, int64_t sxt, const T* w, const T* bias, const T* gout, int64_t sgb,
-                   int64_t sgt, int64_t begin, int64_t end, int64_t L, int64_t d, int64_t k, bool silu, T* dx, T* dw,
-                   T* db) {
-  std::vector<T> gpre(d);
+                   int64_t sgt, int64_t begin, int64_t end, int64_t L, int64_t d, int64_t k, bool silu, T* dx,
+                   int64_t sdb, int64_t sdt, T* dw, T* db) {
+  std::vector<T> gpre(L * d);
   for (int64_t b = begin; b < end; ++b) {
     for (int64_t t = 0; t < L; ++t) {
       const T* g = gout + b * sgb + t * sgt;
+      T* gp = gpre.data() + t * d;
       if (silu) {  // through SiLU: d silu(p) / dp = s (1 + p (1 - s)), s = sigmoid(p), p recomputed
-        conv_token(x, sxb, sxt, w, bias, b, t, d, k, gpre.data());
+        conv_token(x, sxb, sxt, w, bias, b, t, d, k, gp);
 #pragma omp simd
         for (int64_t c = 0; c < d; ++c) {
-          const T p = gpre[c], s = sigmoid(p);
-          gpre[c] = g[c] * s * (T(1) + p * (T(1) - s));
+          const T p = gp[c], s = sigmoid(p);
+          gp[c] = g[c] * s * (T(1) + p * (T(1) - s));
         }
       } else {
-        std::copy(g, g + d, gpre.begin());
+        std::copy(g, g + d, gp);
       }
 #pragma omp simd
-      for (int64_t c = 0; c < d; ++c) db[c] += gpre[c];
+      for (int64_t c = 0; c < d; ++c) db[c] += gp[c];
       for (int64_t j = 0; j < k; ++j) {
         const int64_t s = t - (k - 1) + j;
         if (s < 0) continue;
         const T* xs = x + b * sxb + s * sxt;
-        T* dxs = dx + (b * L + s) * d;
 #pragma omp simd
-        for (int64_t c = 0; c < d; ++c) {
-          dxs[c] += w[j * d + c] * gpre[c];
-          dw[j * d + c] += gpre[c] * xs[c];
-        }
+        for (int64_t c = 0; c < d; ++c) dw[j * d + c] += gp[c] * xs[c];
+      }
+    }
+    for (int64_t s = 0; s < L; ++s) {
+      T* dxs = dx + b * sdb + s * sdt;
+      std::fill(dxs, dxs + d, T(0));
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t t = s + (k - 1) - j;
+        if (t >= L) continue;
+        const T* gp = gpre.data() + t * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) dxs[c] += w[j * d + c] * gp[c];
       }
     }
   }
@@ -105,15 +116,20 @@ inline torch::Tensor causal_conv1d_forward(torch::Tensor x, torch::Tensor weight
   return out;
 }
 
-// -> (dx (b, L, d), dweight (k, d), dbias (d) or empty); gout (b, L, d) with channels contiguous
+// -> (dx (b, L, d), dweight (k, d), dbias (d) or empty); gout (b, L, d) with channels contiguous.
+// dx_out: where to write dx ((b, L, d), channels contiguous, any token and batch strides), else a new tensor.
 inline std::vector<torch::Tensor> causal_conv1d_backward(torch::Tensor x, torch::Tensor weight,
                                                          c10::optional<torch::Tensor> bias, torch::Tensor gout,
-                                                         bool silu) {
+                                                         bool silu, c10::optional<torch::Tensor> dx_out) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "causal_conv1d: x (batch, L, d) with channels contiguous");
   TORCH_CHECK(gout.sizes() == x.sizes() && gout.stride(2) == 1, "grad_out: (batch, L, d), channels contiguous");
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(2) && weight.is_contiguous(), "weight: contiguous (k, d)");
   const int64_t batch = x.size(0), L = x.size(1), d = x.size(2), k = weight.size(0);
-  auto dx = torch::zeros({batch, L, d}, x.options());
+  if (dx_out.has_value()) {
+    TORCH_CHECK(dx_out->sizes() == x.sizes() && dx_out->stride(2) == 1 && dx_out->scalar_type() == x.scalar_type(),
+                "dx_out: x's shape and dtype, channels contiguous");
+  }
+  auto dx = dx_out.has_value() ? *dx_out : torch::empty({batch, L, d}, x.options());
   const int64_t threads = at::get_num_threads();
   auto dw_parts = torch::zeros({threads, k, d}, x.options());  // summed over batch and tokens: a slice per thread
   auto db_parts = torch::zeros({threads, d}, x.options());
@@ -124,7 +140,7 @@ inline std::vector<torch::Tensor> causal_conv1d_backward(torch::Tensor x, torch:
       evim3_conv::backward_impl<scalar_t>(
           x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), weight.data_ptr<scalar_t>(),
           bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, gout.data_ptr<scalar_t>(), gout.stride(0),
-          gout.stride(1), begin, end, L, d, k, silu, dx.data_ptr<scalar_t>(),
+          gout.stride(1), begin, end, L, d, k, silu, dx.data_ptr<scalar_t>(), dx.stride(0), dx.stride(1),
           dw_parts.data_ptr<scalar_t>() + slot * k * d, db_parts.data_ptr<scalar_t>() + slot * d);
     });
   });

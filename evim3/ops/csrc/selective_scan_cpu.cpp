@@ -100,7 +100,7 @@ std::vector<torch::Tensor> forward(torch::Tensor u, torch::Tensor delta, torch::
     const auto proto = problem<scalar_t>(u, delta, A, B, C, D, z, delta_bias, softplus);
     const auto out_rows = rows_of<scalar_t, scalar_t>(out);
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> scratch(chunk, n, /*backward=*/false);
+      Scratch<scalar_t> scratch(chunk, n, /*backward_block=*/0);
       for (int64_t task = begin; task < end; ++task) {
         scan_forward_group<scalar_t>(group_of(proto, task), chunk, out_rows, last.data_ptr<scalar_t>(),
                                      keep_checkpoints ? checkpoints.data_ptr<scalar_t>() : nullptr, scratch);
@@ -110,12 +110,15 @@ std::vector<torch::Tensor> forward(torch::Tensor u, torch::Tensor delta, torch::
   return {out, last, checkpoints};
 }
 
-// -> (du, ddelta (b, d, L), dA (d, n), dB, dC (b, L, n), dD, ddelta_bias (d), dz (b, d, L) or empty)
+// -> (du, ddelta (b, d, L), dA (d, n), dB, dC (b, L, n), dD, ddelta_bias (d), dz (b, d, L) or empty).
+// dz_out: where to write dz (z's shape, any strides; Mamba's fused block passes the z half of its gradient
+// buffer for in_proj's output), else a new tensor.
 std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B,
                                     torch::Tensor C, c10::optional<torch::Tensor> D,
                                     c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> delta_bias,
                                     bool softplus, torch::Tensor checkpoints, torch::Tensor gout,
-                                    c10::optional<torch::Tensor> glast, int64_t chunk) {
+                                    c10::optional<torch::Tensor> glast, int64_t chunk,
+                                    c10::optional<torch::Tensor> dz_out) {
   check_inputs(u, delta, A, B, C);
   check_extras(u, D, z, delta_bias);
   const int64_t batch = u.size(0), d = u.size(1), L = u.size(2), n = A.size(1);
@@ -127,7 +130,11 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor delta, torch:
   torch::Tensor glast_c = has_glast ? glast->contiguous() : torch::Tensor();
   auto du = empty_as(u);
   auto ddelta = empty_as(delta);
-  auto dz = z.has_value() ? empty_as(*z) : torch::Tensor();
+  if (dz_out.has_value()) {
+    TORCH_CHECK(z.has_value() && dz_out->sizes() == z->sizes() && dz_out->scalar_type() == u.scalar_type(),
+                "dz_out: z's shape and dtype");
+  }
+  auto dz = !z.has_value() ? torch::Tensor() : dz_out.has_value() ? *dz_out : empty_as(*z);
   // One accumulator slice per thread for the gradients summed over channels.
   const int64_t threads = at::get_num_threads();
   auto dA_parts = torch::zeros({threads, d, n}, u.options());
@@ -135,14 +142,15 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor delta, torch:
   auto dC_parts = torch::zeros({threads, batch, L, n}, u.options());
   auto dD_parts = torch::zeros({threads, d}, u.options());
   auto dbias_parts = torch::zeros({threads, d}, u.options());
-  const int64_t tasks = batch * blocks_per_batch(d);
+  const int64_t block = backward_block(batch, groups_per_batch(d), threads);
+  const int64_t tasks = batch * blocks_per_batch(d, block);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_backward", [&] {
     const auto proto = problem<scalar_t>(u, delta, A, B, C, D, z, delta_bias, softplus);
     const auto gout_rows = rows_of<scalar_t, const scalar_t>(gout);
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       const int64_t slot = at::get_thread_num();
       TORCH_CHECK(slot < threads, "selective_scan_cpu: thread index beyond the accumulator slices");
-      Scratch<scalar_t> scratch(chunk, n, /*backward=*/true);
+      Scratch<scalar_t> scratch(chunk, n, block);
       Grads<scalar_t> grads{rows_of<scalar_t, scalar_t>(du), rows_of<scalar_t, scalar_t>(ddelta), Rows<scalar_t>{},
                             dA_parts.data_ptr<scalar_t>() + slot * d * n,
                             dB_parts.data_ptr<scalar_t>() + slot * batch * L * n,
@@ -150,7 +158,7 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor delta, torch:
                             dD_parts.data_ptr<scalar_t>() + slot * d, dbias_parts.data_ptr<scalar_t>() + slot * d};
       if (z.has_value()) grads.dz = rows_of<scalar_t, scalar_t>(dz);
       for (int64_t task = begin; task < end; ++task) {
-        scan_backward_block<scalar_t>(block_groups(proto, task), chunk, checkpoints.data_ptr<scalar_t>(), gout_rows,
+        scan_backward_block<scalar_t>(block_groups(proto, task, block), chunk, checkpoints.data_ptr<scalar_t>(), gout_rows,
                                       has_glast ? glast_c.data_ptr<scalar_t>() : nullptr, grads, scratch);
       }
     });
