@@ -265,7 +265,7 @@ def test_mamba_inner_matches_reference(dtype: torch.dtype, tol: float, d: int, s
     grad_out = torch.randn(batch, seqlen, d_model, generator=g, dtype=torch.float64)
     results = []
     for fn, cast in ((mamba_inner_cpu, dtype), (mamba_inner_ref, torch.float64)):
-        def c(t: torch.Tensor | None) -> torch.Tensor | None:
+        def c(t: torch.Tensor | None, cast: torch.dtype = cast) -> torch.Tensor | None:
             return None if t is None else t.to(cast)
 
         out = fn(c(xz_memory).transpose(1, 2), **{name: c(w) for name, w in weights.items()}, A=c(A), D=c(D),

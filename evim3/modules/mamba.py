@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from evim3.ops import scan_name, selective_scan
 from evim3.ops.causal_conv1d import causal_conv1d
 from evim3.ops.mamba_inner_cpu import mamba_inner_cpu
-from evim3.ops.selective_scan_cpu import cpu_kernel
 from evim3.ops.selective_scan_chunked import tracing
+from evim3.ops.selective_scan_cpu import cpu_kernel
 
 
 @functools.cache
