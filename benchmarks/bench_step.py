@@ -126,15 +126,23 @@ def _grouped_conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _strid
     return forward * sum(bool(m) for m in output_mask[:2])
 
 
+def _inplace_addmm_flops(_self_shape, a_shape, b_shape, *_, out_shape=None, **__) -> int:
+    """x.addmm_(a, b) as torch counts addmm: 2 m k n. torch's counter has no formula for the in-place form, which
+    the fused CPU Mamba block uses to add x_proj's input gradient onto the scan's (~1 GFLOP a demo step)."""
+    (m, k), (_, n) = a_shape, b_shape
+    return 2 * m * k * n
+
+
 def matmul_flops(trainer: Any, batch: dict) -> int:
     """Matmul + convolution FLOPs of one forward and backward (torch's flop counter: mm, bmm, addmm, conv; the
-    conv backward by the groups-aware formula above). evim3's fused CPU conv1d is no aten op and is not counted
+    conv backward by the groups-aware formula above, in-place addmm by the one above). evim3's fused CPU conv1d is no aten op and is not counted
     (its 2 d_inner d_conv per token are elementwise work)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False,
-                              custom_mapping={torch.ops.aten.convolution_backward: _grouped_conv_backward_flops})
+                              custom_mapping={torch.ops.aten.convolution_backward: _grouped_conv_backward_flops,
+                                              torch.ops.aten.addmm_: _inplace_addmm_flops})
     with counter:
         trainer.task.loss(trainer.net, batch, trainer.ctx.device).backward()
     trainer.optimizer.zero_grad(set_to_none=True)

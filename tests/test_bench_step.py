@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.bench_step import _grouped_conv_backward_flops, family_of
+from benchmarks.bench_step import _grouped_conv_backward_flops, _inplace_addmm_flops, family_of
 
 
 def conv_flops(x: torch.Tensor, weight: torch.Tensor, groups: int, *, input_grad: bool) -> int:
@@ -57,3 +57,18 @@ def test_depthwise_conv_is_not_counted_as_dense() -> None:
 ])
 def test_operator_families(name: str, family: str) -> None:
     assert family_of(name) == family
+
+
+def test_inplace_addmm_is_counted_as_addmm() -> None:
+    """The fused Mamba block's x.addmm_(a, b) counts as torch counts x.addmm(a, b): 2 m k n."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, a, b = torch.randn(50, 7), torch.randn(50, 3), torch.randn(3, 7)
+    counts = []
+    for mapping in ({}, {torch.ops.aten.addmm_: _inplace_addmm_flops}):
+        counter = FlopCounterMode(display=False, custom_mapping=mapping)
+        with counter:
+            torch.addmm(x, a, b)
+            x.clone().addmm_(a, b)
+        counts.append(counter.get_total_flops())
+    assert counts == [2 * 50 * 3 * 7, 2 * 2 * 50 * 3 * 7]  # torch alone misses the in-place one
