@@ -240,10 +240,11 @@ void load_chunk(const Group<T>& grp, Scratch<T>& s, int64_t t0, int64_t len) {
 }
 
 // One token of the recurrence for the group: a = exp(dt A), h = a * h_prev + dt u B, y = <C, h> per lane.
-// `h` may be `h_prev` (the forward updates in place); `decays` (n x kLanes) may be null.
-template <typename T>
+// `h` may be `h_prev` (the forward updates in place). kRecompute (the backward's recompute of a chunk): also write
+// the decays (n x kLanes) and add the lane contributions gy h to dC into lane_dC while h is in a register.
+template <typename T, bool kRecompute>
 inline void scan_token(const T* dt, const T* u, const T* A_t, const T* Bt, const T* Ct, const T* h_prev, T* h,
-                       T* decays, T* y, int64_t n) {
+                       T* y, int64_t n, T* decays = nullptr, const T* gy = nullptr, T* lane_dC = nullptr) {
   T drive[kLanes], acc[kLanes];
 #pragma omp simd
   for (int64_t w = 0; w < kLanes; ++w) {
@@ -258,10 +259,13 @@ inline void scan_token(const T* dt, const T* u, const T* A_t, const T* Bt, const
 #pragma omp simd
     for (int64_t w = 0; w < kLanes; ++w) {
       const T a = fast_exp(dt[w] * Ai[w]);
-      if (decays != nullptr) decays[i * kLanes + w] = a;
       const T next = a * hp[w] + drive[w] * b;
       hi[w] = next;
       acc[w] += c * next;
+      if constexpr (kRecompute) {
+        decays[i * kLanes + w] = a;
+        lane_dC[i * kLanes + w] += gy[w] * next;
+      }
     }
   }
 #pragma omp simd
@@ -302,8 +306,8 @@ void scan_forward_group(const Group<T>& grp, int64_t chunk, const Rows<T>& out, 
     }
     load_chunk(grp, s, t0, len);
     for (int64_t j = 0; j < len; ++j) {
-      scan_token(s.dt.data() + j * kLanes, s.u.data() + j * kLanes, s.A_t.data(), grp.B_at(t0 + j),
-                 grp.C_at(t0 + j), s.h.data(), s.h.data(), static_cast<T*>(nullptr), s.y.data() + j * kLanes, n);
+      scan_token<T, false>(s.dt.data() + j * kLanes, s.u.data() + j * kLanes, s.A_t.data(), grp.B_at(t0 + j),
+                           grp.C_at(t0 + j), s.h.data(), s.h.data(), s.y.data() + j * kLanes, n);
     }
     gate_chunk(grp, s, len);
     store_tile(grp, s.y.data(), t0, len, out);
@@ -333,31 +337,40 @@ void backward_chunk(const Group<T>& grp, int64_t k, int64_t chunk, const T* chec
   for (int64_t w = 0; w < grp.lanes; ++w)
     for (int64_t i = 0; i < n; ++i)
       s.h[i * kLanes + w] = checkpoints[((grp.b * grp.d + grp.c0 + w) * num_chunks + k) * n + i];
-  for (int64_t j = 0; j < len; ++j) {
-    const T* h_prev = j > 0 ? s.states.data() + (j - 1) * nl : s.h.data();
-    scan_token(s.dt.data() + j * kLanes, s.u.data() + j * kLanes, s.A_t.data(), grp.B_at(t0 + j), grp.C_at(t0 + j),
-               h_prev, s.states.data() + j * nl, s.decays.data() + j * nl, s.y.data() + j * kLanes, n);
-  }
-  // Through the gate: gy = d out / d y and dz; out = (y + D u) * silu(z).
+  // Through the gate, out = (y + D u) * silu(z): gy = d out / d y needs only gout and z, so it comes first (the
+  // recompute then adds gy h into lane_dC); dz needs y, after it.
   T* gout_tile = s.du.data();  // du is written only after the adjoint: its tile holds gout until then
   load_tile(grp, gout, t0, len, gout_tile);
   for (int64_t j = 0; j < len; ++j) {
     const T* go = gout_tile + j * kLanes;
-    const T* y = s.y.data() + j * kLanes;
-    const T* u = s.u.data() + j * kLanes;
     const T* z = s.z.data() + j * kLanes;
     T* gy = s.gy.data() + j * kLanes;
-    T* dz = s.dz.data() + j * kLanes;
     if (grp.z.p != nullptr) {
 #pragma omp simd
-      for (int64_t w = 0; w < kLanes; ++w) {
-        const T sig = sigmoid(z[w]);
-        gy[w] = go[w] * z[w] * sig;
-        dz[w] = go[w] * (y[w] + s.D[w] * u[w]) * sig * (T(1) + z[w] * (T(1) - sig));
-      }
+      for (int64_t w = 0; w < kLanes; ++w) gy[w] = go[w] * z[w] * sigmoid(z[w]);
     } else {
 #pragma omp simd
       for (int64_t w = 0; w < kLanes; ++w) gy[w] = go[w];
+    }
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    const T* h_prev = j > 0 ? s.states.data() + (j - 1) * nl : s.h.data();
+    scan_token<T, true>(s.dt.data() + j * kLanes, s.u.data() + j * kLanes, s.A_t.data(), grp.B_at(t0 + j),
+                        grp.C_at(t0 + j), h_prev, s.states.data() + j * nl, s.y.data() + j * kLanes, n,
+                        s.decays.data() + j * nl, s.gy.data() + j * kLanes, s.lane_dC.data() + j * nl);
+  }
+  if (grp.z.p != nullptr) {
+    for (int64_t j = 0; j < len; ++j) {
+      const T* go = gout_tile + j * kLanes;
+      const T* y = s.y.data() + j * kLanes;
+      const T* u = s.u.data() + j * kLanes;
+      const T* z = s.z.data() + j * kLanes;
+      T* dz = s.dz.data() + j * kLanes;
+#pragma omp simd
+      for (int64_t w = 0; w < kLanes; ++w) {
+        const T sig = sigmoid(z[w]);
+        dz[w] = go[w] * (y[w] + s.D[w] * u[w]) * sig * (T(1) + z[w] * (T(1) - sig));
+      }
     }
   }
   // The adjoint, token by token in reverse; g holds a_{t+1} g_{t+1} on entry.
@@ -365,13 +378,11 @@ void backward_chunk(const Group<T>& grp, int64_t k, int64_t chunk, const T* chec
     const T* dt = s.dt.data() + j * kLanes;
     const T* u = s.u.data() + j * kLanes;
     const T* gy = s.gy.data() + j * kLanes;
-    const T* h = s.states.data() + j * nl;
-    const T* hp = j > 0 ? h - nl : s.h.data();
+    const T* hp = j > 0 ? s.states.data() + (j - 1) * nl : s.h.data();
     const T* a = s.decays.data() + j * nl;
     const T* Bt = grp.B_at(t0 + j);
     const T* Ct = grp.C_at(t0 + j);
     T* lane_dB = s.lane_dB.data() + j * nl;
-    T* lane_dC = s.lane_dC.data() + j * nl;
     T drive[kLanes], sum_gB[kLanes], sum_gdecay[kLanes];
 #pragma omp simd
     for (int64_t w = 0; w < kLanes; ++w) {
@@ -392,7 +403,6 @@ void backward_chunk(const Group<T>& grp, int64_t k, int64_t chunk, const T* chec
         sum_gdecay[w] += g_decay * s.A_t[o + w];
         dAi[w] += g_decay * dt[w];
         lane_dB[o + w] += gt * drive[w];
-        lane_dC[o + w] += gy[w] * h[o + w];
         g[w] = a[o + w] * gt;
       }
     }
