@@ -54,8 +54,9 @@ inline int64_t backward_block(int64_t batch, int64_t groups_per_batch, int64_t t
 // exp(x) for x <= 0 as a loop the compiler can vectorise (std::exp is a library call it will not):
 // x = k ln2 + r with |r| <= ln2/2, e^r by a degree-5 minimax polynomial (fitted for relative error: 1.1e-7, 1.7e-7
 // evaluated in float; the degree-6 Taylor polynomial it replaced: 2.3e-7, one FMA more), 2^k by building the
-// exponent bits. Below -87 it returns e^-87 (~1.6e-38), not 0: as good as 0 beside any value of order 1, and no
-// compare-and-select in the scan's hottest loop. The scan's inputs are float32 at best.
+// exponent bits. Below -87 it returns exactly 0: e^-87 (~1.6e-38, what the clamped polynomial gives there) sits
+// at the edge of the normal range, and its products -- softplus's log1p of it, the backward's decay gradients --
+// are denormals, which x86 computes ~100x slower. The scan's inputs are float32 at best.
 // These float helpers compute every value unconditionally and select only between computed values, so the
 // loops that call them if-convert into blends on any x86 level (built with -fno-trapping-math: see
 // runtime/fused_scan.py VECTOR_FLAGS).
@@ -73,7 +74,8 @@ inline float fast_exp(float x) {
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  const float inside = x > -87.0f ? 1.0f : 0.0f;
+  return p * scale * inside;
 }
 
 inline double fast_exp(double x) { return std::exp(x); }  // float64 is for tests: exactness first
