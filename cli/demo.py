@@ -61,7 +61,7 @@ def demo(
 ) -> None:
     """Synthesise data, pre-train and fine-tune evim3-tiny, evaluate, export ONNX, check parity, and run
     `evim3 infer` on a held-out synthetic video and on a real echo cine. 7-8 minutes on 2 fast CPU cores, ~15 on
-    a slow pair (sgemm ~90 GFLOP/s)."""
+    a slow pair (sgemm ~80 GFLOP/s)."""
     if out.exists() and any(out.iterdir()):
         fail(f"{out}: output folder exists and is not empty; choose another --out or remove it")
     from pydicom import examples
