@@ -24,7 +24,7 @@ def causal_conv1d_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None, act
     return F.silu(out) if activation == "silu" else out
 
 
-def _channel_last(x: Tensor) -> Tensor:
+def channel_last(x: Tensor) -> Tensor:
     """(b, d, L) -> the (b, L, d) view the kernel reads, copied only when channels are not contiguous."""
     x = x.transpose(1, 2)
     return x if x.stride(2) == 1 else x.contiguous()
@@ -33,7 +33,7 @@ def _channel_last(x: Tensor) -> Tensor:
 class CpuConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
-        x_cl = _channel_last(x)
+        x_cl = channel_last(x)
         weight_t = weight.t().contiguous()  # (k, d): a tap's weights for every channel together
         ctx.save_for_backward(x_cl, weight_t, bias)
         ctx.silu = silu
@@ -42,7 +42,7 @@ class CpuConvFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x_cl, weight_t, bias = ctx.saved_tensors
-        dx, dweight_t, dbias = cpu_kernel().causal_conv1d_backward(x_cl, weight_t, bias, _channel_last(grad_out),
+        dx, dweight_t, dbias = cpu_kernel().causal_conv1d_backward(x_cl, weight_t, bias, channel_last(grad_out),
                                                                    ctx.silu, None)
         return dx.transpose(1, 2), dweight_t.t(), dbias if bias is not None else None, None
 

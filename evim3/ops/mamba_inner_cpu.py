@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.profiler import record_function
 
-from evim3.ops.causal_conv1d import causal_conv1d_ref
+from evim3.ops.causal_conv1d import causal_conv1d_ref, channel_last
 from evim3.ops.selective_scan_cpu import CHUNK, cpu_kernel
 from evim3.ops.selective_scan_ref import selective_scan_ref
 
@@ -48,11 +48,6 @@ def _input_dependent_bc(B: Tensor | None, C: Tensor | None) -> None:
         raise ValueError("mamba_inner: B and C come from x_proj here (fixed B or C is not supported)")
 
 
-def _channel_last(x: Tensor) -> Tensor:
-    """(batch, L, c) with channels contiguous, copied only when they are not."""
-    return x if x.stride(2) == 1 else x.contiguous()
-
-
 class CpuMambaInnerFn(torch.autograd.Function):
     """The block from in_proj's output to the gated scan output y (b, d, L) -- a channel-last view; out_proj is
     applied outside (its autograd needs no help)."""
@@ -62,7 +57,7 @@ class CpuMambaInnerFn(torch.autograd.Function):
                 delta_proj_weight: Tensor, A: Tensor, D: Tensor | None, delta_bias: Tensor | None,
                 delta_softplus: bool) -> Tensor:
         kernel = cpu_kernel()
-        xz_cl = _channel_last(xz.transpose(1, 2))  # (b, L, 2d): in_proj's output as it lies in memory
+        xz_cl = channel_last(xz)  # (b, L, 2d): in_proj's output as it lies in memory
         batch, L, d, n, rank = xz_cl.shape[0], xz_cl.shape[1], xz_cl.shape[2] // 2, A.shape[1], delta_proj_weight.shape[1]
         conv_weight_t = conv_weight.reshape(d, -1).t().contiguous()  # (k, d): a tap's weights for every channel
         with record_function("mamba_inner::causal_conv1d"):
@@ -88,7 +83,7 @@ class CpuMambaInnerFn(torch.autograd.Function):
          checkpoints) = ctx.saved_tensors
         kernel = cpu_kernel()
         batch, L, d, n, rank = xz_cl.shape[0], xz_cl.shape[1], xz_cl.shape[2] // 2, A.shape[1], delta_proj_weight.shape[1]
-        grad_y = _channel_last(grad_y.transpose(1, 2)).transpose(1, 2)
+        grad_y = channel_last(grad_y).transpose(1, 2)
         B, C = x_dbl[:, rank : rank + n].view(batch, L, n), x_dbl[:, rank + n :].view(batch, L, n)
         grad_xz = torch.empty_like(xz_cl)  # (b, L, 2d): the scan writes the z half, the conv the x half
         with record_function("mamba_inner::scan_backward"):

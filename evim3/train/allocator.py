@@ -3,8 +3,8 @@
 glibc's malloc serves every block above its mmap threshold (128 KiB at start, raised adaptively) with a fresh
 mmap and unmaps it on free, and trims the heap's top back to the kernel past its trim threshold. A CPU training
 step allocates and frees the same few hundred activation-sized blocks (4-9 MB each at the demo's size) every
-step, so each of them was page-faulted in and zeroed by the kernel again: ~4,000-6,500 minor faults a step and
-~35 ms of the demo's 0.49 s fine-tuning step (BENCHMARKS.md, "step (issue 26), session 3"). Raising both
+step, so each of them was page-faulted in and zeroed by the kernel again: 4,000-8,000 minor faults a step, 1-6
+with the thresholds raised (BENCHMARKS.md, "step (issue 26), session 3"). Raising both
 thresholds keeps those pages mapped between steps -- the same effect as PyTorch's CPU tuning guide's advice to
 preload jemalloc or tcmalloc, without a dependency. The cost: resident memory stays at the step's peak.
 
@@ -36,5 +36,5 @@ def keep_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    # mallopt returns 1 on success; both or neither (a half-set pair still faults on every step)
+    # mallopt returns 1 on success; True only when both took (one alone still faults on every step)
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
