@@ -50,6 +50,9 @@ Batch = Annotated[int, typer.Option("--batch", min=1, help="Clips per process pe
 Accum = Annotated[int, typer.Option("--accum", min=1, help="Micro-batches per optimizer step.")]
 Lr = Annotated[float | None, typer.Option("--lr", help="Learning rate at a total batch of 32; scaled linearly.")]
 WarmupEpochs = Annotated[float | None, typer.Option("--warmup-epochs", help="Warm-up epochs.")]
+DecayFraction = Annotated[float, typer.Option(
+    "--decay-fraction", min=0.0, max=1.0, help="Share of the post-warm-up steps in the cosine decay; below 1 the lr "
+                                               "holds at its peak until then (1: the paper's cosine).")]
 Period = Annotated[int, typer.Option("--period", min=1, help="Take every period-th frame (at 50 fps) into a clip.")]
 Frames = Annotated[int | None, typer.Option("--frames", min=1, help="Clip length (default: the preset's).")]
 KeepRatio = Annotated[float, typer.Option("--keep-ratio", min=0.0, max=1.0, help="Share of TRAIN videos used.")]
@@ -99,7 +102,8 @@ def pretrain(
     data: Data = PRETRAIN["data"], csv: Csv = PRETRAIN["csv"], preset: Preset = PRETRAIN["preset"],
     out: Out = PRETRAIN["out"], epochs: Epochs = PRETRAIN["epochs"], max_steps: MaxSteps = PRETRAIN["max_steps"],
     batch: Batch = PRETRAIN["batch"], accum: Accum = PRETRAIN["accum"], lr: Lr = PRETRAIN["lr"],
-    warmup_epochs: WarmupEpochs = PRETRAIN["warmup_epochs"], period: Period = PRETRAIN["period"],
+    warmup_epochs: WarmupEpochs = PRETRAIN["warmup_epochs"], decay_fraction: DecayFraction = PRETRAIN["decay_fraction"],
+    period: Period = PRETRAIN["period"],
     frames: Frames = PRETRAIN["frames"], keep_ratio: KeepRatio = PRETRAIN["keep_ratio"],
     max_videos: MaxVideos = PRETRAIN["max_videos"], pad: Pad = PRETRAIN["pad"],
     ema_start: EmaStart = PRETRAIN["ema_start"], ema_beta: EmaBeta = PRETRAIN["ema_beta"],
@@ -126,7 +130,8 @@ def finetune(
     data: Data = FINETUNE["data"], csv: Csv = FINETUNE["csv"], preset: Preset = FINETUNE["preset"],
     out: Out = FINETUNE["out"], epochs: Epochs = FINETUNE["epochs"], max_steps: MaxSteps = FINETUNE["max_steps"],
     batch: Batch = FINETUNE["batch"], accum: Accum = FINETUNE["accum"], lr: Lr = FINETUNE["lr"],
-    warmup_epochs: WarmupEpochs = FINETUNE["warmup_epochs"], period: Period = FINETUNE["period"],
+    warmup_epochs: WarmupEpochs = FINETUNE["warmup_epochs"], decay_fraction: DecayFraction = FINETUNE["decay_fraction"],
+    period: Period = FINETUNE["period"],
     frames: Frames = FINETUNE["frames"], keep_ratio: KeepRatio = FINETUNE["keep_ratio"],
     max_videos: MaxVideos = FINETUNE["max_videos"], pad: Pad = FINETUNE["pad"],
     ema_start: EmaStart = FINETUNE["ema_start"], ema_beta: EmaBeta = FINETUNE["ema_beta"],

@@ -64,6 +64,18 @@ def test_schedule_warms_up_from_one_percent_then_cosine_to_one_percent() -> None
     assert optimizer.param_groups[0]["lr"] == pytest.approx(2e-3 * factors[warmup + 50])
 
 
+def test_schedule_holds_the_peak_lr_before_a_shorter_cosine() -> None:
+    warmup, total = 10, 110  # 100 steps after the warm-up; the last 40 take the cosine
+    factors = [lr_factor(step, warmup, total, 0.01, decay_fraction=0.4) for step in range(total + 1)]
+    assert factors[:warmup + 1] == [lr_factor(step, warmup, total, 0.01) for step in range(warmup + 1)]
+    assert factors[warmup:71] == [1.0] * 61
+    assert factors[90] == pytest.approx(0.01 + 0.99 * 0.5)  # half-way down the 40-step cosine
+    assert factors[total] == pytest.approx(0.01)
+    assert all(a > b for a, b in itertools.pairwise(factors[70:]))
+    with pytest.raises(ValueError, match="decay_fraction"):
+        TrainConfig(stage="finetune", out="unused", decay_fraction=0.0)
+
+
 def test_paper_defaults_and_lr_scaling() -> None:
     finetune_cfg = TrainConfig(stage="finetune", out="unused")
     pretrain_cfg = TrainConfig(stage="pretrain", out="unused")

@@ -130,7 +130,8 @@ class Trainer:
         self.warmup_steps = min(warmup, self.total_steps)
         self.lr = cfg.scaled_lr(ctx.world_size)
         self.optimizer = build_optimizer(self.model, self.lr, cfg)
-        self.scheduler = build_scheduler(self.optimizer, self.warmup_steps, self.total_steps, cfg.min_lr_factor)
+        self.scheduler = build_scheduler(self.optimizer, self.warmup_steps, self.total_steps, cfg.min_lr_factor,
+                                         cfg.decay_fraction)
 
         self.step = 0  # optimizer steps taken
         self.epochs_done = 0  # epochs whose end (validation, checkpoint) is done

@@ -81,6 +81,9 @@ class TrainConfig:
     warmup_epochs: float | None = None
     warmup_steps: int | None = None  # overrides warmup_epochs
     min_lr_factor: float = 0.01  # warm-up starts and cosine ends at this share of lr
+    # Share of the post-warm-up steps the cosine takes; below 1 the lr first holds at its peak (warm-up, stable,
+    # decay). 1 is the paper's schedule.
+    decay_fraction: float = 1.0
     clip_grad: float | None = None  # max gradient norm; 0 = no clipping
     ema_beta: float = 0.9999
     ema_power: float = 0.75  # decay warms up as 1 - (steps since EMA start)^-power, capped at beta; 0 = beta
@@ -126,6 +129,8 @@ class TrainConfig:
             raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if not 0 < self.mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.ckpt_every < 0 or self.workers < 0:
             raise ValueError("ckpt_every and workers must be >= 0")
         self.model_config()  # unknown presets and override keys fail here, before any data is read
@@ -170,7 +175,7 @@ DEMO_RECIPE: dict[str, Any] = {
 RESUME_INVARIANTS = (
     "stage", "task", "ef_loss", "preset", "model_overrides", "frames", "period", "fps", "pad", "keep_ratio", "max_videos",
     "epochs", "max_steps", "batch", "accum", "lr", "lr_batch", "weight_decay", "adam_eps", "warmup_epochs",
-    "warmup_steps", "min_lr_factor", "clip_grad",
+    "warmup_steps", "min_lr_factor", "decay_fraction", "clip_grad",
     "ema_beta", "ema_power", "ema_every", "ema_start", "mask_ratio", "mask_strategy", "time_chain", "chain",
     "shared_mask", "norm_pix_loss", "seed",
 )
@@ -194,21 +199,24 @@ def build_optimizer(model: nn.Module, lr: float, cfg: TrainConfig) -> torch.opti
     return torch.optim.AdamW(groups, lr=lr, eps=cfg.adam_eps, fused=fused)
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_factor: float) -> float:
-    """Share of the peak lr at optimizer step `step`: linear from min_factor to 1 over the warm-up,
-    then half a cosine down to min_factor at total_steps (the paper's WarmUpCosineAnnealingLR)."""
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_factor: float, decay_fraction: float = 1.0) -> float:
+    """Share of the peak lr at optimizer step `step`: linear from min_factor to 1 over the warm-up, then 1
+    until the last `decay_fraction` of the remaining steps, which take half a cosine down to min_factor at
+    total_steps. decay_fraction 1 is the paper's WarmUpCosineAnnealingLR."""
     if step < warmup_steps:
         return min_factor + (1 - min_factor) * step / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    decay_steps = max(1, round(decay_fraction * (total_steps - warmup_steps)))
+    progress = min(1.0, max(0.0, (step - (total_steps - decay_steps)) / decay_steps))
     return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                    min_factor: float) -> LambdaLR:
+                    min_factor: float, decay_fraction: float = 1.0) -> LambdaLR:
     """Stepped once per optimizer step. A closed-form factor, so a resumed schedule is exact."""
     from torch.optim.lr_scheduler import LambdaLR
 
-    factor = functools.partial(lr_factor, warmup_steps=warmup_steps, total_steps=total_steps, min_factor=min_factor)
+    factor = functools.partial(lr_factor, warmup_steps=warmup_steps, total_steps=total_steps, min_factor=min_factor,
+                               decay_fraction=decay_fraction)
     return LambdaLR(optimizer, factor)
 
 
