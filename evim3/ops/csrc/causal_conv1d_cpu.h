@@ -11,8 +11,11 @@
 
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <vector>
 
@@ -102,12 +105,12 @@ void backward_impl(const T* x, int64_t sxb, int64_t sxt, const T* w, const T* bi
 
 // x (b, L, d) channel-last, weight (k, d) contiguous (the module's (d, 1, k) transposed), bias (d) or none
 // -> out (b, L, d) contiguous
-inline torch::Tensor causal_conv1d_forward(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias,
+inline at::Tensor causal_conv1d_forward(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias,
                                            bool silu) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "causal_conv1d: x (batch, L, d) with channels contiguous");
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(2) && weight.is_contiguous(), "weight: contiguous (k, d)");
   const int64_t batch = x.size(0), L = x.size(1), d = x.size(2), k = weight.size(0);
-  auto out = torch::empty({batch, L, d}, x.options());
+  auto out = at::empty({batch, L, d}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_forward", [&] {
     evim3_conv::forward_impl<scalar_t>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), weight.data_ptr<scalar_t>(),
                                        bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, batch, L, d, k, silu,
@@ -118,9 +121,9 @@ inline torch::Tensor causal_conv1d_forward(torch::Tensor x, torch::Tensor weight
 
 // -> (dx (b, L, d), dweight (k, d), dbias (d) or empty); gout (b, L, d) with channels contiguous.
 // dx_out: where to write dx ((b, L, d), channels contiguous, any token and batch strides), else a new tensor.
-inline std::vector<torch::Tensor> causal_conv1d_backward(torch::Tensor x, torch::Tensor weight,
-                                                         c10::optional<torch::Tensor> bias, torch::Tensor gout,
-                                                         bool silu, c10::optional<torch::Tensor> dx_out) {
+inline std::vector<at::Tensor> causal_conv1d_backward(at::Tensor x, at::Tensor weight,
+                                                         c10::optional<at::Tensor> bias, at::Tensor gout,
+                                                         bool silu, c10::optional<at::Tensor> dx_out) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "causal_conv1d: x (batch, L, d) with channels contiguous");
   TORCH_CHECK(gout.sizes() == x.sizes() && gout.stride(2) == 1, "grad_out: (batch, L, d), channels contiguous");
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(2) && weight.is_contiguous(), "weight: contiguous (k, d)");
@@ -129,10 +132,10 @@ inline std::vector<torch::Tensor> causal_conv1d_backward(torch::Tensor x, torch:
     TORCH_CHECK(dx_out->sizes() == x.sizes() && dx_out->stride(2) == 1 && dx_out->scalar_type() == x.scalar_type(),
                 "dx_out: x's shape and dtype, channels contiguous");
   }
-  auto dx = dx_out.has_value() ? *dx_out : torch::empty({batch, L, d}, x.options());
+  auto dx = dx_out.has_value() ? *dx_out : at::empty({batch, L, d}, x.options());
   const int64_t threads = at::get_num_threads();
-  auto dw_parts = torch::zeros({threads, k, d}, x.options());  // summed over batch and tokens: a slice per thread
-  auto db_parts = torch::zeros({threads, d}, x.options());
+  auto dw_parts = at::zeros({threads, k, d}, x.options());  // summed over batch and tokens: a slice per thread
+  auto db_parts = at::zeros({threads, d}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "causal_conv1d_backward", [&] {
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       const int64_t slot = at::get_thread_num();
@@ -144,5 +147,5 @@ inline std::vector<torch::Tensor> causal_conv1d_backward(torch::Tensor x, torch:
           dw_parts.data_ptr<scalar_t>() + slot * k * d, db_parts.data_ptr<scalar_t>() + slot * d);
     });
   });
-  return {dx, dw_parts.sum(0), bias.has_value() ? db_parts.sum(0) : torch::Tensor()};
+  return {dx, dw_parts.sum(0), bias.has_value() ? db_parts.sum(0) : at::Tensor()};
 }

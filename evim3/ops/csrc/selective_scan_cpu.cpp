@@ -6,8 +6,14 @@
 // (b, L, d) memory, which evim3's Mamba block passes so that no transpose is copied. Outputs and gradients take
 // u's (z's for dz) layout. B and C (b, L, n) need only a token's n-vector contiguous.
 
-#include <torch/extension.h>
+// ATen's tensor and the operators used, one header each, and torch/library.h for the registration: the
+// whole C++ API (torch/extension.h, pybind11) took ~4x as long to compile (about 40 s against 10, first run).
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
 #include <vector>
 
@@ -18,8 +24,8 @@ namespace {
 
 using namespace evim3_scan;
 
-void check_inputs(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A,
-                  const torch::Tensor& B, const torch::Tensor& C) {
+void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                  const at::Tensor& B, const at::Tensor& C) {
   TORCH_CHECK(u.device().is_cpu(), "selective_scan_cpu: CPU tensors only");
   TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes(), "u, delta: (batch, d, L)");
   TORCH_CHECK(A.dim() == 2 && A.size(0) == u.size(1) && A.is_contiguous(), "A: contiguous (d, n)");
@@ -32,8 +38,8 @@ void check_inputs(const torch::Tensor& u, const torch::Tensor& delta, const torc
   }
 }
 
-void check_extras(const torch::Tensor& u, const c10::optional<torch::Tensor>& D,
-                  const c10::optional<torch::Tensor>& z, const c10::optional<torch::Tensor>& delta_bias) {
+void check_extras(const at::Tensor& u, const c10::optional<at::Tensor>& D,
+                  const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias) {
   for (const auto* v : {&D, &delta_bias}) {
     if (v->has_value()) {
       TORCH_CHECK((*v)->dim() == 1 && (*v)->size(0) == u.size(1) && (*v)->is_contiguous() &&
@@ -47,22 +53,22 @@ void check_extras(const torch::Tensor& u, const c10::optional<torch::Tensor>& D,
 }
 
 template <typename T, typename P>
-Rows<P> rows_of(const torch::Tensor& t) {
+Rows<P> rows_of(const at::Tensor& t) {
   return Rows<P>{t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
 // An empty (batch, d, L) tensor laid out as `like`: channel-last when `like` is, else contiguous along L.
-torch::Tensor empty_as(const torch::Tensor& like) {
+at::Tensor empty_as(const at::Tensor& like) {
   if (like.stride(1) == 1 && like.size(1) > 1) {
-    return torch::empty({like.size(0), like.size(2), like.size(1)}, like.options()).transpose(1, 2);
+    return at::empty({like.size(0), like.size(2), like.size(1)}, like.options()).transpose(1, 2);
   }
-  return torch::empty(like.sizes(), like.options());
+  return at::empty(like.sizes(), like.options());
 }
 
 template <typename T>
-Group<T> problem(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A, const torch::Tensor& B,
-                 const torch::Tensor& C, const c10::optional<torch::Tensor>& D, const c10::optional<torch::Tensor>& z,
-                 const c10::optional<torch::Tensor>& delta_bias, bool softplus) {
+Group<T> problem(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                 const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+                 const c10::optional<at::Tensor>& delta_bias, bool softplus) {
   Group<T> g{};
   g.u = rows_of<T, const T>(u);
   g.delta_raw = rows_of<T, const T>(delta);
@@ -84,17 +90,17 @@ Group<T> problem(const torch::Tensor& u, const torch::Tensor& delta, const torch
 }  // namespace
 
 // -> (out (b, d, L), last state (b, d, n), checkpoints (b, d, K, n) or an empty tensor)
-std::vector<torch::Tensor> forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B,
-                                   torch::Tensor C, c10::optional<torch::Tensor> D, c10::optional<torch::Tensor> z,
-                                   c10::optional<torch::Tensor> delta_bias, bool softplus, int64_t chunk,
+std::vector<at::Tensor> forward(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B,
+                                   at::Tensor C, c10::optional<at::Tensor> D, c10::optional<at::Tensor> z,
+                                   c10::optional<at::Tensor> delta_bias, bool softplus, int64_t chunk,
                                    bool keep_checkpoints) {
   check_inputs(u, delta, A, B, C);
   check_extras(u, D, z, delta_bias);
   const int64_t batch = u.size(0), d = u.size(1), L = u.size(2), n = A.size(1);
   const int64_t num_chunks = (L + chunk - 1) / chunk;
   auto out = empty_as(u);
-  auto last = torch::empty({batch, d, n}, u.options());
-  auto checkpoints = keep_checkpoints ? torch::empty({batch, d, num_chunks, n}, u.options()) : torch::Tensor();
+  auto last = at::empty({batch, d, n}, u.options());
+  auto checkpoints = keep_checkpoints ? at::empty({batch, d, num_chunks, n}, u.options()) : at::Tensor();
   const int64_t tasks = batch * groups_per_batch(d);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_forward", [&] {
     const auto proto = problem<scalar_t>(u, delta, A, B, C, D, z, delta_bias, softplus);
@@ -113,12 +119,12 @@ std::vector<torch::Tensor> forward(torch::Tensor u, torch::Tensor delta, torch::
 // -> (du, ddelta (b, d, L), dA (d, n), dB, dC (b, L, n), dD, ddelta_bias (d), dz (b, d, L) or empty).
 // dz_out: where to write dz (z's shape, any strides; Mamba's fused block passes the z half of its gradient
 // buffer for in_proj's output), else a new tensor.
-std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B,
-                                    torch::Tensor C, c10::optional<torch::Tensor> D,
-                                    c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> delta_bias,
-                                    bool softplus, torch::Tensor checkpoints, torch::Tensor gout,
-                                    c10::optional<torch::Tensor> glast, int64_t chunk,
-                                    c10::optional<torch::Tensor> dz_out) {
+std::vector<at::Tensor> backward(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B,
+                                    at::Tensor C, c10::optional<at::Tensor> D,
+                                    c10::optional<at::Tensor> z, c10::optional<at::Tensor> delta_bias,
+                                    bool softplus, at::Tensor checkpoints, at::Tensor gout,
+                                    c10::optional<at::Tensor> glast, int64_t chunk,
+                                    c10::optional<at::Tensor> dz_out) {
   check_inputs(u, delta, A, B, C);
   check_extras(u, D, z, delta_bias);
   const int64_t batch = u.size(0), d = u.size(1), L = u.size(2), n = A.size(1);
@@ -127,21 +133,21 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor delta, torch:
   TORCH_CHECK(checkpoints.is_contiguous() && checkpoints.numel() == batch * d * num_chunks * n,
               "checkpoints: (batch, d, K, n) from forward with the same chunk");
   const bool has_glast = glast.has_value() && glast->defined();
-  torch::Tensor glast_c = has_glast ? glast->contiguous() : torch::Tensor();
+  at::Tensor glast_c = has_glast ? glast->contiguous() : at::Tensor();
   auto du = empty_as(u);
   auto ddelta = empty_as(delta);
   if (dz_out.has_value()) {
     TORCH_CHECK(z.has_value() && dz_out->sizes() == z->sizes() && dz_out->scalar_type() == u.scalar_type(),
                 "dz_out: z's shape and dtype");
   }
-  auto dz = !z.has_value() ? torch::Tensor() : dz_out.has_value() ? *dz_out : empty_as(*z);
+  auto dz = !z.has_value() ? at::Tensor() : dz_out.has_value() ? *dz_out : empty_as(*z);
   // One accumulator slice per thread for the gradients summed over channels.
   const int64_t threads = at::get_num_threads();
-  auto dA_parts = torch::zeros({threads, d, n}, u.options());
-  auto dB_parts = torch::zeros({threads, batch, L, n}, u.options());
-  auto dC_parts = torch::zeros({threads, batch, L, n}, u.options());
-  auto dD_parts = torch::zeros({threads, d}, u.options());
-  auto dbias_parts = torch::zeros({threads, d}, u.options());
+  auto dA_parts = at::zeros({threads, d, n}, u.options());
+  auto dB_parts = at::zeros({threads, batch, L, n}, u.options());
+  auto dC_parts = at::zeros({threads, batch, L, n}, u.options());
+  auto dD_parts = at::zeros({threads, d}, u.options());
+  auto dbias_parts = at::zeros({threads, d}, u.options());
   const int64_t block = backward_block(batch, groups_per_batch(d), threads);
   const int64_t tasks = batch * blocks_per_batch(d, block);
   AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "selective_scan_cpu_backward", [&] {
@@ -166,9 +172,11 @@ std::vector<torch::Tensor> backward(torch::Tensor u, torch::Tensor delta, torch:
   return {du, ddelta, dA_parts.sum(0), dB_parts.sum(0), dC_parts.sum(0), dD_parts.sum(0), dbias_parts.sum(0), dz};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "selective scan forward with softplus discretisation, D and z gate (CPU)");
-  m.def("backward", &backward, "its backward (CPU)");
-  m.def("causal_conv1d_forward", &causal_conv1d_forward, "causal depthwise conv1d (+ SiLU), channel-last (CPU)");
-  m.def("causal_conv1d_backward", &causal_conv1d_backward, "its backward (CPU)");
+// Operators in the namespace of this build's name (torch.ops.<name>.forward, ...): each build has its own, so two
+// builds can be loaded in one process (benchmarks compare them side by side).
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward);  // selective scan forward with softplus discretisation, D and z gate
+  m.def("backward", &backward);
+  m.def("causal_conv1d_forward", &causal_conv1d_forward);  // causal depthwise conv1d (+ SiLU), channel-last
+  m.def("causal_conv1d_backward", &causal_conv1d_backward);
 }
