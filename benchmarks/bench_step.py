@@ -57,6 +57,11 @@ FAMILIES = (
 
 
 def family_of(name: str) -> str:
+    from evim3.ops.selective_scan_cpu import EXTENSION_PREFIX
+
+    if name.startswith(EXTENSION_PREFIX):  # the fused CPU kernels' own operators, <extension>::<op>
+        op = name.rsplit("::", 1)[-1]
+        return "conv" if op.startswith("causal_conv1d") else "scan bwd" if op == "backward" else "scan fwd"
     for family, patterns in FAMILIES:
         if any(p in name for p in patterns):
             return family

@@ -54,6 +54,10 @@ def test_depthwise_conv_is_not_counted_as_dense() -> None:
     ("aten::convolution_backward", "conv"), ("aten::mkldnn_convolution", "conv"), ("aten::index_select", "layout"),
     ("aten::flip", "layout"), ("aten::copy_", "layout"), ("aten::native_layer_norm", "other"),
     ("aten::silu_backward", "other"),
+    # the extension's own operators, as the profiler names them
+    ("evim3_selective_scan_cpu_0123456789::forward", "scan fwd"), ("evim3_selective_scan_cpu_0123456789::backward", "scan bwd"),
+    ("evim3_selective_scan_cpu_0123456789::causal_conv1d_forward", "conv"),
+    ("evim3_selective_scan_cpu_0123456789::causal_conv1d_backward", "conv"),
 ])
 def test_operator_families(name: str, family: str) -> None:
     assert family_of(name) == family

@@ -28,6 +28,8 @@ SOURCE = CSRC / "selective_scan_cpu.cpp"  # the torch binding; the scan kernels:
 CONV_HEADER = CSRC / "causal_conv1d_cpu.h"  # Mamba's causal conv1d, built into the same extension
 CHUNK = 64  # tokens between saved states: the backward recomputes at most this many a channel
 DISABLE_ENV = "EVIM3_CPU_SCAN"
+# The extension's name and the namespace of its operators: this prefix, then the build tag (_build_tag).
+EXTENSION_PREFIX = "evim3_selective_scan_cpu_"
 
 
 def _build_tag() -> str:
@@ -57,7 +59,7 @@ def cpu_kernel() -> Any | None:
         return None
     from torch.utils import cpp_extension
 
-    name = f"evim3_selective_scan_cpu_{_build_tag()}"
+    name = EXTENSION_PREFIX + _build_tag()
     try:
         # A plain library registering torch operators, not a Python module: no pybind11, ~4x faster to compile.
         cpp_extension.load(
