@@ -52,15 +52,15 @@ def demo(
     videos: int = typer.Option(
         400, "--videos", min=12, help="Synthetic videos to generate (1/8 become TEST: 400 give 50 TEST videos)."),
     pretrain_steps: int = typer.Option(5, "--pretrain-steps", min=1, help="Pre-training optimizer steps."),
-    # 600: with 450 one seed of four stayed near the mean predictor (0.90x, it left the mean only after step 333);
-    # with 600 (a longer cosine, so a higher lr through the middle) six of six seeds ended at 0.27-0.57x
-    # (BENCHMARKS.md "demo, 600 steps across seeds"); after the fused CPU block, five of six (seed 1: 0.75x;
-    # "demo after the session-3 changes"): still seed-fragile.
+    # 600: with the paper's cosine, 450 steps left one seed of four near the mean predictor (0.90x); 600 gave six of
+    # six, then five of six after rounding-level kernel changes (seed 1: 0.75x). With the peak lr held for half the
+    # run (DEMO_RECIPE), 600 steps: six of six at 0.27-0.47x; 400 steps: seed 2 at 0.61x, too few (BENCHMARKS.md
+    # "demo recipe: the peak lr held").
     finetune_steps: int = typer.Option(600, "--finetune-steps", min=1, help="Fine-tuning optimizer steps (of 8 clips)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data and the training runs."),
 ) -> None:
     """Synthesise data, pre-train and fine-tune evim3-tiny, evaluate, export ONNX, check parity, and run
-    `evim3 infer` on a held-out synthetic video and on a real echo cine. 7-8 minutes on 2 fast CPU cores, ~15 on
+    `evim3 infer` on a held-out synthetic video and on a real echo cine. 7-8 minutes on 2 fast CPU cores, ~14 on
     a slow pair (sgemm ~80 GFLOP/s)."""
     if out.exists() and any(out.iterdir()):
         fail(f"{out}: output folder exists and is not empty; choose another --out or remove it")

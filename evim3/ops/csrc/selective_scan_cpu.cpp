@@ -6,8 +6,8 @@
 // (b, L, d) memory, which evim3's Mamba block passes so that no transpose is copied. Outputs and gradients take
 // u's (z's for dz) layout. B and C (b, L, n) need only a token's n-vector contiguous.
 
-// ATen's tensor and the operators used, one header each, and torch/library.h for the registration: the
-// whole C++ API (torch/extension.h, pybind11) took ~4x as long to compile (about 40 s against 10, first run).
+// ATen's tensor and the operators used, one header each, and torch/library.h for the registration: built on the
+// whole C++ API (torch/extension.h, a pybind11 module) the first-use build took 36 s instead of 14 (2 cores).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
