@@ -106,7 +106,7 @@ void backward_impl(const T* x, int64_t sxb, int64_t sxt, const T* w, const T* bi
 // x (b, L, d) channel-last, weight (k, d) contiguous (the module's (d, 1, k) transposed), bias (d) or none
 // -> out (b, L, d) contiguous
 inline at::Tensor causal_conv1d_forward(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias,
-                                           bool silu) {
+                                        bool silu) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "causal_conv1d: x (batch, L, d) with channels contiguous");
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(2) && weight.is_contiguous(), "weight: contiguous (k, d)");
   const int64_t batch = x.size(0), L = x.size(1), d = x.size(2), k = weight.size(0);
@@ -122,8 +122,8 @@ inline at::Tensor causal_conv1d_forward(at::Tensor x, at::Tensor weight, c10::op
 // -> (dx (b, L, d), dweight (k, d), dbias (d) or empty); gout (b, L, d) with channels contiguous.
 // dx_out: where to write dx ((b, L, d), channels contiguous, any token and batch strides), else a new tensor.
 inline std::vector<at::Tensor> causal_conv1d_backward(at::Tensor x, at::Tensor weight,
-                                                         c10::optional<at::Tensor> bias, at::Tensor gout,
-                                                         bool silu, c10::optional<at::Tensor> dx_out) {
+                                                      c10::optional<at::Tensor> bias, at::Tensor gout,
+                                                      bool silu, c10::optional<at::Tensor> dx_out) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "causal_conv1d: x (batch, L, d) with channels contiguous");
   TORCH_CHECK(gout.sizes() == x.sizes() && gout.stride(2) == 1, "grad_out: (batch, L, d), channels contiguous");
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(2) && weight.is_contiguous(), "weight: contiguous (k, d)");

@@ -91,9 +91,9 @@ Group<T> problem(const at::Tensor& u, const at::Tensor& delta, const at::Tensor&
 
 // -> (out (b, d, L), last state (b, d, n), checkpoints (b, d, K, n) or an empty tensor)
 std::vector<at::Tensor> forward(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B,
-                                   at::Tensor C, c10::optional<at::Tensor> D, c10::optional<at::Tensor> z,
-                                   c10::optional<at::Tensor> delta_bias, bool softplus, int64_t chunk,
-                                   bool keep_checkpoints) {
+                                at::Tensor C, c10::optional<at::Tensor> D, c10::optional<at::Tensor> z,
+                                c10::optional<at::Tensor> delta_bias, bool softplus, int64_t chunk,
+                                bool keep_checkpoints) {
   check_inputs(u, delta, A, B, C);
   check_extras(u, D, z, delta_bias);
   const int64_t batch = u.size(0), d = u.size(1), L = u.size(2), n = A.size(1);
@@ -120,11 +120,11 @@ std::vector<at::Tensor> forward(at::Tensor u, at::Tensor delta, at::Tensor A, at
 // dz_out: where to write dz (z's shape, any strides; Mamba's fused block passes the z half of its gradient
 // buffer for in_proj's output), else a new tensor.
 std::vector<at::Tensor> backward(at::Tensor u, at::Tensor delta, at::Tensor A, at::Tensor B,
-                                    at::Tensor C, c10::optional<at::Tensor> D,
-                                    c10::optional<at::Tensor> z, c10::optional<at::Tensor> delta_bias,
-                                    bool softplus, at::Tensor checkpoints, at::Tensor gout,
-                                    c10::optional<at::Tensor> glast, int64_t chunk,
-                                    c10::optional<at::Tensor> dz_out) {
+                                 at::Tensor C, c10::optional<at::Tensor> D,
+                                 c10::optional<at::Tensor> z, c10::optional<at::Tensor> delta_bias,
+                                 bool softplus, at::Tensor checkpoints, at::Tensor gout,
+                                 c10::optional<at::Tensor> glast, int64_t chunk,
+                                 c10::optional<at::Tensor> dz_out) {
   check_inputs(u, delta, A, B, C);
   check_extras(u, D, z, delta_bias);
   const int64_t batch = u.size(0), d = u.size(1), L = u.size(2), n = A.size(1);
