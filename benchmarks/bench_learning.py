@@ -122,7 +122,7 @@ def finetune(model: nn.Module, train: ClipSet, val: ClipSet, *, lr: float, warmu
     # the warm-up.
     total = steps or 10**9
     optimizer = build_optimizer(model, lr, cfg)
-    scheduler = build_scheduler(optimizer, warmup_steps, total, cfg.min_lr_factor)
+    scheduler = build_scheduler(optimizer, warmup_steps, total, cfg.min_lr_factor, cfg.decay_fraction)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed + 1)  # random clip starts
     order: list[int] = []

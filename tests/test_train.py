@@ -57,7 +57,7 @@ def test_schedule_warms_up_from_one_percent_then_cosine_to_one_percent() -> None
 
     model = torch.nn.Linear(3, 3)
     optimizer = build_optimizer(model, lr=2e-3, cfg=TrainConfig(stage="finetune", out="unused"))
-    scheduler = build_scheduler(optimizer, warmup, total, 0.01)
+    scheduler = build_scheduler(optimizer, warmup, total, 0.01, 1.0)
     for _ in range(warmup + 50):
         optimizer.step()
         scheduler.step()

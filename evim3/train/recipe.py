@@ -215,7 +215,7 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_factor: float,
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                    min_factor: float, decay_fraction: float = 1.0) -> LambdaLR:
+                    min_factor: float, decay_fraction: float) -> LambdaLR:
     """Stepped once per optimizer step. A closed-form factor, so a resumed schedule is exact."""
     from torch.optim.lr_scheduler import LambdaLR
 
