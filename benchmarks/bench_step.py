@@ -3,14 +3,14 @@
     python -m benchmarks step                    # the demo's fine-tuning and pre-training steps on this machine
     EVIM3_BENCH_STEP_EMULATE=avx2 python -m benchmarks step   # the same, as on an AVX2-only x86 CPU (see below)
 
-The steps are the demo's (`evim3 demo`: evim3-tiny, 16 frames, batch 8; evim3.train.recipe.DEMO_RECIPE), built
-by the real Trainer on a small synthetic dataset, so data loading, the loss, clipping, AdamW, the EMA and the
-logger are the ones a run executes. Each part is wall-clock time per step (median of EVIM3_BENCH_STEP_STEPS,
-default 12, after 3 warm-up steps): data, forward, backward, optimizer (clip + AdamW + schedule), EMA, logging.
-Forward and backward are then split by operator family from a torch.profiler pass (self CPU time of each op,
-scaled to the measured wall time): the scan's kernels, GEMMs (the linear layers), convolutions (tubelet embedding
-and the depthwise conv), layout (copies, gathers, flips, concatenations: the moves between the six scan orders),
-and the rest (norms, activations, reductions).
+The steps are the demo's (`evim3 demo`: evim3-tiny without register planes, 12 frames, batch 8;
+evim3.train.recipe.DEMO_RECIPE), built by the real Trainer on a small synthetic dataset, so data loading, the
+loss, clipping, AdamW, the EMA and the logger are the ones a run executes. Each part is wall-clock time per step
+(median of EVIM3_BENCH_STEP_STEPS, default 12, after 3 warm-up steps): data, forward, backward, optimizer (clip +
+AdamW + schedule), EMA, logging. Forward and backward are then split by operator family from a torch.profiler pass
+(self CPU time of each op, scaled to the measured wall time): the scan's kernels, GEMMs (the linear layers),
+convolutions (tubelet embedding and the depthwise conv), layout (copies, gathers, flips, concatenations: the moves
+between the six scan orders), and the rest (norms, activations, reductions).
 
 The floor: the step's matmul and convolution FLOPs (torch.utils.flop_counter over one forward + backward) at
 the sgemm rate torch reaches here, measured in the same run with the same threads (a 2048^3 matmul, best of 5).

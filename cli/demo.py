@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 from evim3.cli.common import EXIT_INCONCLUSIVE, cli_errors, fail
+from evim3.cli.train import model_set_flags
 from rich.console import Console
 from rich.table import Table
 
@@ -24,9 +25,13 @@ console = Console(stderr=True)
 
 
 def recipe_flags(recipe: dict) -> list[str]:
-    """`evim3 train` flags for TrainConfig fields: --field-name value, a True flag alone."""
+    """`evim3 train` flags for TrainConfig fields: --field-name value, a True flag alone, model_overrides as
+    --model-set KEY=VALUE."""
     flags: list[str] = []
     for name, value in recipe.items():
+        if name == "model_overrides":
+            flags += model_set_flags(value)
+            continue
         flag = "--" + name.replace("_", "-")
         flags += [flag] if value is True else [flag, str(value)]
     return flags

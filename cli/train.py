@@ -76,7 +76,8 @@ Seed = Annotated[int, typer.Option("--seed", help="Seed for weights, order, augm
 # Options that set no TrainConfig field.
 Nproc = Annotated[int, typer.Option("--nproc", min=1, help="Training processes on this machine (torchrun).")]
 ModelSet = Annotated[list[str] | None, typer.Option(
-    "--model-set", hidden=True, help="Override a ModelConfig field, KEY=VALUE (tests, experiments).")]
+    "--model-set", help="Override an integer field of the preset's ModelConfig, KEY=VALUE; repeatable (the demo: "
+                        "reg=0, no register planes).")]
 
 # Pre-training only.
 MaskRatio = Annotated[float, typer.Option("--mask-ratio", help="Share of patches masked.")]
@@ -162,7 +163,7 @@ def _run(stage: str, ctx: typer.Context, parameters: dict[str, Any]) -> None:
 
     from evim3.train.loop import train
 
-    overrides = _model_overrides(options.pop("model_set") or [])
+    overrides = parse_model_set(options.pop("model_set") or [])
     options = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
     options["out"] = options["out"] or os.path.join("runs", f"{stage}-{options['preset']}")
     train(TrainConfig(stage=stage, model_overrides=overrides, **options))
@@ -176,7 +177,8 @@ def _run(stage: str, ctx: typer.Context, parameters: dict[str, Any]) -> None:
         os._exit(0)
 
 
-def _model_overrides(pairs: list[str]) -> dict[str, int]:
+def parse_model_set(pairs: list[str]) -> dict[str, int]:
+    """TrainConfig.model_overrides from --model-set KEY=VALUE pairs (model_set_flags is the inverse)."""
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -184,6 +186,11 @@ def _model_overrides(pairs: list[str]) -> dict[str, int]:
             raise ValueError(f"--model-set takes KEY=INTEGER, got {pair!r}")
         overrides[key] = int(value)
     return overrides
+
+
+def model_set_flags(overrides: dict[str, int]) -> list[str]:
+    """The --model-set flags that give TrainConfig.model_overrides `overrides`."""
+    return [arg for key, value in overrides.items() for arg in ("--model-set", f"{key}={value}")]
 
 
 def _relaunch(ctx: typer.Context, nproc: int) -> None:

@@ -6,11 +6,12 @@ import dataclasses
 
 import pytest
 import typer
+from evim3.cli.demo import recipe_flags
 from evim3.cli.main import app
 from typer.testing import CliRunner
 
 import evim3.train.loop
-from evim3.train.recipe import TrainConfig
+from evim3.train.recipe import DEMO_RECIPE, TrainConfig
 
 # flag: (type, min, max), as the CLI had them written out by hand before they came from TrainConfig.
 SHARED_FLAGS = {
@@ -69,3 +70,12 @@ def test_given_flags_reach_their_fields(monkeypatch: pytest.MonkeyPatch) -> None
     changed = {f.name for f in dataclasses.fields(TrainConfig)
                if getattr(cfg, f.name) != getattr(TrainConfig(stage="pretrain", out=cfg.out), f.name)}
     assert changed == {"mask_strategy", "batch", "strict", "data", "model_overrides", "lr"}
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_the_demos_flags_give_its_recipe(stage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `evim3 demo` writes DEMO_RECIPE as flags (recipe_flags; model_overrides as --model-set KEY=VALUE): parsed
+    # back, they must give the very config that `python -m benchmarks step` times from the recipe directly.
+    cfg = parsed_config(monkeypatch, stage, "--out", "run", *recipe_flags(DEMO_RECIPE))
+    assert cfg == TrainConfig(stage=stage, out="run", **DEMO_RECIPE)
+    assert DEMO_RECIPE["model_overrides"] and cfg.model_overrides == DEMO_RECIPE["model_overrides"]

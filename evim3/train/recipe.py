@@ -161,16 +161,20 @@ class TrainConfig:
 
 
 # The demo's CPU recipe (`evim3 demo` passes it as flags to both stages; benchmarks/bench_step.py times its steps):
-# 16-frame clips every 4th frame (1.3 s, a heartbeat), batch 8, no padding crop, videos decoded once and kept in
-# memory, the EMA updated every step (it follows a run this short closely); lr 8e-3 at a batch of 32 is 2e-3 at 8
-# (BENCHMARKS.md "learning: tubelets": 2e-3 left the mean predictor earliest; 4e-3 stayed at it in one of two seeds).
-# The lr holds at that peak for the first half of the steps after the warm-up, then takes a cosine: the seeds
-# leave the mean predictor anywhere from step 150 to 300, where the paper's cosine had already cut the lr by up to
-# half; held, the worst of six seeds ended at 0.4-0.5x the mean predictor's TEST MAE instead of 0.75x (BENCHMARKS.md
-# "demo recipe: the peak lr held").
+# 12-frame clips every 5th frame (1.2 s: a heartbeat at 50-120 bpm), batch 8, no padding crop, videos decoded once
+# and kept in memory, the EMA updated every step (it follows a run this short closely); lr 8e-3 at a batch of 32 is
+# 2e-3 at 8 (BENCHMARKS.md "learning: tubelets": 2e-3 left the mean predictor earliest; 4e-3 stayed at it in one of
+# two seeds). The lr holds at that peak for the first half of the steps after the warm-up, then takes a cosine: the
+# seeds leave the mean predictor anywhere from step 150 to 300, where the paper's cosine had already cut the lr by
+# up to half (BENCHMARKS.md "demo recipe: the peak lr held").
+# No register planes (reg=0): the enclosure's two faces per axis stay, the planes between them go. With 12 frames
+# that is 8x9x9 = 648 tokens instead of 16 frames' 11x10x10 = 1100 (the register planes alone were 26 % of them):
+# a step ~0.6x as long, which brings the demo under 10 minutes on a slow 2-core machine; six seeds learn as well as
+# before (BENCHMARKS.md "issue 26, session 5").
 DEMO_RECIPE: dict[str, Any] = {
-    "preset": "evim3-tiny", "frames": 16, "period": 4, "batch": 8, "accum": 1, "pad": 0, "cache_videos": True,
-    "workers": 0, "lr": 8e-3, "decay_fraction": 0.5, "ema_start": 0, "ema_every": 1, "ema_beta": 0.9,
+    "preset": "evim3-tiny", "model_overrides": {"reg": 0}, "frames": 12, "period": 5, "batch": 8, "accum": 1,
+    "pad": 0, "cache_videos": True, "workers": 0, "lr": 8e-3, "decay_fraction": 0.5, "ema_start": 0, "ema_every": 1,
+    "ema_beta": 0.9,
 }
 
 
