@@ -13,8 +13,9 @@ convolutions (tubelet embedding and the depthwise conv), layout (copies, gathers
 between the six scan orders), and the rest (norms, activations, reductions).
 
 The floor: the step's matmul and convolution FLOPs (torch.utils.flop_counter over one forward + backward) at
-the sgemm rate torch reaches here, measured in the same run with the same threads (a 2048^3 matmul, best of 5).
-The ratio step / floor is what issue 26 targets (<= 3).
+the sgemm rate torch reaches here with the same threads: a 2048^3 matmul timed after each timed step, the median
+(the steps' median and the rate's then come from the same minute of a machine whose speed may drift). The ratio
+step / floor is what issue 26 targets (<= 3).
 
 AVX2 emulation (EVIM3_BENCH_STEP_EMULATE=avx2): the benchmark re-runs itself in a child process with torch's
 kernels limited to AVX2 (ATEN_CPU_CAPABILITY=avx2), oneDNN and MKL limited to AVX2 (DNNL_MAX_CPU_ISA,
@@ -42,6 +43,7 @@ EMULATIONS = {
 }
 STAGES = ("finetune", "pretrain")
 WARMUP_STEPS = 3
+SGEMM_SIZE = 2048  # the floor's rate: torch.mm of two SGEMM_SIZE^2 float32 matrices
 VIDEOS = 24  # enough TRAIN videos for a few batches of 8; the step's cost does not depend on the dataset's size
 
 # Operator families, first match wins (profiler event names: aten::<op>, or an autograd Function's name).
@@ -68,18 +70,13 @@ def family_of(name: str) -> str:
     return "other"
 
 
-def sgemm_rate(size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of torch.mm on square float32 matrices, best of `repeats`, at torch's current threads."""
+def sgemm_seconds(a: Any, b: Any) -> float:
+    """Wall time of one torch.mm(a, b) at torch's current threads."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    t0 = time.perf_counter()
     torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best
+    return time.perf_counter() - t0
 
 
 def step_parts(trainer: Any, batches: Any, timed: bool = True) -> dict[str, float]:
@@ -198,13 +195,21 @@ def measure(stage: str, data: Path, steps: int) -> dict[str, Any]:
         batches = endless_batches(trainer)
         for _ in range(WARMUP_STEPS):
             step_parts(trainer, batches, timed=False)
-        records = [step_parts(trainer, batches) for _ in range(steps)]
+        # The sgemm rate is sampled after every timed step: this VM's throughput drifts by up to a third within
+        # seconds, so a rate taken once, before or after, put the same step anywhere from 3.9x to 6.2x its floor.
+        # Both medians then come from the same minute.
+        a, b = torch.randn(SGEMM_SIZE, SGEMM_SIZE), torch.randn(SGEMM_SIZE, SGEMM_SIZE)
+        sgemm_seconds(a, b)
+        records, sgemm_samples = [], []
+        for _ in range(steps):
+            records.append(step_parts(trainer, batches))
+            sgemm_samples.append(sgemm_seconds(a, b))
         parts = {k: statistics.median(r[k] for r in records) for k in records[0]}
         step_s = statistics.median(sum(r.values()) for r in records)
         families = profile_families(trainer, batches)
         flops = matmul_flops(trainer, next(batches))
         trainer.logger.close()
-    rate = sgemm_rate()
+    rate = 2 * SGEMM_SIZE**3 / statistics.median(sgemm_samples)
     floor = flops / rate
     row: dict[str, Any] = {"stage": stage, "step s": step_s, "GEMM floor s": floor, "step / floor": step_s / floor,
                            "matmul GFLOP": flops / 1e9, "sgemm GFLOP/s": rate / 1e9}

@@ -60,13 +60,14 @@ def demo(
     # 600: with the paper's cosine, 450 steps left one seed of four near the mean predictor (0.90x); 600 gave six of
     # six, then five of six after rounding-level kernel changes (seed 1: 0.75x). With the peak lr held for half the
     # run (DEMO_RECIPE), 600 steps: six of six at 0.27-0.47x; 400 steps: seed 2 at 0.61x, too few (BENCHMARKS.md
-    # "demo recipe: the peak lr held").
+    # "demo recipe: the peak lr held"). With DEMO_RECIPE's 12-frame clips and no register planes, 600 steps: six
+    # of six at 0.29-0.39x (BENCHMARKS.md "issue 26, session 5").
     finetune_steps: int = typer.Option(600, "--finetune-steps", min=1, help="Fine-tuning optimizer steps (of 8 clips)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data and the training runs."),
 ) -> None:
     """Synthesise data, pre-train and fine-tune evim3-tiny, evaluate, export ONNX, check parity, and run
-    `evim3 infer` on a held-out synthetic video and on a real echo cine. 7-8 minutes on 2 fast CPU cores, ~14 on
-    a slow pair (sgemm ~80 GFLOP/s)."""
+    `evim3 infer` on a held-out synthetic video and on a real echo cine. ~5.5 minutes on 2 fast CPU cores, under 10
+    on a slow pair (sgemm ~80 GFLOP/s)."""
     if out.exists() and any(out.iterdir()):
         fail(f"{out}: output folder exists and is not empty; choose another --out or remove it")
     from pydicom import examples
