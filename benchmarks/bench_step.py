@@ -195,9 +195,9 @@ def measure(stage: str, data: Path, steps: int) -> dict[str, Any]:
         batches = endless_batches(trainer)
         for _ in range(WARMUP_STEPS):
             step_parts(trainer, batches, timed=False)
-        # The sgemm rate is sampled after every timed step: this VM's throughput drifts by up to a third within
-        # seconds, so a rate taken once, before or after, put the same step anywhere from 3.9x to 6.2x its floor.
-        # Both medians then come from the same minute.
+        # The sgemm rate is sampled after every timed step: this VM's throughput drifts (2,048^3 sgemm: 130-175
+        # GFLOP/s in four readings seconds apart), so one reading taken before or after the steps moved the ratio
+        # by up to a third. Both medians then come from the same minute.
         a, b = torch.randn(SGEMM_SIZE, SGEMM_SIZE), torch.randn(SGEMM_SIZE, SGEMM_SIZE)
         sgemm_seconds(a, b)
         records, sgemm_samples = [], []
