@@ -12,6 +12,7 @@ from evim3.cli.common import EXIT_FAILED, EXIT_INCONCLUSIVE, EXIT_USAGE, cli_err
 from evim3.runtime.parity_check import (
     check_files,
     dataset_videos,
+    echo_clips,
     flat_reason,
     format_table,
     load_golden,
@@ -66,6 +67,10 @@ def check(
     typer.echo(f"reference: {source} ({golden.meta.preset}, task {golden.meta.task}); "
                f"clips: {', '.join(golden.names)}")
     typer.echo(format_table(rows, golden.meta.task))
+    echo = int(echo_clips(golden.names).sum())
+    if echo < len(golden.names):
+        typer.echo(f"means over the {echo} echo clips, every other measure over all {len(golden.names)} (the random "
+                   "clips are white noise, outside what an INT8 file's scales were calibrated on)")
     spec = task_spec(golden.meta.task)
     typer.echo(f"reference spread over the {len(golden.names)} clips: SD {reference_spread(golden):.3g} "
                f"{spec.spread_unit} (flat below {spec.flat_spread:g})")

@@ -22,9 +22,11 @@ from evim3.runtime.engine_file import (
 from evim3.runtime.errors import BackendUnavailableError, ModelFileError
 from evim3.runtime.meta import ENGINE_MAGIC, ModelMeta, PreprocessSpec
 from evim3.runtime.parity_check import (
+    REAL_CLIP_NAME,
     TOLERANCES,
     Golden,
     compare,
+    echo_clips,
     format_table,
     load_golden,
     random_clips,
@@ -65,6 +67,24 @@ def test_identical_outputs_pass_and_offsets_fail() -> None:
     nan = ref.copy()
     nan[1] = np.nan
     assert not compare(ref, nan, "ef", "x", "fp16").passed
+
+
+def test_means_are_judged_on_echo_clips_and_the_max_on_every_clip() -> None:
+    # INT8 is calibrated on echo: its mean bound (0.3 EF) is judged on the echo clips, the seeded white-noise
+    # clips count for the max (1.0) and the cosine.
+    names = ["random 0", "random 1", REAL_CLIP_NAME, "a.avi", "b.avi"]
+    echo = echo_clips(names)
+    assert echo.tolist() == [False, False, True, True, True]
+    assert echo_clips(["random 0", "random 1"]).all()  # no echo clip: every clip is judged
+    ref = np.array([[80.0], [81.0], [50.0], [38.0], [67.0]])
+    noisy_on_noise = ref + np.array([[0.7], [-0.7], [0.1], [-0.1], [0.1]])
+    row = compare(ref, noisy_on_noise, "ef", "x", "int8", echo)
+    assert row.passed and row.ef_diff == pytest.approx(0.1) and row.max_abs == pytest.approx(0.7)
+    assert not compare(ref, noisy_on_noise, "ef", "x", "int8").passed  # all clips: mean 0.34 > 0.3
+    off_on_echo = ref + np.array([[0.0], [0.0], [0.4], [-0.4], [0.4]])
+    assert not compare(ref, off_on_echo, "ef", "x", "int8", echo).passed  # echo mean 0.4
+    too_far_on_noise = ref + np.array([[1.2], [0.0], [0.0], [0.0], [0.0]])
+    assert not compare(ref, too_far_on_noise, "ef", "x", "int8", echo).passed  # max 1.2 > 1.0
 
 
 def test_classification_rows_use_logits_and_probabilities() -> None:
