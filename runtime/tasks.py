@@ -31,8 +31,9 @@ from evim3.runtime.outputs import SEG_CLASSES, class_probabilities, lv_evidence,
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Pass when the largest output difference (EF points, or logits), the mean one (when bounded), the cosine
-    similarity of all outputs and, for seg, the Dice between the two backends' LV masks are within these bounds."""
+    """Pass when the largest output difference (EF points, or logits), the mean one (when bounded; over the echo
+    clips, runtime.parity_check.echo_clips), the cosine similarity of all outputs and, for seg, the Dice between the
+    two backends' LV masks are within these bounds."""
 
     max_abs: float
     min_cosine: float
