@@ -163,14 +163,14 @@ def compare(reference: np.ndarray, candidate: np.ndarray, task: str, backend: st
     out = candidate.astype(np.float64)
     if ref.shape != out.shape:
         raise ValueError(f"{backend}: output shape {out.shape} differs from the reference {ref.shape}")
-    typical = np.ones(len(ref), bool) if judged_mean is None else judged_mean
+    mean_clips = np.ones(len(ref), bool) if judged_mean is None else judged_mean
     diff = np.abs(out - ref)
-    max_abs, mean_abs = float(diff.max()), float(diff[typical].mean())
+    max_abs, mean_abs = float(diff.max()), float(diff[mean_clips].mean())
     max_rel = max_abs / max(float(np.abs(ref).max()), 1e-12)
     norms = float(np.linalg.norm(ref) * np.linalg.norm(out))
     cosine = float(np.sum(ref * out) / norms) if norms > 0 else float(max_abs == 0)
     spec = task_spec(task)
-    ef_diff, dice = spec.parity_diff(out[typical], ref[typical]).value, spec.parity_diff(out, ref).dice
+    ef_diff, dice = spec.parity_diff(out[mean_clips], ref[mean_clips]).value, spec.parity_diff(out, ref).dice
     tol = tolerance(task, precision)
     passed = (bool(np.isfinite(out).all()) and max_abs <= tol.max_abs and cosine >= tol.min_cosine
               and (tol.max_mean is None or mean_abs <= tol.max_mean) and (dice is None or dice >= tol.min_dice))
