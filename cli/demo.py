@@ -66,7 +66,7 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="Seed of the data and the training runs."),
 ) -> None:
     """Synthesise data, pre-train and fine-tune evim3-tiny, evaluate, export ONNX, check parity, and run
-    `evim3 infer` on a held-out synthetic video and on a real echo cine. ~5.5 minutes on 2 fast CPU cores, under 10
+    `evim3 infer` on a held-out synthetic video and on a real echo cine. ~6 minutes on 2 fast CPU cores, under 10
     on a slow pair (sgemm ~80 GFLOP/s)."""
     if out.exists() and any(out.iterdir()):
         fail(f"{out}: output folder exists and is not empty; choose another --out or remove it")
